@@ -1,0 +1,147 @@
+"""Core cost benchmark: one LongMem segment against the backbone alone, full memory.
+
+On SmolLM2 (bf16) with a full 65,536-token memory and 1024-token segments, measured in
+one run (ratios, so machine noise largely cancels):
+  * LongMem segment time (forward + memory write) / backbone-alone forward time
+  * the share of the segment spent in chunk search, and in the whole retrieval
+    (search + gathering the K retrieved keys/values)
+  * bytes of memory per cached token / raw fp16 keys+values of the memory layer
+
+Run:  python bench/core.py [--text FILE] [--repeats 5] [--out bench/results/core.json]
+(the default text is a training book from `longmem data books`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from longmem.model import LongMemModel
+from longmem.reader import tokenize
+
+DEFAULT_TEXT = Path("data/books/train/austen-mansfieldpark.txt")
+
+
+class Timer:
+    """Accumulates wall time of wrapped calls."""
+
+    def __init__(self):
+        self.total = 0.0
+
+    def wrap(self, fn):
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.total += time.perf_counter() - start
+        return timed
+
+
+@contextmanager
+def patched(obj, name, timer):
+    original = getattr(obj, name)
+    setattr(obj, name, timer.wrap(original))
+    try:
+        yield
+    finally:
+        setattr(obj, name, original)
+
+
+def fill(model: LongMemModel, ids: torch.Tensor, memory_size: int, t: int):
+    """Fill a bank to capacity with the backbone's own K/V of real text."""
+    mem = model.new_memory(1)
+    pos = 0
+    while mem.num_tokens() < memory_size:
+        seg = ids[pos % (ids.numel() - t) :][:t][None, :]
+        out = model.backbone(seg)
+        positions = torch.arange(pos, pos + t)[None, :]
+        mem.write(out.mem_keys, out.mem_values, positions)
+        pos += t
+    return mem, pos
+
+
+@torch.no_grad()
+def measure(model: LongMemModel, ids: torch.Tensor, repeats: int, t: int) -> dict:
+    mem, pos = fill(model, ids, model.config.memory_size, t)
+    segs = [ids[pos + i * t : pos + (i + 1) * t][None, :] for i in range(repeats + 1)]
+    search, retrieve = Timer(), Timer()
+    longmem_s, backbone_s = [], []
+    with patched(mem.index, "search", search), patched(mem, "retrieve", retrieve):
+        for i, seg in enumerate(segs):
+            search.total = retrieve.total = 0.0
+            start = time.perf_counter()
+            out = model(seg, memory=mem)
+            model.write_memory(mem, out)
+            seg_time = time.perf_counter() - start
+            start = time.perf_counter()
+            model.backbone.model(seg)  # the HF model alone, with its LM head
+            base_time = time.perf_counter() - start
+            if i:  # the first pair warms up
+                longmem_s.append((seg_time, search.total, retrieve.total))
+                backbone_s.append(base_time)
+    seg_med = statistics.median(x[0] for x in longmem_s)
+    base_med = statistics.median(backbone_s)
+    raw = 2 * model.backbone.attn_shape.num_kv_heads * model.backbone.attn_shape.head_dim * 2
+    return {
+        "longmem_segment_s": seg_med,
+        "backbone_forward_s": base_med,
+        "segment_over_backbone": seg_med / base_med,
+        "search_s": statistics.median(x[1] for x in longmem_s),
+        "retrieve_s": statistics.median(x[2] for x in longmem_s),
+        "search_share": statistics.median(x[1] / x[0] for x in longmem_s),
+        "retrieve_share": statistics.median(x[2] / x[0] for x in longmem_s),
+        "memory_tokens": mem.num_tokens(),
+        "bytes_per_token": mem.nbytes() / (mem.capacity * mem.chunk_size),
+        "raw_fp16_kv_bytes_per_token": raw,
+        "bytes_over_raw": mem.nbytes() / (mem.capacity * mem.chunk_size) / raw,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--text", type=Path, default=DEFAULT_TEXT)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--memory-size", type=int, default=65536)
+    parser.add_argument("--segment", type=int, default=1024)
+    parser.add_argument("--variants", default="torch/query,torch/kv,faiss/query")
+    parser.add_argument("--out", type=Path, default=Path("bench/results/core.json"))
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    model = LongMemModel.from_pretrained(None, dtype="bfloat16", memory_size=args.memory_size,
+                                         segment_length=args.segment)
+    ids = tokenize(model, args.text.read_text(encoding="utf-8"))
+    results = {}
+    for variant in args.variants.split(","):
+        backend, heads = variant.split("/")
+        model.config.retrieval, model.config.retrieval_heads = backend, heads
+        results[variant] = measure(model, ids, args.repeats, args.segment)
+        print(variant, json.dumps(results[variant], indent=1), flush=True)
+    report = {
+        "benchmark": "core",
+        "command": "python bench/core.py " + " ".join(
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
+        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                 text=True).stdout.strip(),
+        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()},
+        "backbone": model.config.backbone,
+        "dtype": "bfloat16",
+        "targets": {"segment_over_backbone": 1.6, "search_share": 0.10, "bytes_over_raw": 1.3},
+        "config": model.config.to_dict(),
+        "results": results,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

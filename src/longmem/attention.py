@@ -1,0 +1,75 @@
+"""Attention kernels of the SideNet: local causal, memory, and their fusion.
+
+Pure functions on tensors; every one has shapes in its docstring. ``lse`` is the
+log-sum-exp of the (scaled) scores, which lets two softmaxes be merged exactly into one.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def expand_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """[B,H_kv,T,Dh] -> [B,H,T,Dh] by repeating each KV head for its query group."""
+    group = heads // x.shape[1]
+    return x if group == 1 else x.repeat_interleave(group, dim=1)
+
+
+def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal attention: q [B,H,T,Dh], k/v [B,H_kv,T,Dh] -> [B,H,T,Dh]."""
+    h = q.shape[1]
+    return F.scaled_dot_product_attention(q, expand_kv(k, h), expand_kv(v, h), is_causal=True, scale=scale)
+
+
+def local_attention_lse(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention with its log-sum-exp: -> out [B,H,T,Dh], lse [B,H,T] (fp32)."""
+    h, t = q.shape[1], q.shape[2]
+    scores = torch.matmul(q.float(), expand_kv(k, h).float().transpose(-1, -2)) * scale  # [B,H,T,T]
+    causal = torch.ones(t, t, dtype=torch.bool).triu(1)
+    scores.masked_fill_(causal, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # [B,H,T]
+    probs = torch.exp(scores - lse.unsqueeze(-1))
+    return torch.matmul(probs, expand_kv(v, h).float()).to(q.dtype), lse
+
+
+def memory_attention(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each token attends to its own K retrieved entries.
+
+    q [B,H,T,Dh]; keys/values [B,H,T,K,Dh]; mask [B,H,T,K] (True = real entry)
+    -> out [B,H,T,Dh], lse [B,H,T] (fp32, -inf where no entry), probs [B,H,T,K].
+    """
+    scores = torch.einsum("bhtd,bhtkd->bhtk", q, keys).float() * scale  # [B,H,T,K]
+    scores = scores.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # [B,H,T]
+    probs = torch.exp(scores - lse.nan_to_num(neginf=0.0).unsqueeze(-1))  # 0 where masked
+    out = torch.einsum("bhtk,bhtkd->bhtd", probs.to(values.dtype), values)
+    return out, lse, probs
+
+
+def gated_fusion(
+    local: torch.Tensor, mem: torch.Tensor, mem_lse: torch.Tensor, gate: torch.Tensor
+) -> torch.Tensor:
+    """Paper fusion per head: (1 - sigmoid(g)) * A + sigmoid(g) * M.
+
+    local/mem [B,H,T,Dh], mem_lse [B,H,T], gate [H]. Tokens with no memory entry keep A.
+    """
+    g = torch.sigmoid(gate.float()).view(1, -1, 1, 1)  # [1,H,1,1]
+    g = torch.where(torch.isfinite(mem_lse).unsqueeze(-1), g, torch.zeros_like(g))  # [B,H,T,1]
+    return ((1 - g) * local.float() + g * mem.float()).to(local.dtype)
+
+
+def joint_fusion(
+    local: torch.Tensor, local_lse: torch.Tensor, mem: torch.Tensor, mem_lse: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One softmax over local + memory keys, merged from two partial softmaxes.
+
+    local/mem [B,H,T,Dh], lse [B,H,T] -> out [B,H,T,Dh], memory share of the mass [B,H,T].
+    """
+    share = torch.sigmoid(mem_lse - local_lse).nan_to_num(0.0)  # exp(m) / (exp(l) + exp(m))
+    out = (1 - share).unsqueeze(-1) * local.float() + share.unsqueeze(-1) * mem.float()
+    return out.to(local.dtype), share

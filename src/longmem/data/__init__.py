@@ -1,0 +1,1 @@
+"""Data preparation: public-domain long documents for long-context evaluation."""

@@ -1,0 +1,71 @@
+"""Small file helpers: atomic JSON, checksums, fsync, text input validation."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from .errors import LongMemError
+
+
+def save_json(path: Path, data: dict[str, Any]) -> None:
+    """Write ``data`` as JSON atomically (temp file, fsync, rename)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    tmp.replace(path)
+
+
+def load_json(path: Path) -> dict[str, Any]:
+    """Read a JSON object, with a clear error for a missing or corrupt file."""
+    if not path.is_file():
+        raise LongMemError(f"missing file: {path}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise LongMemError(f"corrupt JSON in {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise LongMemError(f"{path} must hold a JSON object")
+    return data
+
+
+def sha256(path: Path) -> str:
+    """Hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fsync(path: Path) -> None:
+    """Flush a written file to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_text(path: str | Path) -> str:
+    """A UTF-8 text file's contents, or a clear error (missing, directory, binary, empty)."""
+    path = Path(path)
+    if path.is_dir():
+        raise LongMemError(f"{path} is a directory, not a text file")
+    if not path.is_file():
+        raise LongMemError(f"no such file: {path}")
+    raw = path.read_bytes()
+    if b"\x00" in raw:
+        raise LongMemError(f"{path} is a binary file, not UTF-8 text")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise LongMemError(f"{path} is not UTF-8 text (bad byte at offset {exc.start})") from None
+    if not text.strip():
+        raise LongMemError(f"{path} is empty (no text to read)")
+    return text

@@ -1,0 +1,185 @@
+"""MemoryBank: one chunked FIFO ring buffer of cached keys/values per sequence (batch row).
+
+Each row stores the memory layer's keys/values in chunks of ``csz`` consecutive kept
+tokens, the absolute position of every cached token, and one chunk key (the mean of its
+token keys) in a search index. Tokens that do not fill a chunk wait in a per-row pending
+buffer. When a row is full the oldest chunks are evicted first. Reading (``retrieve``)
+and writing (``write``) are separate calls: a segment retrieves first, then writes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import LongMemError
+from .index import INDEXES
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Retrieved:
+    """Memory entries retrieved for every query token and head."""
+
+    keys: torch.Tensor  # [B,H,T,K,Dh]
+    values: torch.Tensor  # [B,H,T,K,Dh]
+    positions: torch.Tensor  # [B,H,T,K] absolute token positions
+    mask: torch.Tensor  # [B,H,T,K] True where the entry is real
+    chunk_slots: torch.Tensor  # [B,H,T,K/csz] ring slots of the retrieved chunks
+
+
+class MemoryBank:
+    """Per-row chunked ring buffers; see the module docstring."""
+
+    def __init__(
+        self,
+        batch_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        capacity_tokens: int,
+        chunk_size: int,
+        dtype: str = "bfloat16",
+        index: str = "torch",
+        meta: dict | None = None,
+    ):
+        if capacity_tokens % chunk_size:
+            raise LongMemError(f"memory capacity {capacity_tokens} is not a multiple of chunk size {chunk_size}")
+        if dtype not in DTYPES:
+            raise LongMemError(f"memory dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+        self.batch_size, self.num_kv_heads, self.head_dim = batch_size, num_kv_heads, head_dim
+        self.chunk_size = chunk_size
+        self.capacity = capacity_tokens // chunk_size  # C chunks per row
+        self.dtype_name, self.index_name = dtype, index
+        self.meta = dict(meta or {})
+        dt = DTYPES[dtype]
+        b, h, c, s, d = batch_size, num_kv_heads, self.capacity, chunk_size, head_dim
+        self.keys = torch.zeros(b, h, c, s, d, dtype=dt)  # [B,Hkv,C,csz,Dh]
+        self.values = torch.zeros(b, h, c, s, d, dtype=dt)
+        self.positions = torch.zeros(b, c, s, dtype=torch.int64)  # [B,C,csz]
+        self.start = torch.zeros(b, dtype=torch.long)  # ring slot of each row's oldest chunk
+        self.count = torch.zeros(b, dtype=torch.long)  # chunks held per row
+        self.end_position = torch.zeros(b, dtype=torch.long)  # position after the last token seen
+        self.pending_keys = torch.zeros(b, h, s, d, dtype=dt)  # [B,Hkv,csz,Dh] partial chunk
+        self.pending_values = torch.zeros(b, h, s, d, dtype=dt)
+        self.pending_positions = torch.zeros(b, s, dtype=torch.int64)
+        self.pending_count = torch.zeros(b, dtype=torch.long)
+        self.index = INDEXES[index](b, h, c, d, dt)
+
+    # ------------------------------------------------------------------ sizes
+    def num_tokens(self, row: int | None = None) -> int:
+        """Retrievable tokens in one row (or in all rows)."""
+        counts = self.count if row is None else self.count[row]
+        return int(counts.sum()) * self.chunk_size
+
+    @property
+    def is_empty(self) -> bool:
+        return int(self.count.sum()) == 0
+
+    def nbytes(self) -> int:
+        """Bytes held by keys, values, positions, chunk keys and pending buffers."""
+        tensors = [self.keys, self.values, self.positions, self.pending_keys, self.pending_values]
+        total = sum(t.numel() * t.element_size() for t in tensors)
+        return total + self.capacity * self.batch_size * self.num_kv_heads * self.head_dim * _index_bytes(self)
+
+    # ------------------------------------------------------------------ write
+    def write(
+        self,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        positions: torch.Tensor,
+        keep: torch.Tensor | None = None,
+    ) -> None:
+        """Append a segment: keys/values [B,H_kv,T,Dh], positions [B,T], keep [B,T] bool."""
+        b, h, t, d = keys.shape
+        if (b, h, d) != (self.batch_size, self.num_kv_heads, self.head_dim) or positions.shape != (b, t):
+            raise LongMemError(
+                f"memory write of shape {tuple(keys.shape)} does not fit a bank of "
+                f"{self.batch_size} rows x {self.num_kv_heads} heads x {self.head_dim} dims"
+            )
+        for row in range(b):
+            sel = slice(None) if keep is None else keep[row].nonzero().squeeze(1)
+            self.write_row(row, keys[row][:, sel], values[row][:, sel], positions[row][sel])
+            if t:
+                self.end_position[row] = int(positions[row, -1]) + 1
+
+    def write_row(self, row: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
+        """Append kept tokens to one row: k, v [Hkv,n,Dh]; pos [n]."""
+        p, s = int(self.pending_count[row]), self.chunk_size
+        k = torch.cat([self.pending_keys[row, :, :p], k.to(self.keys.dtype)], 1)  # [Hkv,p+n,Dh]
+        v = torch.cat([self.pending_values[row, :, :p], v.to(self.values.dtype)], 1)
+        pos = torch.cat([self.pending_positions[row, :p], pos.to(torch.int64)])
+        full = k.shape[1] // s * s
+        rest = k.shape[1] - full
+        self.pending_keys[row, :, :rest] = k[:, full:]
+        self.pending_values[row, :, :rest] = v[:, full:]
+        self.pending_positions[row, :rest] = pos[full:]
+        self.pending_count[row] = rest
+        n = full // s
+        if n == 0:
+            return
+        first = max(0, n - self.capacity)  # a write larger than the bank keeps its newest chunks
+        ck = k[:, :full].reshape(self.num_kv_heads, n, s, self.head_dim)[:, first:]  # [Hkv,n,csz,Dh]
+        cv = v[:, :full].reshape(self.num_kv_heads, n, s, self.head_dim)[:, first:]
+        cp = pos[:full].reshape(n, s)[first:]
+        n -= first
+        overflow = int(self.count[row]) + n - self.capacity
+        if overflow > 0:  # FIFO: evict the oldest chunks
+            self.index.evict(row, overflow)
+            self.start[row] = (self.start[row] + overflow) % self.capacity
+            self.count[row] -= overflow
+        slots = (self.start[row] + self.count[row] + torch.arange(n)) % self.capacity
+        self.keys[row, :, slots] = ck
+        self.values[row, :, slots] = cv
+        self.positions[row, slots] = cp
+        self.index.add(row, slots, ck.float().mean(2).to(self.keys.dtype))  # chunk keys [Hkv,n,Dh]
+        self.count[row] += n
+
+    # ------------------------------------------------------------------ read
+    def retrieve(self, queries: torch.Tensor, num_chunks: int, per_kv_head: bool = False) -> Retrieved | None:
+        """queries [B,H,T,Dh] -> the K = num_chunks * csz best entries per token and head.
+
+        Returns None while every row is empty. With ``per_kv_head`` the query heads of a
+        group search once, with the sum of their queries, and share the result.
+        """
+        if self.is_empty:
+            return None
+        b, hq, t, d = queries.shape
+        group = hq // self.num_kv_heads
+        search_q = queries.view(b, self.num_kv_heads, group, t, d).sum(2) if per_kv_head else queries
+        slots, valid = self.index.search(search_q, num_chunks, self.start, self.count)  # [B,Hs,T,n]
+        if per_kv_head:
+            slots, valid = slots.repeat_interleave(group, 1), valid.repeat_interleave(group, 1)
+        # canonical order, oldest chunk first (invalid last): results do not depend on the ring layout
+        age = (slots - self.start.view(b, 1, 1, 1)) % self.capacity + (~valid) * self.capacity
+        order = age.argsort(-1)
+        slots, valid = slots.gather(-1, order), valid.gather(-1, order)
+        kv_head = torch.arange(hq) // group  # [H]
+        flat = ((torch.arange(b)[:, None] * self.num_kv_heads + kv_head[None, :]) * self.capacity)  # [B,H]
+        flat = flat[:, :, None, None] + slots  # [B,H,T,n] index into [B*Hkv*C]
+        s = self.chunk_size
+        keys = self.keys.view(-1, s, d)[flat].view(b, hq, t, num_chunks * s, d)  # [B,H,T,K,Dh]
+        values = self.values.view(-1, s, d)[flat].view(b, hq, t, num_chunks * s, d)
+        row_slot = torch.arange(b)[:, None, None, None] * self.capacity + slots  # [B,H,T,n]
+        positions = self.positions.view(-1, s)[row_slot].view(b, hq, t, num_chunks * s)
+        mask = valid.repeat_interleave(s, -1)  # [B,H,T,K]
+        return Retrieved(keys, values, positions, mask, slots)
+
+    # ------------------------------------------------------------------ reset
+    def reset(self, rows: list[int] | None = None) -> None:
+        """Empty the given rows (all rows by default)."""
+        for row in range(self.batch_size) if rows is None else rows:
+            self.start[row] = self.count[row] = self.pending_count[row] = self.end_position[row] = 0
+            self.index.reset(row)
+
+    # ------------------------------------------------------------------ views
+    def row_chunks(self, row: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Oldest-first (keys, values [Hkv,n,csz,Dh], positions [n,csz]) of one row."""
+        slots = (self.start[row] + torch.arange(int(self.count[row]))) % self.capacity
+        return self.keys[row, :, slots], self.values[row, :, slots], self.positions[row, slots]
+
+
+def _index_bytes(bank: MemoryBank) -> int:
+    """Bytes per chunk-key element held by the bank's index."""
+    return 4 if bank.index_name == "faiss" else bank.keys.element_size()

@@ -1,0 +1,116 @@
+"""Chunk search: exact torch search (default, the oracle) and faiss IndexFlatIP.
+
+Both index the chunk keys of a ring buffer with one slot per chunk. A search returns,
+for every query, the ring slots of its best ``n`` chunks by inner product, and which of
+those are valid (a row holding fewer than ``n`` chunks pads with invalid slots).
+Grouped-query heads search their KV head's chunks: query head h uses KV head h // G.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+NEG_INF = float("-inf")
+
+
+class TorchIndex:
+    """Exact inner-product search: a matrix product + top-k over valid slots."""
+
+    def __init__(self, batch: int, num_kv_heads: int, capacity: int, head_dim: int, dtype: torch.dtype):
+        self.chunk_keys = torch.zeros(batch, num_kv_heads, capacity, head_dim, dtype=dtype)  # [B,Hkv,C,Dh]
+
+    def add(self, row: int, slots: torch.Tensor, keys: torch.Tensor) -> None:
+        """slots [n] ring slots; keys [Hkv,n,Dh] chunk keys."""
+        self.chunk_keys[row, :, slots] = keys.to(self.chunk_keys.dtype)
+
+    def evict(self, row: int, n: int) -> None:
+        """Slots are overwritten in place; nothing to do."""
+
+    def reset(self, row: int) -> None:
+        """Stale slots are masked by the bank's counts; nothing to do."""
+
+    def search(
+        self, queries: torch.Tensor, n: int, start: torch.Tensor, count: torch.Tensor, block: int = 256
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """queries [B,Hq,T,Dh] -> slots [B,Hq,T,n] long, valid [B,Hq,T,n] bool."""
+        b, hq, t, dh = queries.shape
+        hkv, cap = self.chunk_keys.shape[1], self.chunk_keys.shape[2]
+        group = hq // hkv
+        offset = (torch.arange(cap)[None, :] - start[:, None]) % cap  # [B,C] age rank of each slot
+        invalid = (offset >= count[:, None])[:, None, :]  # [B,1,C]
+        k = min(n, cap)
+        slots = torch.empty(b, hq, t, k, dtype=torch.long)
+        scores = torch.empty(b, hq, t, k, dtype=torch.float32)
+        q = queries.to(self.chunk_keys.dtype).reshape(b, hkv, group * t, dh)  # [B,Hkv,G*T,Dh]
+        for g in range(hkv):
+            keys_t = self.chunk_keys[:, g].transpose(1, 2)  # [B,Dh,C]
+            for i in range(0, group * t, block):
+                s = torch.bmm(q[:, g, i : i + block], keys_t).float()  # [B,blk,C]
+                s.masked_fill_(invalid, NEG_INF)
+                top = s.topk(k, dim=-1, sorted=False)
+                rows = slice(i, i + s.shape[1])
+                slots.view(b, hkv, group * t, k)[:, g, rows] = top.indices
+                scores.view(b, hkv, group * t, k)[:, g, rows] = top.values
+        return _pad(slots, scores > NEG_INF, n)
+
+
+class FaissIndex:
+    """faiss ``IndexFlatIP`` per (row, KV head), chunks kept oldest-first.
+
+    faiss id i of row b is ring slot (start_b + i) % C, because chunks are added in ring
+    order and evicted from the front.
+    """
+
+    def __init__(self, batch: int, num_kv_heads: int, capacity: int, head_dim: int, dtype: torch.dtype):
+        import faiss
+
+        self._faiss = faiss
+        self.capacity = capacity
+        self.head_dim = head_dim
+        self.indexes = [[faiss.IndexFlatIP(head_dim) for _ in range(num_kv_heads)] for _ in range(batch)]
+
+    def add(self, row: int, slots: torch.Tensor, keys: torch.Tensor) -> None:
+        for g, index in enumerate(self.indexes[row]):
+            index.add(np.ascontiguousarray(keys[g].float().numpy()))
+
+    def evict(self, row: int, n: int) -> None:
+        for index in self.indexes[row]:
+            index.remove_ids(self._faiss.IDSelectorRange(0, n))
+
+    def reset(self, row: int) -> None:
+        for index in self.indexes[row]:
+            index.reset()
+
+    def search(
+        self, queries: torch.Tensor, n: int, start: torch.Tensor, count: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """queries [B,Hq,T,Dh] -> slots [B,Hq,T,n] long, valid [B,Hq,T,n] bool."""
+        b, hq, t, dh = queries.shape
+        hkv = len(self.indexes[0])
+        group = hq // hkv
+        k = min(n, self.capacity)
+        ids = np.empty((b, hkv, group * t, k), dtype=np.int64)
+        q = queries.float().reshape(b, hkv, group * t, dh)  # [B,Hkv,G*T,Dh]
+        for row in range(b):
+            for g, index in enumerate(self.indexes[row]):
+                _, ids[row, g] = index.search(np.ascontiguousarray(q[row, g].numpy()), k)
+        found = torch.from_numpy(ids).view(b, hq, t, k)
+        valid = found >= 0
+        slots = (found.clamp(min=0) + start.view(b, 1, 1, 1)) % self.capacity
+        return _pad(slots, valid, n)
+
+
+def _pad(slots: torch.Tensor, valid: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad the last dim to n with invalid slot 0 (when capacity < n)."""
+    missing = n - slots.shape[-1]
+    if missing <= 0:
+        return slots, valid
+    shape = (*slots.shape[:-1], missing)
+    return (
+        torch.cat([slots, slots.new_zeros(shape)], -1),
+        torch.cat([valid, valid.new_zeros(shape)], -1),
+    )
+
+
+INDEXES = {"torch": TorchIndex, "faiss": FaissIndex}

@@ -1,0 +1,132 @@
+"""Saving and loading a MemoryBank: safetensors data + a JSON manifest, crash-safe.
+
+A memory directory holds ``manifest.json`` and one data file ``memory-<id>.safetensors``.
+A save writes a new data file first, then atomically replaces the manifest (which names
+the data file and its sha256), then deletes the old data file: a crash at any point
+leaves either the old or the new memory, never a mix.
+"""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ..config import FORMAT_VERSION
+from ..files import fsync, load_json, save_json, sha256
+from ..errors import LongMemError
+from .bank import MemoryBank
+
+KIND = "longmem-memory"
+META_KEYS = ("backbone_fingerprint", "memory_layer")
+CHECKED = (*META_KEYS, "chunk_size", "num_kv_heads", "head_dim")
+
+
+def save_memory(bank: MemoryBank, path: str | Path) -> Path:
+    """Write ``bank`` to directory ``path``; returns the manifest path."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise LongMemError(f"{path} exists and is not a memory directory")
+    path.mkdir(parents=True, exist_ok=True)
+    old = _manifest_or_none(path)
+    tensors = {"end_position": bank.end_position.clone()}
+    for row in range(bank.batch_size):
+        keys, values, positions = bank.row_chunks(row)
+        p = int(bank.pending_count[row])
+        tensors |= {
+            f"row{row}.keys": keys,
+            f"row{row}.values": values,
+            f"row{row}.positions": positions,
+            f"row{row}.pending_keys": bank.pending_keys[row, :, :p],
+            f"row{row}.pending_values": bank.pending_values[row, :, :p],
+            f"row{row}.pending_positions": bank.pending_positions[row, :p],
+        }
+    data_name = f"memory-{uuid.uuid4().hex[:12]}.safetensors"
+    data = path / data_name
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(data))
+    fsync(data)
+    manifest = {
+        "kind": KIND,
+        "format_version": FORMAT_VERSION,
+        "data_file": data_name,
+        "sha256": sha256(data),
+        "tokens": bank.num_tokens(),
+        "rows": bank.batch_size,
+        "capacity_tokens": bank.capacity * bank.chunk_size,
+        "chunk_size": bank.chunk_size,
+        "num_kv_heads": bank.num_kv_heads,
+        "head_dim": bank.head_dim,
+        "dtype": bank.dtype_name,
+        "index": bank.index_name,
+        "bytes": data.stat().st_size,
+    } | bank.meta
+    save_json(path / "manifest.json", manifest)
+    if old and old.get("data_file") not in (None, data_name):
+        (path / old["data_file"]).unlink(missing_ok=True)
+    return path / "manifest.json"
+
+
+def read_manifest(path: str | Path) -> dict:
+    """The manifest of a memory directory, with a clear error if it is not one."""
+    path = Path(path)
+    if not path.is_dir():
+        raise LongMemError(f"no memory directory at {path}")
+    manifest = load_json(path / "manifest.json")
+    if manifest.get("kind") != KIND:
+        raise LongMemError(f"{path} is not a longmem memory (manifest kind {manifest.get('kind')!r})")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise LongMemError(
+            f"{path}: memory format version {manifest.get('format_version')} is not {FORMAT_VERSION}"
+        )
+    return manifest
+
+
+def load_memory(
+    path: str | Path, expect: dict | None = None, index: str | None = None, capacity_tokens: int | None = None
+) -> MemoryBank:
+    """Load a memory directory; ``expect`` values (e.g. the backbone fingerprint) must match."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    for key, want in (expect or {}).items():
+        if key in CHECKED and manifest.get(key) != want:
+            raise LongMemError(
+                f"memory {path} was built for {key}={manifest.get(key)!r}, not {want!r} "
+                "(another backbone or memory layer)"
+            )
+    data = path / str(manifest.get("data_file"))
+    if not data.is_file() or sha256(data) != manifest.get("sha256"):
+        raise LongMemError(f"memory data {data} is missing, truncated or modified (checksum mismatch)")
+    try:
+        tensors = load_file(str(data))
+    except (SafetensorError, OSError) as exc:
+        raise LongMemError(f"cannot read memory data {data}: {exc}") from None
+    meta = {k: manifest[k] for k in META_KEYS if k in manifest}
+    bank = MemoryBank(
+        int(manifest["rows"]),
+        int(manifest["num_kv_heads"]),
+        int(manifest["head_dim"]),
+        int(capacity_tokens or manifest["capacity_tokens"]),
+        int(manifest["chunk_size"]),
+        dtype=str(manifest["dtype"]),
+        index=index or str(manifest["index"]),
+        meta=meta,
+    )
+    for row in range(bank.batch_size):
+        keys = tensors[f"row{row}.keys"]  # [Hkv,n,csz,Dh]
+        h, n, s, d = keys.shape
+        flat = (h, n * s, d)
+        bank.write_row(row, keys.reshape(flat), tensors[f"row{row}.values"].reshape(flat),
+                          tensors[f"row{row}.positions"].reshape(-1))
+        bank.write_row(row, tensors[f"row{row}.pending_keys"], tensors[f"row{row}.pending_values"],
+                          tensors[f"row{row}.pending_positions"])
+    bank.end_position.copy_(tensors["end_position"])
+    return bank
+
+
+def _manifest_or_none(path: Path) -> dict | None:
+    try:
+        return load_json(path / "manifest.json")
+    except LongMemError:
+        return None

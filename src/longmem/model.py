@@ -1,0 +1,249 @@
+"""LongMemModel: frozen backbone + SideNet -> logits, loss, and the K/V to store.
+
+Data flow for one segment: ids -> backbone (H_0..H_L, K/V of layer m) -> SideNet
+(x_0 = H_0, residual differences, retrieval at block m // r) -> norm -> LM head. The
+forward pass only *reads* the memory; ``write_memory`` stores the segment afterwards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .backbone import FrozenBackbone, load_model_and_tokenizer
+from .config import FORMAT_VERSION, LongMemConfig, from_dict
+from .files import load_json, save_json, sha256
+from .errors import LongMemError
+from .memory import MemoryBank
+from .sidenet import MemoryContext, MemoryStats, SideNet
+
+KIND = "longmem-sidenet"
+WEIGHTS = "model.safetensors"
+ARCHITECTURE_FIELDS = ("backbone", "backbone_fingerprint", "memory_layer", "reduction", "init")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LongMemOutput:
+    """Result of one segment."""
+
+    logits: torch.Tensor | None  # [B,T,V]
+    loss: torch.Tensor | None  # scalar mean cross-entropy over labelled tokens
+    mem_keys: torch.Tensor  # [B,H_kv,T,Dh] backbone memory-layer keys of this segment
+    mem_values: torch.Tensor  # [B,H_kv,T,Dh]
+    positions: torch.Tensor  # [B,T] absolute positions of the segment's tokens
+    backbone_logits: torch.Tensor | None = None  # [B,T,V] the frozen backbone's own logits
+    stats: MemoryStats | None = None
+
+
+class LongMemModel(nn.Module):
+    """A frozen causal LM with a long-term memory read by a trainable SideNet."""
+
+    def __init__(self, config: LongMemConfig, backbone: FrozenBackbone, tokenizer=None):
+        super().__init__()
+        if config.segment_length > backbone.native_context:
+            raise LongMemError(
+                f"segment_length={config.segment_length} exceeds the backbone's native context "
+                f"{backbone.native_context}"
+            )
+        self.backbone = backbone
+        self.tokenizer = tokenizer
+        self.config = dataclasses.replace(
+            config,
+            memory_layer=backbone.memory_layer,
+            backbone_fingerprint=config.backbone_fingerprint or backbone.fingerprint,
+        )
+        self.sidenet = SideNet(backbone, self.config).to(backbone.dtype)
+        self._rope_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path | None = None,
+        *,
+        backbone: str | None = None,
+        dtype: str = "bfloat16",
+        **overrides,
+    ) -> "LongMemModel":
+        """Load a saved SideNet directory (or build a fresh one when ``path`` is None).
+
+        ``overrides`` set runtime config fields (memory_size, segment_length, ...).
+        """
+        if dtype not in DTYPES:
+            raise LongMemError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+        if path is None:
+            config = from_dict(LongMemConfig, ({"backbone": backbone} if backbone else {}) | overrides)
+            model, tokenizer = load_model_and_tokenizer(config.backbone, DTYPES[dtype])
+            frozen = FrozenBackbone(model, config.memory_layer, config.reduction, config.backbone)
+            return cls(config, frozen, tokenizer)
+        path = Path(path)
+        config = read_config(path)
+        fixed = sorted(set(overrides) & set(ARCHITECTURE_FIELDS))
+        if fixed:
+            raise LongMemError(f"cannot override {', '.join(fixed)} of a trained SideNet")
+        config = dataclasses.replace(config, **overrides)
+        name = backbone or config.backbone
+        model, tokenizer = load_model_and_tokenizer(name, DTYPES[dtype])
+        frozen = FrozenBackbone(model, config.memory_layer, config.reduction, name)
+        return cls.from_backbone(path, frozen, tokenizer, config)
+
+    @classmethod
+    def from_backbone(
+        cls, path: str | Path, backbone: FrozenBackbone, tokenizer=None, config: LongMemConfig | None = None
+    ) -> "LongMemModel":
+        """Load SideNet weights from ``path`` onto an already loaded backbone."""
+        path = Path(path)
+        config = config or read_config(path)
+        if backbone.fingerprint != config.backbone_fingerprint:
+            raise LongMemError(
+                f"SideNet {path} was trained for backbone {config.backbone_fingerprint}, "
+                f"not {backbone.fingerprint} ({backbone.name or 'given model'})"
+            )
+        model = cls(config, backbone, tokenizer)
+        meta = load_json(path / "config.json")
+        weights = path / WEIGHTS
+        if not weights.is_file() or sha256(weights) != meta.get("weights_sha256"):
+            raise LongMemError(f"SideNet weights {weights} are missing, truncated or modified (checksum mismatch)")
+        try:
+            state = load_file(str(weights))
+        except (SafetensorError, OSError) as exc:
+            raise LongMemError(f"cannot read SideNet weights {weights}: {exc}") from None
+        missing, unexpected = model.sidenet.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise LongMemError(f"SideNet weights {weights} do not fit this architecture "
+                               f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        return model.to(backbone.dtype)
+
+    def save_pretrained(self, path: str | Path, dtype: torch.dtype | None = None) -> Path:
+        """Write ``config.json`` + SideNet ``model.safetensors`` (the backbone is referenced)."""
+        path = Path(path)
+        if path.exists() and not path.is_dir():
+            raise LongMemError(f"{path} exists and is not a directory")
+        path.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().to(dtype or v.dtype).contiguous() for k, v in self.sidenet.state_dict().items()}
+        tmp = path / (WEIGHTS + ".tmp")
+        save_file(state, str(tmp), metadata={"format": "pt"})
+        tmp.replace(path / WEIGHTS)
+        meta = {"kind": KIND, "format_version": FORMAT_VERSION, "weights_sha256": sha256(path / WEIGHTS)}
+        save_json(path / "config.json", meta | {"config": self.config.to_dict()})
+        return path
+
+    # ------------------------------------------------------------------ memory
+    def new_memory(self, batch_size: int = 1, capacity: int | None = None, index: str | None = None) -> MemoryBank:
+        """An empty memory bank for ``batch_size`` sequences, bound to this backbone."""
+        shape = self.backbone.attn_shape
+        return MemoryBank(
+            batch_size,
+            shape.num_kv_heads,
+            shape.head_dim,
+            capacity or self.config.memory_size,
+            self.config.chunk_size,
+            dtype=self.config.memory_dtype,
+            index=index or self.config.retrieval,
+            meta=self.memory_meta(),
+        )
+
+    def memory_meta(self) -> dict:
+        """What a memory must match to be read by this model."""
+        return {"backbone_fingerprint": self.backbone.fingerprint, "memory_layer": self.backbone.memory_layer}
+
+    def write_memory(self, memory: MemoryBank, out: LongMemOutput) -> None:
+        """Store a segment's memory-layer K/V (after its forward pass: write-after-read)."""
+        b, _, t, _ = out.mem_keys.shape
+        keep = torch.ones(b, t, dtype=torch.bool)
+        keep[:, : self.config.sink_tokens] = False  # attention sinks stay out of memory
+        memory.write(out.mem_keys, out.mem_values, out.positions, keep)
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        memory: MemoryBank | None = None,
+        positions: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        backbone_logits: bool = False,
+    ) -> LongMemOutput:
+        """One segment: input_ids [B,T] (+ memory to read) -> LongMemOutput.
+
+        positions [B,T] are absolute token positions in each row's document (default:
+        right after what the memory has seen). labels [B,T] use -100 for no target.
+        """
+        b, t = input_ids.shape
+        if memory is not None and memory.batch_size != b:
+            raise LongMemError(f"memory has {memory.batch_size} rows but the batch has {b}")
+        if positions is None:
+            start = memory.end_position if memory is not None else torch.zeros(b, dtype=torch.long)
+            positions = start[:, None] + torch.arange(t)[None, :]  # [B,T]
+        frozen = self.backbone(input_ids)
+        rope = self._rope(t) if self.backbone.family.rotary else None
+        ctx = self._context(memory, positions)
+        h, stats = self.sidenet(frozen.hidden, rope, ctx)  # [B,T,D]
+        logits = self.backbone.head(h)  # [B,T,V]
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+        base = self.backbone.logits(frozen.hidden[-1]) if backbone_logits else None
+        return LongMemOutput(logits, loss, frozen.mem_keys, frozen.mem_values, positions, base, stats)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """SideNet parameters only (the backbone is frozen)."""
+        return [p for p in self.sidenet.parameters() if p.requires_grad]
+
+    @property
+    def position_scheme(self) -> str:
+        """The effective scheme: 'none' for non-rotary backbones, 'auto' -> 'true'."""
+        if not self.backbone.family.rotary:
+            return "none"
+        return "true" if self.config.position_scheme == "auto" else self.config.position_scheme
+
+    @property
+    def max_distance(self) -> int:
+        return self.config.max_distance or self.backbone.native_context
+
+    def _context(self, memory: MemoryBank | None, positions: torch.Tensor) -> MemoryContext:
+        scheme = self.position_scheme
+        table = None
+        if scheme in ("fixed", "true"):
+            dmax = max(self.max_distance, self.config.fixed_distance)
+            table = self._rope_at(("table", dmax), -torch.arange(dmax + 1))  # key d tokens back
+        return MemoryContext(
+            bank=memory,
+            query_positions=positions,
+            scheme=scheme,
+            rope_table=table,
+            max_distance=self.max_distance,
+            fixed_distance=self.config.fixed_distance,
+            num_chunks=self.config.chunks_per_query,
+            per_kv_head=self.config.retrieval_heads == "kv",
+        )
+
+    def _rope(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin [T,Dh] of in-segment positions 0..T-1 (the backbone's own)."""
+        return self._rope_at(("local", t), torch.arange(t))
+
+    def _rope_at(self, key: tuple, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if key not in self._rope_cache:
+            family, model = self.backbone.family, self.backbone.model
+            self._rope_cache[key] = family.rope_cos_sin(model, positions, torch.float32)
+        cos, sin = self._rope_cache[key]
+        return cos.to(self.backbone.dtype), sin.to(self.backbone.dtype)
+
+
+def read_config(path: Path) -> LongMemConfig:
+    """The LongMemConfig of a saved SideNet directory, with clear errors."""
+    if not path.is_dir():
+        raise LongMemError(f"no SideNet directory at {path}")
+    meta = load_json(path / "config.json")
+    if meta.get("kind") != KIND:
+        raise LongMemError(f"{path} is not a longmem SideNet directory (kind {meta.get('kind')!r})")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise LongMemError(f"{path}: SideNet format version {meta.get('format_version')} is not {FORMAT_VERSION}")
+    return from_dict(LongMemConfig, meta.get("config", {}))

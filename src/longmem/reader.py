@@ -1,0 +1,101 @@
+"""Reading long text segment by segment while the memory fills; perplexity.
+
+Segment s covers tokens [a, b); its logits predict tokens a+1 .. b (the last one is the
+first token of the next segment), so every token but the first is scored exactly once.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from .errors import LongMemError
+from .memory import MemoryBank
+from .model import LongMemModel
+
+MODES = ("memory", "no-memory", "backbone")
+
+
+@dataclass
+class PerplexityResult:
+    """Perplexity of one text read in segments."""
+
+    mode: str  # 'memory' | 'no-memory' | 'backbone'
+    perplexity: float
+    nll: float  # mean negative log-likelihood per scored token (nats)
+    tokens: int  # scored tokens
+    seconds: float
+    tokens_per_s: float
+    segment_length: int
+    memory_tokens: int  # tokens in memory at the end
+    segment_nll: list[float] = field(default_factory=list)  # mean NLL of every segment
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def tokenize(model: LongMemModel, text: str) -> torch.Tensor:
+    """text -> ids [N] with the model's tokenizer (no special tokens)."""
+    if model.tokenizer is None:
+        raise LongMemError("this model has no tokenizer; pass token ids instead")
+    ids = model.tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) < 2:
+        raise LongMemError("text is too short: at least 2 tokens are needed to score it")
+    return torch.tensor(ids, dtype=torch.long)
+
+
+@torch.no_grad()
+def perplexity(
+    model: LongMemModel,
+    ids: torch.Tensor,
+    mode: str = "memory",
+    segment_length: int | None = None,
+    memory: MemoryBank | None = None,
+    progress: bool = False,
+) -> PerplexityResult:
+    """Read ids [N] in segments of T tokens and score every token after the first.
+
+    mode 'memory' reads with a memory that fills as it reads (``memory`` or a new one),
+    'no-memory' runs the same model with an empty memory, 'backbone' the frozen backbone
+    alone on the same segments.
+    """
+    if mode not in MODES:
+        raise LongMemError(f"mode {mode!r} is not one of {', '.join(MODES)}")
+    t = segment_length or model.config.segment_length
+    n = ids.shape[0]
+    if mode == "memory" and memory is None:
+        memory = model.new_memory(1)
+    model.eval()
+    nll_sum, scored, seg_nll = 0.0, 0, []
+    start_time = time.perf_counter()
+    bar = tqdm(total=n, unit="tok", desc=f"ppl ({mode})", disable=not progress, leave=False)
+    for a in range(0, n - 1, t):
+        seg = ids[a : a + t][None, :]  # [1,T]
+        labels = ids[a + 1 : a + t + 1][None, :]  # [1,<=T]
+        out = model(seg, memory=memory if mode == "memory" else None, backbone_logits=mode == "backbone")
+        logits = (out.backbone_logits if mode == "backbone" else out.logits)[:, : labels.shape[1]]
+        nll = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="sum")
+        nll_sum += float(nll)
+        scored += labels.shape[1]
+        seg_nll.append(float(nll) / labels.shape[1])
+        if mode == "memory":
+            model.write_memory(memory, out)
+        bar.update(seg.shape[1])
+    bar.close()
+    seconds = time.perf_counter() - start_time
+    mean = nll_sum / scored
+    return PerplexityResult(
+        mode=mode,
+        perplexity=math.exp(mean),
+        nll=mean,
+        tokens=scored,
+        seconds=seconds,
+        tokens_per_s=n / seconds,
+        segment_length=t,
+        memory_tokens=memory.num_tokens() if memory is not None else 0,
+        segment_nll=seg_nll,
+    )

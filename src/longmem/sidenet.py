@@ -1,0 +1,178 @@
+"""SideNet: L/r trainable copies of backbone blocks with cross-network residuals.
+
+Block j (0-based) copies backbone layer r*(j+1)-1 and runs the same computation as that
+layer (pre-norm attention + MLP) through the family adapter. The memory block (the copy
+of the memory layer) also attends to the K entries retrieved for every token and fuses
+them with its local attention. ``x_0 = H_0``, ``x_j = f_j(x_{j-1}) + (H_{r(j+1)} - H_{rj})``.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .attention import gated_fusion, joint_fusion, local_attention, local_attention_lse, memory_attention
+from .backbone import FrozenBackbone
+from .config import LongMemConfig
+from .errors import LongMemError
+from .families import AttnShape, Family, apply_rope
+from .memory import MemoryBank
+
+
+@dataclass
+class MemoryContext:
+    """Everything the memory block reads; the bank is only read, never written."""
+
+    bank: MemoryBank | None
+    query_positions: torch.Tensor  # [B,T] absolute positions of the segment's tokens
+    scheme: str  # 'none' | 'pre_rotary' | 'fixed' | 'true'
+    rope_table: tuple[torch.Tensor, torch.Tensor] | None  # cos/sin [Dmax+1,Dh] of distance d (key at -d)
+    max_distance: int
+    fixed_distance: int
+    num_chunks: int  # K / csz
+    per_kv_head: bool
+
+
+@dataclass
+class MemoryStats:
+    """Diagnostics of one memory block pass (detached)."""
+
+    gate: torch.Tensor  # [H] sigmoid of the per-head gates
+    memory_share: float  # mean weight of the memory branch over tokens and heads
+    entropy: float  # mean entropy (nats) of memory attention over retrieved entries
+    retrieved: int  # entries retrieved per token and head that were real (mean)
+
+
+class SideBlock(nn.Module):
+    """A trainable copy of one backbone decoder layer (pre-norm attention + MLP)."""
+
+    def __init__(self, layer: nn.Module, family: Family, shape: AttnShape):
+        super().__init__()
+        attn_norm, attn, mlp_norm, mlp = (copy.deepcopy(m) for m in family.parts(layer))
+        self.attn_norm, self.attn, self.mlp_norm, self.mlp = attn_norm, attn, mlp_norm, mlp
+        self.family, self.shape = family, shape
+
+    def zero_outputs(self) -> None:
+        """Make the block an identity map (identity initialisation)."""
+        with torch.no_grad():
+            for module in self.family.output_projections(self.attn, self.mlp):
+                for param in module.parameters():
+                    param.zero_()
+
+    def project(self, x: torch.Tensor):
+        """x [B,T,D] -> q [B,H,T,Dh], k, v [B,H_kv,T,Dh] (before positions)."""
+        h = self.attn_norm(x)
+        q = self.family.queries(self.attn, h, self.shape)
+        k, v = self.family.keys_values(self.attn, h, self.shape)
+        return q, k, v
+
+    def finish(self, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+        """Residual attention output o [B,H,T,Dh] then the MLP -> [B,T,D]."""
+        b, h, t, dh = o.shape
+        x = x + self.family.attn_output(self.attn, o.transpose(1, 2).reshape(b, t, h * dh))
+        return x + self.mlp(self.mlp_norm(x))
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        """x [B,T,D], rope cos/sin [T,Dh] or None -> [B,T,D]."""
+        q, k, v = self.project(x)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        return self.finish(x, local_attention(q, k, v, self.shape.scaling))
+
+
+class MemoryBlock(SideBlock):
+    """The memory-augmented block: local causal attention fused with retrieved memory."""
+
+    def __init__(self, layer: nn.Module, family: Family, shape: AttnShape, fusion: str):
+        super().__init__(layer, family, shape)
+        self.fusion = fusion
+        self.gate = nn.Parameter(torch.zeros(shape.num_heads))  # g_h, sigmoid(0) = 0.5
+
+    def forward(self, x, rope, ctx: MemoryContext):  # type: ignore[override]
+        """x [B,T,D] -> ([B,T,D], MemoryStats | None)."""
+        q, k, v = self.project(x)  # pre-rotary q searches the memory
+        found = None if ctx.bank is None else ctx.bank.retrieve(q.detach(), ctx.num_chunks, ctx.per_kv_head)
+        q_loc, k_loc = (apply_rope(q, *rope), apply_rope(k, *rope)) if rope is not None else (q, k)
+        scale = self.shape.scaling
+        if found is None:
+            return self.finish(x, local_attention(q_loc, k_loc, v, scale)), None
+        mem_keys = self._place(found.keys, found.positions, ctx)  # [B,H,T,K,Dh]
+        mem, mem_lse, probs = memory_attention(q, mem_keys.to(q.dtype), found.values.to(q.dtype), found.mask, scale)
+        if self.fusion == "gated":
+            local = local_attention(q_loc, k_loc, v, scale)
+            o = gated_fusion(local, mem, mem_lse, self.gate)
+            share = torch.sigmoid(self.gate.detach().float()).view(1, -1, 1) * torch.isfinite(mem_lse)
+        else:
+            local, local_lse = local_attention_lse(q_loc, k_loc, v, scale)
+            o, share = joint_fusion(local, local_lse, mem, mem_lse)
+        return self.finish(x, o), _stats(self.gate, share, probs, found.mask)
+
+    def _place(self, keys: torch.Tensor, positions: torch.Tensor, ctx: MemoryContext) -> torch.Tensor:
+        """Apply the position scheme to retrieved keys [B,H,T,K,Dh] (positions [B,H,T,K])."""
+        if ctx.scheme in ("none", "pre_rotary"):
+            return keys
+        cos, sin = ctx.rope_table  # type: ignore[misc]
+        if ctx.scheme == "fixed":
+            d = ctx.fixed_distance
+            return apply_rope(keys, cos[d].to(keys.dtype), sin[d].to(keys.dtype))
+        dist = (ctx.query_positions[:, None, :, None] - positions).clamp(0, ctx.max_distance)  # [B,H,T,K]
+        return apply_rope(keys, cos[dist].to(keys.dtype), sin[dist].to(keys.dtype))
+
+
+@torch.no_grad()
+def _stats(gate: torch.Tensor, share: torch.Tensor, probs: torch.Tensor, mask: torch.Tensor) -> MemoryStats:
+    ent = -(probs.float() * probs.float().clamp_min(1e-12).log()).sum(-1)  # [B,H,T]
+    return MemoryStats(
+        gate=torch.sigmoid(gate.detach().float()),
+        memory_share=float(share.float().mean()),
+        entropy=float(ent.mean()),
+        retrieved=int(mask.sum(-1).float().mean()),
+    )
+
+
+class SideNet(nn.Module):
+    """The trainable side network; see the module docstring."""
+
+    def __init__(self, backbone: FrozenBackbone, config: LongMemConfig):
+        super().__init__()
+        family, r, num = backbone.family, config.reduction, backbone.num_layers
+        m = backbone.memory_layer
+        if num // r < 1:
+            raise LongMemError(f"reduction r={r} leaves no SideNet block for a {num}-layer backbone")
+        if (m + 1) % r:
+            raise LongMemError(
+                f"memory_layer={m} has no SideNet copy with r={r}: (memory_layer + 1) must be a multiple of r"
+            )
+        self.reduction, self.num_backbone_layers = r, num
+        self.memory_index = (m + 1) // r - 1
+        blocks = []
+        for j in range(num // r):
+            layer = backbone.layers[r * (j + 1) - 1]
+            shape = family.attn_shape(family.parts(layer)[1], backbone.model.config)
+            if j == self.memory_index:
+                blocks.append(MemoryBlock(layer, family, shape, config.fusion))
+            else:
+                blocks.append(SideBlock(layer, family, shape))
+        self.blocks = nn.ModuleList(blocks)
+        self.norm = copy.deepcopy(family.final_norm(backbone.model))
+        if config.init == "identity":
+            for block in self.blocks:
+                block.zero_outputs()
+
+    def forward(
+        self, hidden: list[torch.Tensor], rope: tuple[torch.Tensor, torch.Tensor] | None, ctx: MemoryContext
+    ) -> tuple[torch.Tensor, MemoryStats | None]:
+        """hidden L+1 x [B,T,D] -> normed final state [B,T,D] and memory diagnostics."""
+        r, last = self.reduction, len(self.blocks) - 1
+        x, stats = hidden[0], None
+        for j, block in enumerate(self.blocks):
+            end = self.num_backbone_layers if j == last else r * (j + 1)
+            if j == self.memory_index:
+                x, stats = block(x, rope, ctx)
+            else:
+                x = block(x, rope)
+            x = x + (hidden[end] - hidden[r * j])  # cross-network residual
+        return self.norm(x), stats

@@ -1,0 +1,73 @@
+"""Tiny random Hugging Face models and a byte-level tokenizer: no downloads needed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from longmem.backbone import FrozenBackbone
+from longmem.config import LongMemConfig
+from longmem.model import LongMemModel
+
+VOCAB = 260
+
+
+def tiny_llama(layers: int = 4, seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        rope_theta=10000.0, tie_word_embeddings=True,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_gpt2(layers: int = 4, seed: int = 0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=layers, n_head=4, n_positions=256,
+                        bos_token_id=257, eos_token_id=258)
+    return GPT2LMHeadModel(config).eval()
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """A tokenizer with one token per byte (ids 0..255) plus specials."""
+    return PreTrainedTokenizerFast(tokenizer_object=_bytes_tokenizer(), bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>", pad_token="<pad>")
+
+
+def _bytes_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    byte_map = _bytes_to_unicode()
+    vocab = {byte_map[i]: i for i in range(256)} | {"<unk>": 256, "<s>": 257, "</s>": 258, "<pad>": 259}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {b: chr(c) for b, c in zip(bs, cs)}
+
+
+def make_model(family: str = "llama", dtype=torch.float32, **config) -> LongMemModel:
+    hf = (tiny_llama() if family == "llama" else tiny_gpt2()).to(dtype)
+    defaults = dict(backbone=f"tiny-{family}", chunk_size=2, topk=8, memory_size=64, segment_length=16,
+                    memory_dtype="float32")
+    cfg = LongMemConfig(**(defaults | config))
+    return LongMemModel(cfg, FrozenBackbone(hf, cfg.memory_layer, cfg.reduction, cfg.backbone), byte_tokenizer())
+
+
+@pytest.fixture(params=["llama", "gpt2"])
+def family(request) -> str:
+    return request.param

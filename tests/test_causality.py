@@ -1,0 +1,65 @@
+import torch
+
+from conftest import make_model
+
+
+def read(model, ids, batch=1):
+    """Read ids [B,N] segment by segment with memory; return per-segment logits and the bank."""
+    mem = model.new_memory(batch)
+    logits, t = [], model.config.segment_length
+    for a in range(0, ids.shape[1], t):
+        out = model(ids[:, a : a + t], memory=mem)
+        logits.append(out.logits)
+        model.write_memory(mem, out)
+    return logits, mem
+
+
+def test_later_tokens_never_change_earlier_logits(family):
+    model = make_model(family, init="paper")
+    torch.manual_seed(0)
+    ids = torch.randint(0, 256, (1, 64))
+    base, _ = read(model, ids)
+    changed = ids.clone()
+    changed[0, 40] = (changed[0, 40] + 1) % 256  # segment 2 (tokens 32..47), position 8
+    new, _ = read(model, changed)
+    for s in range(2):
+        torch.testing.assert_close(new[s], base[s], rtol=0, atol=0)
+    torch.testing.assert_close(new[2][:, :8], base[2][:, :8], rtol=0, atol=0)
+    assert (new[2][:, 8:] - base[2][:, 8:]).abs().max() > 0
+    assert (new[3] - base[3]).abs().max() > 0  # the change reaches later segments via memory
+
+
+def test_segment_never_retrieves_its_own_or_later_keys(family):
+    model = make_model(family, init="paper")
+    mem = model.new_memory(2)
+    t = model.config.segment_length
+    for s in range(4):
+        ids = torch.randint(0, 256, (2, t))
+        q = torch.randn(2, model.backbone.attn_shape.num_heads, t, model.backbone.attn_shape.head_dim)
+        found = mem.retrieve(q, model.config.chunks_per_query)
+        if found is not None:
+            assert (found.positions[found.mask] < s * t).all()
+        model.write_memory(mem, model(ids, memory=mem))
+        _, _, pos = mem.row_chunks(0)
+        assert pos.max() < (s + 1) * t  # memory holds only text read so far
+
+
+def test_rows_never_see_each_others_text(family):
+    model = make_model(family, init="paper")
+    torch.manual_seed(1)
+    a, b = torch.randint(0, 256, (1, 48)), torch.randint(0, 256, (1, 48))
+    alone, _ = read(model, a)
+    together, _ = read(model, torch.cat([a, b]), batch=2)
+    for s in range(3):
+        torch.testing.assert_close(together[s][:1], alone[s], atol=1e-5, rtol=1e-5)
+
+
+def test_sink_tokens_stay_out_of_memory():
+    model = make_model("llama", sink_tokens=2)
+    mem = model.new_memory(1)
+    t = model.config.segment_length
+    for _ in range(2):
+        model.write_memory(mem, model(torch.randint(0, 256, (1, t)), memory=mem))
+    _, _, pos = mem.row_chunks(0)
+    stored = set(pos.flatten().tolist()) | set(mem.pending_positions[0, : int(mem.pending_count[0])].tolist())
+    assert stored == set(range(2 * t)) - {0, 1, t, t + 1}

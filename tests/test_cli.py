@@ -1,0 +1,111 @@
+import json
+
+import pytest
+
+from conftest import byte_tokenizer, make_model, tiny_llama
+from longmem.cli import main
+
+TEXT = "It is a truth universally acknowledged, that a single man in possession of a good fortune. " * 3
+
+
+@pytest.fixture(scope="module")
+def backbone_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny_llama().save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    return path
+
+
+def run(capsys, *args):
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def base(backbone_dir):
+    return ["--backbone", backbone_dir, "--dtype", "float32", "--segment", 32, "--memory-size", 128]
+
+
+def test_ppl_json_has_the_promised_fields(tmp_path, capsys, backbone_dir):
+    book = tmp_path / "book.txt"
+    book.write_text(TEXT)
+    code, out, _ = run(capsys, "ppl", book, *base(backbone_dir), "--json")
+    assert code == 0
+    result = json.loads(out)
+    assert result["tokens"] == len(TEXT.encode()) - 1
+    assert result["perplexity"] > 1 and result["tokens_per_s"] > 0
+    assert result["results"][0]["memory_tokens"] > 0
+
+
+def test_ppl_compare_modes_agree_for_identity_init(tmp_path, capsys, backbone_dir):
+    book = tmp_path / "book.txt"
+    book.write_text(TEXT)
+    code, out, _ = run(capsys, "ppl", book, *base(backbone_dir), "--compare", "--json")
+    assert code == 0
+    rows = {r["mode"]: r for r in json.loads(out)["results"]}
+    assert set(rows) == {"memory", "no-memory", "backbone"}
+    assert abs(rows["memory"]["nll"] - rows["backbone"]["nll"]) < 1e-4  # identity SideNet == backbone
+    assert rows["no-memory"]["memory_tokens"] == 0
+
+
+def test_ppl_with_a_saved_sidenet(tmp_path, capsys, backbone_dir):
+    from longmem.backbone import FrozenBackbone
+    from longmem.model import LongMemModel
+
+    hf = type(tiny_llama()).from_pretrained(backbone_dir)
+    model = LongMemModel(make_model("llama").config.__class__(backbone=str(backbone_dir), init="paper",
+                                                              segment_length=32),
+                         FrozenBackbone(hf, None, 2))
+    model.save_pretrained(tmp_path / "sn")
+    book = tmp_path / "book.txt"
+    book.write_text(TEXT)
+    code, out, err = run(capsys, "ppl", book, "--sidenet", tmp_path / "sn", "--dtype", "float32",
+                         "--memory-size", 128, "--json")
+    assert code == 0, err
+    assert json.loads(out)["config"]["init"] == "paper"
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "is empty"),
+    (b"   \n\t  \n", "is empty"),
+    (b"\x00\x01binary\x00", "binary"),
+    (b"caf\xe9 latin-1", "not UTF-8"),
+])
+def test_bad_text_files_fail_with_one_line(tmp_path, capsys, backbone_dir, content, message):
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(content)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    code, out, err = run(capsys, "ppl", bad, *base(backbone_dir))
+    assert code == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1 and message in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert bad.read_bytes() == content
+
+
+def test_directory_missing_file_and_missing_model(tmp_path, capsys, backbone_dir):
+    book = tmp_path / "book.txt"
+    book.write_text(TEXT)
+    for args, message in [
+        (["ppl", tmp_path, *base(backbone_dir)], "is a directory"),
+        (["ppl", tmp_path / "nope.txt", *base(backbone_dir)], "no such file"),
+        (["ppl", book, "--backbone", tmp_path / "no-model"], "no such model directory"),
+        (["ppl", book, "--backbone", tmp_path / "x.gguf"], "no such GGUF file"),
+        (["ppl", book, "--sidenet", tmp_path / "no-sidenet"], "no SideNet directory"),
+        (["ppl", book, *base(backbone_dir), "--segment", "0"], "positive"),
+    ]:
+        code, out, err = run(capsys, *args)
+        assert code == 2, args
+        assert len(err.strip().splitlines()) == 1 and message in err, err
+
+
+def test_sidenet_for_another_backbone_fails_cleanly(tmp_path, capsys, backbone_dir):
+    other = make_model("llama", backbone=str(backbone_dir))  # random weights != saved backbone
+    other.backbone._fingerprint = "sha256:someone-else"
+    other.config.backbone_fingerprint = "sha256:someone-else"
+    other.save_pretrained(tmp_path / "sn")
+    before = (tmp_path / "sn" / "model.safetensors").read_bytes()
+    book = tmp_path / "book.txt"
+    book.write_text(TEXT)
+    code, _, err = run(capsys, "ppl", book, "--sidenet", tmp_path / "sn", "--dtype", "float32")
+    assert code == 2 and "trained for backbone" in err and len(err.strip().splitlines()) == 1
+    assert (tmp_path / "sn" / "model.safetensors").read_bytes() == before

@@ -1,0 +1,73 @@
+import torch
+
+from conftest import make_model
+from longmem.attention import gated_fusion, joint_fusion, local_attention, local_attention_lse, memory_attention
+
+
+def fill(model, segments: int, batch: int = 1, seed: int = 0):
+    torch.manual_seed(seed)
+    mem = model.new_memory(batch)
+    for _ in range(segments):
+        ids = torch.randint(0, 256, (batch, model.config.segment_length))
+        model.write_memory(mem, model(ids, memory=mem))
+    return mem
+
+
+def test_identity_init_reproduces_backbone_logits(family):
+    model = make_model(family)
+    mem = fill(model, 3, batch=2)
+    assert mem.num_tokens() > 0
+    out = model(torch.randint(0, 256, (2, 16)), memory=mem, backbone_logits=True)
+    assert out.stats is not None and out.stats.retrieved > 0  # memory really was read
+    assert (out.logits - out.backbone_logits).abs().max() <= 1e-4
+
+
+def test_paper_init_blocks_reproduce_backbone_layers(family):
+    model = make_model(family, init="paper")
+    ids = torch.randint(0, 256, (2, 16))
+    frozen = model.backbone(ids)
+    r = model.config.reduction
+    rope = model._rope(16) if model.backbone.family.rotary else None
+    ctx = model._context(None, torch.arange(16).expand(2, 16))
+    for j, block in enumerate(model.sidenet.blocks):
+        layer = r * (j + 1) - 1
+        x = frozen.hidden[layer]
+        y = block(x, rope, ctx)[0] if j == model.sidenet.memory_index else block(x, rope)
+        torch.testing.assert_close(y, frozen.hidden[layer + 1], atol=1e-5, rtol=1e-5)
+
+
+def test_paper_init_memory_changes_logits(family):
+    model = make_model(family, init="paper")
+    mem = fill(model, 2)
+    ids = torch.randint(0, 256, (1, 16))
+    with_mem = model(ids, memory=mem).logits
+    without = model(ids).logits
+    assert (with_mem - without).abs().max() > 1e-3
+
+
+def test_attention_kernels_against_naive_softmax():
+    torch.manual_seed(0)
+    b, h, t, k, d = 2, 4, 6, 5, 8
+    q, kl, vl = torch.randn(b, h, t, d), torch.randn(b, 2, t, d), torch.randn(b, 2, t, d)
+    mk, mv = torch.randn(b, h, t, k, d), torch.randn(b, h, t, k, d)
+    mask = torch.rand(b, h, t, k) > 0.3
+    mask[0, 0, 0] = False  # a token without memory
+    local, llse = local_attention_lse(q, kl, vl, 0.3)
+    torch.testing.assert_close(local, local_attention(q, kl, vl, 0.3), atol=1e-5, rtol=1e-5)
+    mem, mlse, _ = memory_attention(q, mk, mv, mask, 0.3)
+    joint, share = joint_fusion(local, llse, mem, mlse)
+    # naive: one softmax over [causal local keys ; real memory keys]
+    klx, vlx = kl.repeat_interleave(2, 1), vl.repeat_interleave(2, 1)
+    for bi in range(b):
+        for hi in range(h):
+            for ti in range(t):
+                keys = torch.cat([klx[bi, hi, : ti + 1], mk[bi, hi, ti][mask[bi, hi, ti]]])
+                vals = torch.cat([vlx[bi, hi, : ti + 1], mv[bi, hi, ti][mask[bi, hi, ti]]])
+                p = torch.softmax(keys @ q[bi, hi, ti] * 0.3, 0)
+                torch.testing.assert_close(joint[bi, hi, ti], p @ vals, atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(share[bi, hi, ti], p[ti + 1 :].sum(), atol=1e-5, rtol=1e-5)
+    gate = torch.tensor([0.0, 1.0, -1.0, 2.0])
+    fused = gated_fusion(local, mem, mlse, gate)
+    g = torch.sigmoid(gate)[1]
+    torch.testing.assert_close(fused[1, 1], (1 - g) * local[1, 1] + g * mem[1, 1])
+    torch.testing.assert_close(fused[0, 0, 0], local[0, 0, 0])  # no memory -> local only
