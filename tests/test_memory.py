@@ -115,7 +115,7 @@ def test_per_kv_head_retrieval_uses_summed_group_queries():
     mem.write(*segment(1, 32, 0))
     q = torch.randn(1, 4, 3, D)
     found = mem.retrieve(q, 2, per_kv_head=True)
-    ref = brute_force(mem, q.view(1, 2, 2, 3, D).sum(2), 2).repeat_interleave(2, 1)
+    ref = brute_force(mem, q.view(1, 2, 2, 3, D).sum(2), 2)  # one search per KV head
     assert torch.equal(found.chunk_slots.sort(-1).values, ref.sort(-1).values)
 
 
@@ -181,3 +181,17 @@ def test_bank_size_per_token_is_close_to_raw_kv():
     mem = MemoryBank(1, 3, 64, 65536, 4, dtype="bfloat16")
     raw = 2 * 3 * 64 * 2  # fp16 keys + values per token
     assert mem.nbytes() / 65536 / raw <= 1.3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_two_level_topk_equals_topk(dtype):
+    from longmem.memory.index import topk_two_level
+
+    torch.manual_seed(4)
+    scores = torch.randn(3, 50, 4096).to(dtype)
+    scores[0, 0, :1000] = float("-inf")  # masked slots
+    scores[1, 1, 64:80] = 9.0  # many winners in one group
+    values, indices = topk_two_level(scores, 16)
+    ref = scores.topk(16, dim=-1).values
+    assert torch.equal(values.sort(-1, descending=True).values, ref)
+    assert torch.equal(scores.gather(-1, indices), values)

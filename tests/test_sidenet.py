@@ -71,3 +71,25 @@ def test_attention_kernels_against_naive_softmax():
     g = torch.sigmoid(gate)[1]
     torch.testing.assert_close(fused[1, 1], (1 - g) * local[1, 1] + g * mem[1, 1])
     torch.testing.assert_close(fused[0, 0, 0], local[0, 0, 0])  # no memory -> local only
+
+
+def test_shared_group_retrieval_equals_repeated_entries():
+    torch.manual_seed(1)
+    q = torch.randn(2, 4, 5, 8)
+    keys, values = torch.randn(2, 2, 5, 6, 8), torch.randn(2, 2, 5, 6, 8)
+    mask = torch.rand(2, 2, 5, 6) > 0.2
+    shared = memory_attention(q, keys, values, mask, 0.5)
+    repeated = memory_attention(q, keys.repeat_interleave(2, 1), values.repeat_interleave(2, 1),
+                                mask.repeat_interleave(2, 1), 0.5)
+    for a, b in zip(shared, repeated):
+        torch.testing.assert_close(a, b)
+
+
+def test_every_option_combination_runs_and_identity_holds(family):
+    for options in [dict(retrieval_heads="kv"), dict(fusion="joint"), dict(position_scheme="fixed"),
+                    dict(position_scheme="pre_rotary"), dict(retrieval="faiss")]:
+        model = make_model(family, **options)
+        mem = fill(model, 2)
+        out = model(torch.randint(0, 256, (1, 16)), memory=mem, backbone_logits=True)
+        assert out.stats.retrieved > 0, options
+        assert (out.logits - out.backbone_logits).abs().max() <= 1e-4, options

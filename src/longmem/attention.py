@@ -40,15 +40,19 @@ def memory_attention(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Each token attends to its own K retrieved entries.
 
-    q [B,H,T,Dh]; keys/values [B,H,T,K,Dh]; mask [B,H,T,K] (True = real entry)
+    q [B,H,T,Dh]; keys/values [B,Hs,T,K,Dh]; mask [B,Hs,T,K] (True = real entry), where
+    Hs divides H and query head h reads the entries of searching head h // (H / Hs)
     -> out [B,H,T,Dh], lse [B,H,T] (fp32, -inf where no entry), probs [B,H,T,K].
     """
-    scores = torch.einsum("bhtd,bhtkd->bhtk", q, keys).float() * scale  # [B,H,T,K]
-    scores = scores.masked_fill(~mask, float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)  # [B,H,T]
+    b, h, t, d = q.shape
+    hs = keys.shape[1]
+    qg = q.view(b, hs, h // hs, t, d)  # [B,Hs,G,T,Dh]
+    scores = torch.einsum("bsgtd,bstkd->bsgtk", qg, keys).float() * scale  # [B,Hs,G,T,K]
+    scores = scores.masked_fill(~mask[:, :, None], float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # [B,Hs,G,T]
     probs = torch.exp(scores - lse.nan_to_num(neginf=0.0).unsqueeze(-1))  # 0 where masked
-    out = torch.einsum("bhtk,bhtkd->bhtd", probs.to(values.dtype), values)
-    return out, lse, probs
+    out = torch.einsum("bsgtk,bstkd->bsgtd", probs.to(values.dtype), values)  # [B,Hs,G,T,Dh]
+    return out.reshape(b, h, t, d), lse.reshape(b, h, t), probs.reshape(b, h, t, -1)
 
 
 def gated_fusion(

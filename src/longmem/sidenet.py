@@ -99,7 +99,7 @@ class MemoryBlock(SideBlock):
         scale = self.shape.scaling
         if found is None:
             return self.finish(x, local_attention(q_loc, k_loc, v, scale)), None
-        mem_keys = self._place(found.keys, found.positions, ctx)  # [B,H,T,K,Dh]
+        mem_keys = self._place(found.keys, found.positions, ctx)  # [B,Hs,T,K,Dh]
         mem, mem_lse, probs = memory_attention(q, mem_keys.to(q.dtype), found.values.to(q.dtype), found.mask, scale)
         if self.fusion == "gated":
             local = local_attention(q_loc, k_loc, v, scale)
@@ -108,28 +108,28 @@ class MemoryBlock(SideBlock):
         else:
             local, local_lse = local_attention_lse(q_loc, k_loc, v, scale)
             o, share = joint_fusion(local, local_lse, mem, mem_lse)
-        return self.finish(x, o), _stats(self.gate, share, probs, found.mask)
+        return self.finish(x, o), _stats(self.gate, share, probs)
 
     def _place(self, keys: torch.Tensor, positions: torch.Tensor, ctx: MemoryContext) -> torch.Tensor:
-        """Apply the position scheme to retrieved keys [B,H,T,K,Dh] (positions [B,H,T,K])."""
+        """Apply the position scheme to retrieved keys [B,Hs,T,K,Dh] (positions [B,Hs,T,K])."""
         if ctx.scheme in ("none", "pre_rotary"):
             return keys
         cos, sin = ctx.rope_table  # type: ignore[misc]
         if ctx.scheme == "fixed":
             d = ctx.fixed_distance
             return apply_rope(keys, cos[d].to(keys.dtype), sin[d].to(keys.dtype))
-        dist = (ctx.query_positions[:, None, :, None] - positions).clamp(0, ctx.max_distance)  # [B,H,T,K]
+        dist = (ctx.query_positions[:, None, :, None] - positions).clamp(0, ctx.max_distance)  # [B,Hs,T,K]
         return apply_rope(keys, cos[dist].to(keys.dtype), sin[dist].to(keys.dtype))
 
 
 @torch.no_grad()
-def _stats(gate: torch.Tensor, share: torch.Tensor, probs: torch.Tensor, mask: torch.Tensor) -> MemoryStats:
+def _stats(gate: torch.Tensor, share: torch.Tensor, probs: torch.Tensor) -> MemoryStats:
     ent = -(probs.float() * probs.float().clamp_min(1e-12).log()).sum(-1)  # [B,H,T]
     return MemoryStats(
         gate=torch.sigmoid(gate.detach().float()),
         memory_share=float(share.float().mean()),
         entropy=float(ent.mean()),
-        retrieved=int(mask.sum(-1).float().mean()),
+        retrieved=int((probs > 0).sum(-1).float().mean().round()),
     )
 
 

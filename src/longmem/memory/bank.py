@@ -21,13 +21,16 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 @dataclass
 class Retrieved:
-    """Memory entries retrieved for every query token and head."""
+    """Memory entries retrieved for every query token and searching head.
 
-    keys: torch.Tensor  # [B,H,T,K,Dh]
-    values: torch.Tensor  # [B,H,T,K,Dh]
-    positions: torch.Tensor  # [B,H,T,K] absolute token positions
-    mask: torch.Tensor  # [B,H,T,K] True where the entry is real
-    chunk_slots: torch.Tensor  # [B,H,T,K/csz] ring slots of the retrieved chunks
+    Hs is H when every query head searched, H_kv when a group shared one search.
+    """
+
+    keys: torch.Tensor  # [B,Hs,T,K,Dh]
+    values: torch.Tensor  # [B,Hs,T,K,Dh]
+    positions: torch.Tensor  # [B,Hs,T,K] absolute token positions
+    mask: torch.Tensor  # [B,Hs,T,K] True where the entry is real
+    chunk_slots: torch.Tensor  # [B,Hs,T,K/csz] ring slots of the retrieved chunks
 
 
 class MemoryBank:
@@ -138,32 +141,33 @@ class MemoryBank:
 
     # ------------------------------------------------------------------ read
     def retrieve(self, queries: torch.Tensor, num_chunks: int, per_kv_head: bool = False) -> Retrieved | None:
-        """queries [B,H,T,Dh] -> the K = num_chunks * csz best entries per token and head.
+        """queries [B,H,T,Dh] -> the K = num_chunks * csz best entries per token and searching head.
 
-        Returns None while every row is empty. With ``per_kv_head`` the query heads of a
-        group search once, with the sum of their queries, and share the result.
+        Every query head searches its KV head's chunks (Hs = H). With ``per_kv_head`` the
+        query heads of a group search once, with the sum of their queries, and share the
+        result (Hs = H_kv). Returns None while every row is empty.
         """
         if self.is_empty:
             return None
         b, hq, t, d = queries.shape
         group = hq // self.num_kv_heads
-        search_q = queries.view(b, self.num_kv_heads, group, t, d).sum(2) if per_kv_head else queries
-        slots, valid = self.index.search(search_q, num_chunks, self.start, self.count)  # [B,Hs,T,n]
         if per_kv_head:
-            slots, valid = slots.repeat_interleave(group, 1), valid.repeat_interleave(group, 1)
+            queries = queries.view(b, self.num_kv_heads, group, t, d).sum(2)  # [B,Hkv,T,Dh]
+        hs = queries.shape[1]
+        slots, valid = self.index.search(queries, num_chunks, self.start, self.count)  # [B,Hs,T,n]
         # canonical order, oldest chunk first (invalid last): results do not depend on the ring layout
         age = (slots - self.start.view(b, 1, 1, 1)) % self.capacity + (~valid) * self.capacity
         order = age.argsort(-1)
         slots, valid = slots.gather(-1, order), valid.gather(-1, order)
-        kv_head = torch.arange(hq) // group  # [H]
-        flat = ((torch.arange(b)[:, None] * self.num_kv_heads + kv_head[None, :]) * self.capacity)  # [B,H]
-        flat = flat[:, :, None, None] + slots  # [B,H,T,n] index into [B*Hkv*C]
+        kv_head = torch.arange(hs) // (hs // self.num_kv_heads)  # [Hs]
+        flat = (torch.arange(b)[:, None] * self.num_kv_heads + kv_head[None, :]) * self.capacity  # [B,Hs]
+        flat = flat[:, :, None, None] + slots  # [B,Hs,T,n] index into [B*Hkv*C]
         s = self.chunk_size
-        keys = self.keys.view(-1, s, d)[flat].view(b, hq, t, num_chunks * s, d)  # [B,H,T,K,Dh]
-        values = self.values.view(-1, s, d)[flat].view(b, hq, t, num_chunks * s, d)
-        row_slot = torch.arange(b)[:, None, None, None] * self.capacity + slots  # [B,H,T,n]
-        positions = self.positions.view(-1, s)[row_slot].view(b, hq, t, num_chunks * s)
-        mask = valid.repeat_interleave(s, -1)  # [B,H,T,K]
+        keys = self.keys.view(-1, s, d)[flat].view(b, hs, t, num_chunks * s, d)  # [B,Hs,T,K,Dh]
+        values = self.values.view(-1, s, d)[flat].view(b, hs, t, num_chunks * s, d)
+        row_slot = torch.arange(b)[:, None, None, None] * self.capacity + slots  # [B,Hs,T,n]
+        positions = self.positions.view(-1, s)[row_slot].view(b, hs, t, num_chunks * s)
+        mask = valid.repeat_interleave(s, -1)  # [B,Hs,T,K]
         return Retrieved(keys, values, positions, mask, slots)
 
     # ------------------------------------------------------------------ reset

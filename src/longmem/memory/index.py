@@ -31,7 +31,7 @@ class TorchIndex:
         """Stale slots are masked by the bank's counts; nothing to do."""
 
     def search(
-        self, queries: torch.Tensor, n: int, start: torch.Tensor, count: torch.Tensor, block: int = 256
+        self, queries: torch.Tensor, n: int, start: torch.Tensor, count: torch.Tensor, block: int = 1024
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """queries [B,Hq,T,Dh] -> slots [B,Hq,T,n] long, valid [B,Hq,T,n] bool."""
         b, hq, t, dh = queries.shape
@@ -39,6 +39,7 @@ class TorchIndex:
         group = hq // hkv
         offset = (torch.arange(cap)[None, :] - start[:, None]) % cap  # [B,C] age rank of each slot
         invalid = (offset >= count[:, None])[:, None, :]  # [B,1,C]
+        full = bool((count == cap).all())  # then nothing needs masking
         k = min(n, cap)
         slots = torch.empty(b, hq, t, k, dtype=torch.long)
         scores = torch.empty(b, hq, t, k, dtype=torch.float32)
@@ -46,13 +47,31 @@ class TorchIndex:
         for g in range(hkv):
             keys_t = self.chunk_keys[:, g].transpose(1, 2)  # [B,Dh,C]
             for i in range(0, group * t, block):
-                s = torch.bmm(q[:, g, i : i + block], keys_t).float()  # [B,blk,C]
-                s.masked_fill_(invalid, NEG_INF)
-                top = s.topk(k, dim=-1, sorted=False)
+                s = torch.bmm(q[:, g, i : i + block], keys_t)  # [B,blk,C]
+                if not full:
+                    s.masked_fill_(invalid, NEG_INF)
+                values, indices = topk_two_level(s, k)
                 rows = slice(i, i + s.shape[1])
-                slots.view(b, hkv, group * t, k)[:, g, rows] = top.indices
-                scores.view(b, hkv, group * t, k)[:, g, rows] = top.values
+                slots.view(b, hkv, group * t, k)[:, g, rows] = indices
+                scores.view(b, hkv, group * t, k)[:, g, rows] = values.float()
         return _pad(slots, scores > NEG_INF, n)
+
+
+def topk_two_level(scores: torch.Tensor, k: int, group: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k over the last dim, via the k best groups of ``group`` columns.
+
+    Every element of the top k lies in a group whose maximum is among the k largest
+    group maxima, so searching only those k groups is exact (up to ties). On CPU this
+    is ~2x faster than ``topk`` over the full row. scores [..., C] -> values, indices [..., k].
+    """
+    c = scores.shape[-1]
+    if c % group or c < 4 * k * group:
+        return scores.topk(k, dim=-1, sorted=False)
+    grouped = scores.unflatten(-1, (c // group, group))  # [...,C/G,G]
+    best = grouped.amax(-1).topk(k, dim=-1, sorted=False).indices  # [...,k] group ids
+    cand = grouped.gather(-2, best.unsqueeze(-1).expand(*best.shape, group)).flatten(-2)  # [...,k*G]
+    values, pos = cand.topk(k, dim=-1, sorted=False)
+    return values, best.gather(-1, pos // group) * group + pos % group
 
 
 class FaissIndex:
