@@ -63,3 +63,14 @@ def test_sink_tokens_stay_out_of_memory():
     _, _, pos = mem.row_chunks(0)
     stored = set(pos.flatten().tolist()) | set(mem.pending_positions[0, : int(mem.pending_count[0])].tolist())
     assert stored == set(range(2 * t)) - {0, 1, t, t + 1}
+
+
+def test_reader_fills_memory_like_a_manual_loop():
+    from longmem.reader import read as stream
+
+    model = make_model("llama", init="paper")
+    ids = torch.randint(0, 256, (50,))
+    mem = stream(model, ids, model.new_memory(1))
+    _, manual = read(model, ids[None, :])
+    assert torch.equal(mem.row_chunks(0)[2], manual.row_chunks(0)[2])
+    assert int(mem.end_position[0]) == 50

@@ -93,3 +93,21 @@ def test_every_option_combination_runs_and_identity_holds(family):
         out = model(torch.randint(0, 256, (1, 16)), memory=mem, backbone_logits=True)
         assert out.stats.retrieved > 0, options
         assert (out.logits - out.backbone_logits).abs().max() <= 1e-4, options
+
+
+def test_true_positions_place_keys_at_their_real_distance():
+    """Memory attention with 'true' positions == local RoPE attention at the same distances."""
+    from longmem.families import apply_rope
+
+    model = make_model("llama", init="paper", position_scheme="true")
+    fam, hf = model.backbone.family, model.backbone.model
+    torch.manual_seed(5)
+    q, k = torch.randn(1, 4, 1, 8), torch.randn(1, 4, 1, 3, 8)
+    qpos, kpos = torch.tensor([[40]]), torch.tensor([[[[3, 17, 39]]]]).expand(1, 4, 1, 3)
+    ctx = model._context(None, qpos)
+    placed = model.sidenet.blocks[model.sidenet.memory_index]._place(k, kpos, ctx)
+    scores = torch.einsum("bhtd,bhtkd->bhtk", q, placed)
+    cq, sq = fam.rope_cos_sin(hf, qpos, torch.float32)
+    ck, sk = fam.rope_cos_sin(hf, kpos, torch.float32)
+    ref = torch.einsum("bhtd,bhtkd->bhtk", apply_rope(q, cq[:, None], sq[:, None]), apply_rope(k, ck, sk))
+    torch.testing.assert_close(scores, ref, atol=1e-4, rtol=1e-4)

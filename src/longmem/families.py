@@ -87,6 +87,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotate_half(x) * sin
 
 
+def apply_rope_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``apply_rope`` with half-width tables: cos/sin [..., Dh/2] (HF tables repeat their halves)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
 class GPT2Family(Family):
     """GPT-2: learned absolute positions, fused qkv Conv1D, LayerNorm, multi-head."""
 

@@ -213,7 +213,9 @@ class LongMemModel(nn.Module):
         table = None
         if scheme in ("fixed", "true"):
             dmax = max(self.max_distance, self.config.fixed_distance)
-            table = self._rope_at(("table", dmax), -torch.arange(dmax + 1))  # key d tokens back
+            cos, sin = self._rope_at(("table", dmax), -torch.arange(dmax + 1))  # key d tokens back
+            half = cos.shape[-1] // 2
+            table = (cos[:, :half].contiguous(), sin[:, :half].contiguous())  # [Dmax+1,Dh/2]
         return MemoryContext(
             bank=memory,
             query_positions=positions,

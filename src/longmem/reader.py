@@ -48,6 +48,27 @@ def tokenize(model: LongMemModel, text: str) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
+def segments(n: int, t: int) -> range:
+    """Start offsets of the T-token segments covering n tokens."""
+    return range(0, n, t)
+
+
+@torch.no_grad()
+def read(
+    model: LongMemModel, ids: torch.Tensor, memory: MemoryBank, segment_length: int | None = None,
+    progress: bool = False,
+) -> MemoryBank:
+    """Stream ids [N] through the model segment by segment, filling ``memory`` (row 0)."""
+    t = segment_length or model.config.segment_length
+    model.eval()
+    with tqdm(total=ids.shape[0], unit="tok", desc="reading", disable=not progress, leave=False) as bar:
+        for a in segments(ids.shape[0], t):
+            seg = ids[a : a + t][None, :]  # [1,T]
+            model.write_memory(memory, model(seg, memory=memory))
+            bar.update(seg.shape[1])
+    return memory
+
+
 @torch.no_grad()
 def perplexity(
     model: LongMemModel,
@@ -73,7 +94,7 @@ def perplexity(
     nll_sum, scored, seg_nll = 0.0, 0, []
     start_time = time.perf_counter()
     bar = tqdm(total=n, unit="tok", desc=f"ppl ({mode})", disable=not progress, leave=False)
-    for a in range(0, n - 1, t):
+    for a in segments(n - 1, t):
         seg = ids[a : a + t][None, :]  # [1,T]
         labels = ids[a + 1 : a + t + 1][None, :]  # [1,<=T]
         out = model(seg, memory=memory if mode == "memory" else None, backbone_logits=mode == "backbone")

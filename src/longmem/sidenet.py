@@ -18,7 +18,7 @@ from .attention import gated_fusion, joint_fusion, local_attention, local_attent
 from .backbone import FrozenBackbone
 from .config import LongMemConfig
 from .errors import LongMemError
-from .families import AttnShape, Family, apply_rope
+from .families import AttnShape, Family, apply_rope, apply_rope_half
 from .memory import MemoryBank
 
 
@@ -29,7 +29,7 @@ class MemoryContext:
     bank: MemoryBank | None
     query_positions: torch.Tensor  # [B,T] absolute positions of the segment's tokens
     scheme: str  # 'none' | 'pre_rotary' | 'fixed' | 'true'
-    rope_table: tuple[torch.Tensor, torch.Tensor] | None  # cos/sin [Dmax+1,Dh] of distance d (key at -d)
+    rope_table: tuple[torch.Tensor, torch.Tensor] | None  # cos/sin [Dmax+1,Dh/2] of distance d (key at -d)
     max_distance: int
     fixed_distance: int
     num_chunks: int  # K / csz
@@ -114,12 +114,12 @@ class MemoryBlock(SideBlock):
         """Apply the position scheme to retrieved keys [B,Hs,T,K,Dh] (positions [B,Hs,T,K])."""
         if ctx.scheme in ("none", "pre_rotary"):
             return keys
-        cos, sin = ctx.rope_table  # type: ignore[misc]
+        cos, sin = ctx.rope_table  # type: ignore[misc]  # [Dmax+1,Dh/2]
         if ctx.scheme == "fixed":
             d = ctx.fixed_distance
-            return apply_rope(keys, cos[d].to(keys.dtype), sin[d].to(keys.dtype))
+            return apply_rope_half(keys, cos[d], sin[d])
         dist = (ctx.query_positions[:, None, :, None] - positions).clamp(0, ctx.max_distance)  # [B,Hs,T,K]
-        return apply_rope(keys, cos[dist].to(keys.dtype), sin[dist].to(keys.dtype))
+        return apply_rope_half(keys, cos[dist], sin[dist])
 
 
 @torch.no_grad()

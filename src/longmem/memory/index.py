@@ -84,6 +84,8 @@ class FaissIndex:
     def __init__(self, batch: int, num_kv_heads: int, capacity: int, head_dim: int, dtype: torch.dtype):
         import faiss
 
+        # faiss's OpenMP pool spinning beside torch's slowed the backbone ~6x here: search single-threaded
+        faiss.omp_set_num_threads(1)
         self._faiss = faiss
         self.capacity = capacity
         self.head_dim = head_dim
