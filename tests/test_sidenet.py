@@ -86,7 +86,7 @@ def test_shared_group_retrieval_equals_repeated_entries():
 
 
 def test_every_option_combination_runs_and_identity_holds(family):
-    for options in [dict(retrieval_heads="kv"), dict(fusion="joint"), dict(position_scheme="fixed"),
+    for options in [dict(retrieval_heads="query"), dict(fusion="joint"), dict(position_scheme="fixed"),
                     dict(position_scheme="pre_rotary"), dict(retrieval="faiss")]:
         model = make_model(family, **options)
         mem = fill(model, 2)

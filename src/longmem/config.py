@@ -57,8 +57,8 @@ class LongMemConfig:
     """First tokens of every segment kept out of memory (attention sinks)."""
     retrieval: str = "torch"
     """Chunk search backend: 'torch' (exact) or 'faiss' (IndexFlatIP)."""
-    retrieval_heads: str = "query"
-    """Who searches: every 'query' head, or one search per 'kv' head group."""
+    retrieval_heads: str = "kv"
+    """Who searches: one search per 'kv' head group (summed queries), or every 'query' head."""
     memory_dtype: str = "bfloat16"
     """Storage dtype of cached keys/values."""
 

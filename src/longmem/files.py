@@ -69,3 +69,28 @@ def read_text(path: str | Path) -> str:
     if not text.strip():
         raise LongMemError(f"{path} is empty (no text to read)")
     return text
+
+
+def load_versioned(folder: Path, filename: str, kind: str, what: str, version: int) -> dict[str, Any]:
+    """The JSON header of a longmem directory, checked for its kind and format version."""
+    if not folder.is_dir():
+        raise LongMemError(f"no {what} directory at {folder}")
+    meta = load_json(folder / filename)
+    if meta.get("kind") != kind:
+        raise LongMemError(f"{folder} is not a longmem {what} directory (kind {meta.get('kind')!r})")
+    if meta.get("format_version") != version:
+        raise LongMemError(f"{folder}: {what} format version {meta.get('format_version')} is not {version}")
+    return meta
+
+
+def load_checked_safetensors(path: Path, expected_sha256: str | None, what: str) -> dict:
+    """Tensors of a safetensors file whose checksum must match (no unpickling, ever)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file() or sha256(path) != expected_sha256:
+        raise LongMemError(f"{what} {path} is missing, truncated or modified (checksum mismatch)")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise LongMemError(f"cannot read {what} {path}: {exc}") from None

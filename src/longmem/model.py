@@ -13,13 +13,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from .backbone import FrozenBackbone, load_model_and_tokenizer
 from .config import FORMAT_VERSION, LongMemConfig, from_dict
-from .files import load_json, save_json, sha256
+from .files import load_checked_safetensors, load_json, load_versioned, save_json, sha256
 from .errors import LongMemError
 from .memory import MemoryBank
 from .sidenet import MemoryContext, MemoryStats, SideNet
@@ -110,12 +109,7 @@ class LongMemModel(nn.Module):
         model = cls(config, backbone, tokenizer)
         meta = load_json(path / "config.json")
         weights = path / WEIGHTS
-        if not weights.is_file() or sha256(weights) != meta.get("weights_sha256"):
-            raise LongMemError(f"SideNet weights {weights} are missing, truncated or modified (checksum mismatch)")
-        try:
-            state = load_file(str(weights))
-        except (SafetensorError, OSError) as exc:
-            raise LongMemError(f"cannot read SideNet weights {weights}: {exc}") from None
+        state = load_checked_safetensors(weights, meta.get("weights_sha256"), "SideNet weights")
         missing, unexpected = model.sidenet.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise LongMemError(f"SideNet weights {weights} do not fit this architecture "
@@ -241,11 +235,5 @@ class LongMemModel(nn.Module):
 
 def read_config(path: Path) -> LongMemConfig:
     """The LongMemConfig of a saved SideNet directory, with clear errors."""
-    if not path.is_dir():
-        raise LongMemError(f"no SideNet directory at {path}")
-    meta = load_json(path / "config.json")
-    if meta.get("kind") != KIND:
-        raise LongMemError(f"{path} is not a longmem SideNet directory (kind {meta.get('kind')!r})")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise LongMemError(f"{path}: SideNet format version {meta.get('format_version')} is not {FORMAT_VERSION}")
+    meta = load_versioned(path, "config.json", KIND, "SideNet", FORMAT_VERSION)
     return from_dict(LongMemConfig, meta.get("config", {}))

@@ -11,11 +11,10 @@ from __future__ import annotations
 import uuid
 from pathlib import Path
 
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from ..config import FORMAT_VERSION
-from ..files import fsync, load_json, save_json, sha256
+from ..files import fsync, load_checked_safetensors, load_json, load_versioned, save_json, sha256
 from ..errors import LongMemError
 from .bank import MemoryBank
 
@@ -70,17 +69,7 @@ def save_memory(bank: MemoryBank, path: str | Path) -> Path:
 
 def read_manifest(path: str | Path) -> dict:
     """The manifest of a memory directory, with a clear error if it is not one."""
-    path = Path(path)
-    if not path.is_dir():
-        raise LongMemError(f"no memory directory at {path}")
-    manifest = load_json(path / "manifest.json")
-    if manifest.get("kind") != KIND:
-        raise LongMemError(f"{path} is not a longmem memory (manifest kind {manifest.get('kind')!r})")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise LongMemError(
-            f"{path}: memory format version {manifest.get('format_version')} is not {FORMAT_VERSION}"
-        )
-    return manifest
+    return load_versioned(Path(path), "manifest.json", KIND, "memory", FORMAT_VERSION)
 
 
 def load_memory(
@@ -95,13 +84,7 @@ def load_memory(
                 f"memory {path} was built for {key}={manifest.get(key)!r}, not {want!r} "
                 "(another backbone or memory layer)"
             )
-    data = path / str(manifest.get("data_file"))
-    if not data.is_file() or sha256(data) != manifest.get("sha256"):
-        raise LongMemError(f"memory data {data} is missing, truncated or modified (checksum mismatch)")
-    try:
-        tensors = load_file(str(data))
-    except (SafetensorError, OSError) as exc:
-        raise LongMemError(f"cannot read memory data {data}: {exc}") from None
+    tensors = load_checked_safetensors(path / str(manifest.get("data_file")), manifest.get("sha256"), "memory data")
     meta = {k: manifest[k] for k in META_KEYS if k in manifest}
     bank = MemoryBank(
         int(manifest["rows"]),
