@@ -116,6 +116,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/results/core.json"))
     args = parser.parse_args()
     torch.manual_seed(0)
+    threads = torch.get_num_threads()
     model = LongMemModel.from_pretrained(None, dtype="bfloat16", memory_size=args.memory_size,
                                          segment_length=args.segment)
     ids = tokenize(model, args.text.read_text(encoding="utf-8"))
@@ -131,7 +132,8 @@ def main() -> None:
             f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
         "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                  text=True).stdout.strip(),
-        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()},
+        "machine": {"cpu": platform.processor() or platform.machine(), "threads": threads,
+                    "threads_at_end": torch.get_num_threads()},
         "backbone": model.config.backbone,
         "dtype": "bfloat16",
         "targets": {"segment_over_backbone": 1.6, "search_share": 0.10, "bytes_over_raw": 1.3},

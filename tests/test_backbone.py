@@ -54,6 +54,7 @@ def test_backbone_is_frozen_and_gets_no_gradients(family):
     out.loss.backward()
     assert all(p.grad is None and not p.requires_grad for p in model.backbone.parameters())
     trainable = {id(p) for p in model.trainable_parameters()}
+    assert trainable == {id(p) for p in model.sidenet.parameters()}  # the whole SideNet trains
     assert trainable.isdisjoint({id(p) for p in model.backbone.parameters()})
     assert all(p.grad is not None for p in model.trainable_parameters())
     gate = model.sidenet.blocks[model.sidenet.memory_index].gate

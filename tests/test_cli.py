@@ -109,3 +109,26 @@ def test_sidenet_for_another_backbone_fails_cleanly(tmp_path, capsys, backbone_d
     code, _, err = run(capsys, "ppl", book, "--sidenet", tmp_path / "sn", "--dtype", "float32")
     assert code == 2 and "trained for backbone" in err and len(err.strip().splitlines()) == 1
     assert (tmp_path / "sn" / "model.safetensors").read_bytes() == before
+
+
+def test_probe_cli_json(tmp_path, capsys, backbone_dir):
+    book = tmp_path / "book.txt"
+    book.write_text(TEXT * 3)
+    code, out, err = run(capsys, "probe", book, "--backbone", backbone_dir, "--dtype", "float32", "--segment", 32,
+                         "--window", 128, "--windows", 2, "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert len(result["windows"]) == 2 and 0 <= result["captured"] <= 1
+
+
+def test_data_folder_writes_a_manifest_with_token_counts(tmp_path, capsys, backbone_dir):
+    src = tmp_path / "texts"
+    src.mkdir()
+    (src / "a.txt").write_text("CHAPTER I\n\nHello there.\n\nCHAPTER II\n\nAgain.\n")
+    code, out, err = run(capsys, "data", "folder", "--src", src, "--out", tmp_path / "corpus",
+                         "--backbone", backbone_dir)
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "corpus" / "manifest.json").read_text())
+    written = (tmp_path / "corpus" / manifest[0]["file"]).read_bytes()
+    assert manifest[0]["tokens"] == len(written)  # the byte tokenizer: one token per byte
+    assert len(manifest[0]["chapters"]) == 2

@@ -195,3 +195,11 @@ def test_two_level_topk_equals_topk(dtype):
     ref = scores.topk(16, dim=-1).values
     assert torch.equal(values.sort(-1, descending=True).values, ref)
     assert torch.equal(scores.gather(-1, indices), values)
+
+
+def test_faiss_search_leaves_torch_threads_alone():
+    before = torch.get_num_threads()
+    mem = bank(index="faiss")
+    mem.write(*segment(1, 8, 0))
+    mem.retrieve(torch.randn(1, 2, 3, D), 2)
+    assert torch.get_num_threads() == before

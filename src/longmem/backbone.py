@@ -155,6 +155,17 @@ def load_model_and_tokenizer(name: str, dtype: torch.dtype = torch.float32):
     return model, tokenizer
 
 
+def load_tokenizer(name: str):
+    """Only the tokenizer of a backbone (same name resolution as the model)."""
+    from transformers import AutoTokenizer
+
+    path, gguf_file = _resolve(name)
+    try:
+        return AutoTokenizer.from_pretrained(path, **({"gguf_file": gguf_file} if gguf_file else {}))
+    except (OSError, ValueError) as exc:
+        raise LongMemError(f"could not load the tokenizer of {name!r}: {str(exc).strip().splitlines()[0]}") from None
+
+
 def _resolve(name: str) -> tuple[str, str | None]:
     """(path or HF id, gguf file name or None) for a backbone name."""
     if name in BUILTIN_BACKBONES:

@@ -59,13 +59,36 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--max-tokens", type=int, help="read at most this many tokens of each file")
     _model_args(ppl)
     ppl.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    ppl.add_argument("--quiet", action="store_true", help="no progress bar")
     ppl.set_defaults(func=cmd_ppl)
 
     data = sub.add_parser("data", help="prepare corpora")
-    data.add_argument("what", choices=["books"], help="books: Austen, KJV Bible, Shakespeare")
+    data.add_argument("what", choices=["books", "folder"],
+                      help="books: Austen, KJV Bible, Shakespeare; folder: your own .txt files (--src)")
+    data.add_argument("--src", type=Path, help="folder of UTF-8 .txt files (with 'folder')")
     data.add_argument("--out", type=Path, default=Path("data/books"), help="output directory")
     data.add_argument("--sources", default="austen,kjv,shakespeare", help="comma-separated sources")
+    data.add_argument("--backbone", default=DEFAULT_BACKBONE, help="tokenizer used for the token counts")
     data.set_defaults(func=cmd_data)
+
+    probe = sub.add_parser("probe", help="retrieval quality: share of the backbone's attention that retrieval finds")
+    probe.add_argument("files", nargs="+", type=Path, metavar="FILE", help="UTF-8 text files")
+    probe.add_argument("--window", type=int, default=4096, help="tokens read per window (<= native context)")
+    probe.add_argument("--windows", type=int, default=4, help="windows per file, evenly spaced")
+    probe.add_argument("--retrieval-heads", choices=["query", "kv"], help="who searches the memory")
+    probe.add_argument("--chunk-size", type=int, help="memory chunk size")
+    probe.add_argument("--sink-tokens", type=int, help="first tokens of each segment kept out of memory")
+    probe.add_argument("--segment", type=int, help="segment length T")
+    _model_args(probe)
+    probe.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    probe.set_defaults(func=cmd_probe)
+
+    train = sub.add_parser("train", help="memory-augmented adaptation of a SideNet")
+    train.add_argument("config", nargs="?", type=Path, help="run file (.json/.yaml); defaults if omitted")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a setting, e.g. --set steps=500 --set model.memory_size=16384")
+    train.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    train.set_defaults(func=cmd_train)
     return parser
 
 
@@ -102,7 +125,7 @@ def cmd_ppl(args: argparse.Namespace) -> int:
     for path, text in texts.items():
         ids = tokenize(model, text)[: args.max_tokens]
         for mode in modes:
-            res = perplexity(model, ids, mode=mode, progress=sys.stderr.isatty() or not args.json)
+            res = perplexity(model, ids, mode=mode, progress=not args.quiet)
             results.append({"file": str(path)} | res.to_dict())
             if not args.json:
                 print(f"{path}  {mode:>9}  ppl {res.perplexity:8.3f}  tokens {res.tokens:>8}  "
@@ -113,6 +136,7 @@ def cmd_ppl(args: argparse.Namespace) -> int:
         nll = sum(r["nll"] * r["tokens"] for r in main_rows) / tokens
         seconds = sum(r["seconds"] for r in main_rows)
         print(json.dumps({
+            "command": "longmem " + " ".join(sys.argv[1:]),
             "mode": modes[0],
             "perplexity": math.exp(nll),
             "tokens": tokens,
@@ -124,11 +148,64 @@ def cmd_ppl(args: argparse.Namespace) -> int:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from .data.books import prepare_books
+    from .backbone import load_tokenizer
+    from .data.books import load_text_folder, prepare_books, write_corpus
 
-    sources = tuple(s.strip() for s in args.sources.split(",") if s.strip())
-    manifest = prepare_books(args.out, sources=sources)
+    tokenizer = load_tokenizer(args.backbone)
+
+    def count(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    if args.what == "folder":
+        if args.src is None:
+            raise LongMemError("'longmem data folder' needs --src DIR")
+        manifest = write_corpus(load_text_folder(args.src), args.out, tokenizer=count)
+    else:
+        sources = tuple(s.strip() for s in args.sources.split(",") if s.strip())
+        manifest = prepare_books(args.out, sources=sources, tokenizer=count)
     print(manifest)
+    return 0
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    from .files import read_text
+    from .probe import retrieval_quality
+    from .reader import tokenize
+
+    texts = {path: read_text(path) for path in args.files}
+    model = load_model(args, retrieval_heads=args.retrieval_heads, chunk_size=args.chunk_size,
+                       sink_tokens=args.sink_tokens, segment_length=args.segment)
+    rows = []
+    for path, text in texts.items():
+        ids = tokenize(model, text)
+        if ids.shape[0] < args.window:
+            raise LongMemError(f"{path} has {ids.shape[0]} tokens, fewer than --window {args.window}")
+        starts = spaced(0, ids.shape[0] - args.window, args.windows)
+        for start in starts:
+            res = retrieval_quality(model, ids[start:], window=args.window)
+            rows.append({"file": str(path), "start": start} | res.to_dict())
+    summary = {key: sum(r[key] for r in rows) / len(rows) for key in ("earlier_share", "captured", "random_captured")}
+    if args.json:
+        print(json.dumps(summary | {"command": "longmem " + " ".join(sys.argv[1:]), "windows": rows,
+                                    "config": model.config.to_dict()}))
+    else:
+        print(f"captured {summary['captured']:.3f} of the earlier attention mass "
+              f"(random K entries: {summary['random_captured']:.3f}; earlier share {summary['earlier_share']:.3f})")
+    return 0
+
+
+def spaced(low: int, high: int, n: int) -> list[int]:
+    """n evenly spaced ints from low to high inclusive."""
+    return [low + (high - low) * i // max(1, n - 1) for i in range(n)]
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import run
+    from .train_config import load_train_config
+
+    config = load_train_config(args.config, args.set)
+    result = run(config, resume=args.resume, progress=True)
+    print(json.dumps({"output_dir": config.output_dir, "validation": result}))
     return 0
 
 

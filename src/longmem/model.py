@@ -149,10 +149,13 @@ class LongMemModel(nn.Module):
         """What a memory must match to be read by this model."""
         return {"backbone_fingerprint": self.backbone.fingerprint, "memory_layer": self.backbone.memory_layer}
 
-    def write_memory(self, memory: MemoryBank, out: LongMemOutput) -> None:
-        """Store a segment's memory-layer K/V (after its forward pass: write-after-read)."""
+    def write_memory(self, memory: MemoryBank, out: LongMemOutput, valid: torch.Tensor | None = None) -> None:
+        """Store a segment's memory-layer K/V (after its forward pass: write-after-read).
+
+        valid [B,T] marks real tokens (padding stays out); sink tokens are never stored.
+        """
         b, _, t, _ = out.mem_keys.shape
-        keep = torch.ones(b, t, dtype=torch.bool)
+        keep = torch.ones(b, t, dtype=torch.bool) if valid is None else valid.clone()
         keep[:, : self.config.sink_tokens] = False  # attention sinks stay out of memory
         memory.write(out.mem_keys, out.mem_values, out.positions, keep)
 

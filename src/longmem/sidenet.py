@@ -158,6 +158,7 @@ class SideNet(nn.Module):
                 blocks.append(SideBlock(layer, family, shape))
         self.blocks = nn.ModuleList(blocks)
         self.norm = copy.deepcopy(family.final_norm(backbone.model))
+        self.requires_grad_(True)  # the copies come from a frozen backbone
         if config.init == "identity":
             for block in self.blocks:
                 block.zero_outputs()

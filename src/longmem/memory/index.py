@@ -84,8 +84,6 @@ class FaissIndex:
     def __init__(self, batch: int, num_kv_heads: int, capacity: int, head_dim: int, dtype: torch.dtype):
         import faiss
 
-        # faiss's OpenMP pool spinning beside torch's slowed the backbone ~6x here: search single-threaded
-        faiss.omp_set_num_threads(1)
         self._faiss = faiss
         self.capacity = capacity
         self.head_dim = head_dim
@@ -113,9 +111,16 @@ class FaissIndex:
         k = min(n, self.capacity)
         ids = np.empty((b, hkv, group * t, k), dtype=np.int64)
         q = queries.float().reshape(b, hkv, group * t, dh)  # [B,Hkv,G*T,Dh]
-        for row in range(b):
-            for g, index in enumerate(self.indexes[row]):
-                _, ids[row, g] = index.search(np.ascontiguousarray(q[row, g].numpy()), k)
+        threads = torch.get_num_threads()
+        try:
+            # faiss shares torch's OpenMP pool here; its multi-threaded search beside torch slowed
+            # the backbone ~6x, so it searches on one thread and torch's setting is restored after
+            self._faiss.omp_set_num_threads(1)
+            for row in range(b):
+                for g, index in enumerate(self.indexes[row]):
+                    _, ids[row, g] = index.search(np.ascontiguousarray(q[row, g].numpy()), k)
+        finally:
+            torch.set_num_threads(threads)
         found = torch.from_numpy(ids).view(b, hq, t, k)
         valid = found >= 0
         slots = (found.clamp(min=0) + start.view(b, 1, 1, 1)) % self.capacity

@@ -1,0 +1,175 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import byte_tokenizer, tiny_llama
+from longmem.cli import main
+from longmem.data.books import Document, write_corpus
+from longmem.train import Trainer
+from longmem.train_config import TrainConfig, load_train_config
+
+WORDS = "the quick brown fox jumps over a lazy dog while Emma reads letters to Harriet at Hartfield".split()
+
+
+def _text(seed: int, n: int) -> str:
+    g = torch.Generator().manual_seed(seed)
+    return " ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (n,), generator=g))
+
+
+@pytest.fixture(scope="module")
+def setup_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    backbone = root / "backbone"
+    tiny_llama().save_pretrained(backbone)
+    byte_tokenizer().save_pretrained(backbone)
+    docs = [Document(f"doc-{i}", f"Doc {i}", "test", _text(i, 40 + 25 * i), []) for i in range(5)]
+    docs.append(Document("austen-northangerabbey", "Val", "test", _text(99, 60), []))
+    write_corpus(docs, root / "corpus")
+    return root, backbone
+
+
+def config(root: Path, backbone: Path, out: str, **kw) -> TrainConfig:
+    model = dict(backbone=str(backbone), segment_length=16, memory_size=64, chunk_size=2, topk=8,
+                 memory_dtype="float32")
+    base = dict(model=model, corpus=str(root / "corpus"), output_dir=str(root / out), steps=6, batch_size=2,
+                warmup_steps=2, eval_every=3, eval_tokens=48, save_every=3, log_every=1, dtype="float32")
+    return TrainConfig(**(base | kw))
+
+
+def params(trainer: Trainer) -> dict:
+    return {k: v.clone() for k, v in trainer.model.sidenet.state_dict().items()}
+
+
+def test_interrupted_and_resumed_run_matches_uninterrupted(setup_dirs):
+    root, backbone = setup_dirs
+    full = Trainer(config(root, backbone, "full"), progress=False).setup()
+    full.train()
+    first = Trainer(config(root, backbone, "split"), progress=False).setup()
+    for _ in range(3):
+        first.train_step(next(first.stream))
+    first.save_checkpoint()
+    del first  # "killed" after its checkpoint
+    resumed = Trainer(config(root, backbone, "split"), resume=True, progress=False).setup()
+    assert resumed.step == 3
+    resumed.train()
+    a, b = params(full), params(resumed)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    changed = Trainer(config(root, backbone, "fresh"), progress=False).setup()
+    assert any(not torch.equal(a[k], v) for k, v in params(changed).items())  # training did move weights
+
+
+def test_run_writes_config_metrics_curve_checkpoints_and_sidenet(setup_dirs, capsys):
+    root, backbone = setup_dirs
+    run_file = root / "run.json"
+    run_file.write_text(json.dumps(config(root, backbone, "cli").to_dict()))
+    code = main(["train", str(run_file), "--set", "steps=4", "--set", "model.memory_size=32"])
+    assert code == 0
+    out = root / "cli"
+    resolved = json.loads((out / "train_config.json").read_text())
+    assert resolved["steps"] == 4 and resolved["model"]["memory_size"] == 32
+    assert resolved["model"]["backbone_fingerprint"].startswith("sha256:")
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
+    val = [r for r in rows if "ppl_memory" in r]
+    assert val and all(r["ppl_backbone"] > 1 for r in val)
+    assert (out / "curve.png").stat().st_size > 1000
+    assert json.loads((out / "latest.json").read_text())["step"] == 4
+    assert not list((out / "checkpoints").glob("*.tmp"))
+    assert (out / "sidenet" / "model.safetensors").is_file()
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["output_dir"] == str(out)
+
+
+def test_memory_only_holds_earlier_text_of_the_same_document(setup_dirs):
+    root, backbone = setup_dirs
+    trainer = Trainer(config(root, backbone, "causal", batch_size=3), progress=False).setup()
+    for _ in range(12):
+        batch = next(trainer.stream)
+        for row in range(3):
+            if batch.reset[row]:
+                assert batch.positions[row, 0] == 0  # a new document starts at its beginning
+            else:
+                _, _, pos = trainer.memory.row_chunks(row)
+                assert pos.numel() == 0 or pos.max() < batch.positions[row, 0]
+        trainer.train_step(batch)
+        for row in range(3):
+            assert trainer.memory.num_tokens(row) == 0 or trainer.memory.row_chunks(row)[2].max() <= batch.positions[row].max()
+
+
+@pytest.mark.parametrize("trainable", ["memory_block", "lora"])
+def test_trainable_sets(setup_dirs, trainable):
+    root, backbone = setup_dirs
+    trainer = Trainer(config(root, backbone, f"set-{trainable}", trainable=trainable, steps=3,
+                             eval_every=-1, lr=1e-2), progress=False).setup()
+    before = {k: v.clone() for k, v in trainer.model.sidenet.state_dict().items()}
+    trainer.train()
+    after = trainer.model.sidenet.state_dict()
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    mem = f"blocks.{trainer.model.sidenet.memory_index}."
+    if trainable == "memory_block":
+        assert moved and all(k.startswith(mem) for k in moved)
+    else:
+        assert moved and all("lora_" in k or k.endswith(".gate") for k in moved)
+        ids = torch.randint(0, 256, (1, 16))
+        trainer.model.eval()
+        with torch.no_grad():
+            adapted = trainer.model(ids).logits
+        path = trainer.export(root / f"export-{trainable}")
+        from longmem.model import LongMemModel
+
+        merged = LongMemModel.from_backbone(path, trainer.model.backbone)
+        merged.sidenet.float()
+        with torch.no_grad():
+            torch.testing.assert_close(merged(ids).logits, adapted, atol=1e-2, rtol=1e-2)
+
+
+def test_bf16_autocast_training_runs(setup_dirs):
+    root, backbone = setup_dirs
+    trainer = Trainer(config(root, backbone, "bf16", dtype="bfloat16", steps=2, eval_every=-1), progress=False)
+    trainer.setup()
+    assert trainer.model.backbone.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in trainer.model.trainable_parameters())
+    trainer.train()
+    assert torch.isfinite(torch.tensor(json.loads((root / "bf16" / "metrics.jsonl").read_text()
+                                                  .splitlines()[-1])["loss"]))
+
+
+def test_config_errors():
+    from longmem.errors import LongMemError
+
+    with pytest.raises(LongMemError, match="unknown TrainConfig keys: stepz"):
+        load_train_config(None, ["stepz=3"])
+    with pytest.raises(LongMemError, match="key=value"):
+        load_train_config(None, ["steps"])
+    with pytest.raises(LongMemError, match="trainable"):
+        load_train_config(None, ["trainable=everything"])
+    assert load_train_config(None, ["lr=1e-4", "model.chunk_size=2"]).model.chunk_size == 2
+
+
+def test_resume_without_checkpoint_fails_cleanly(setup_dirs, capsys):
+    root, backbone = setup_dirs
+    run_file = root / "empty-run.json"
+    run_file.write_text(json.dumps(config(root, backbone, "never-ran").to_dict()))
+    assert main(["train", str(run_file), "--resume"]) == 2
+    assert "nothing to resume" in capsys.readouterr().err
+
+
+def test_torchrun_two_ranks_stay_in_sync(setup_dirs):
+    root, backbone = setup_dirs
+    run_file = root / "ddp.json"
+    run_file.write_text(json.dumps(config(root, backbone, "ddp", steps=3, eval_every=-1, save_every=0).to_dict()))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           "--master_port=29533", "-m", "longmem.cli", "train", str(run_file)],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (root / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    assert {"step": 3, "ranks_in_sync": True} in rows
+    state = json.loads((root / "ddp" / "checkpoints" / "step-000003" / "rank1.json").read_text())
+    state0 = json.loads((root / "ddp" / "checkpoints" / "step-000003" / "rank0.json").read_text())
+    assert state != state0  # the ranks stream different documents
