@@ -225,3 +225,28 @@ def test_fetch_austen_from_debian(tmp_path: Path) -> None:
     assert len(docs["austen-emma"].chapters) == 55
     assert len(docs["austen-persuasion"].chapters) == 24
     assert docs["austen-emma"].text.startswith("EMMA")
+
+
+def test_hf_dataset_records_become_documents(monkeypatch):
+    import sys
+    import types
+
+    from longmem.data.hub import load_hf_dataset
+    from longmem.errors import LongMemError
+
+    fake = types.ModuleType("datasets")
+    fake.load_dataset = lambda name, config, split, streaming: iter(
+        [{"text": "CHAPTER I\n\nOnce.", "title": "A"}, {"text": "  "}, {"text": "Twice."}])
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    docs = load_hf_dataset("user/My-Books", limit=3)
+    assert [d.doc_id for d in docs] == ["user-my-books-000000", "user-my-books-000002"]
+    assert docs[0].title == "A" and docs[0].source == "hf:user/My-Books" and docs[0].chapters == [0]
+    with pytest.raises(LongMemError, match="no text field 'body'"):
+        load_hf_dataset("user/My-Books", text_field="body")
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("no internet")
+
+    fake.load_dataset = offline
+    with pytest.raises(LongMemError, match="could not load dataset 'x/y'"):
+        load_hf_dataset("x/y")

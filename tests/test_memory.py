@@ -203,3 +203,20 @@ def test_faiss_search_leaves_torch_threads_alone():
     mem.write(*segment(1, 8, 0))
     mem.retrieve(torch.randn(1, 2, 3, D), 2)
     assert torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize("index", ["torch", "faiss"])
+def test_search_keys_drive_chunk_keys_and_survive_save_load(tmp_path, index):
+    torch.manual_seed(6)
+    mem = bank(capacity=12, index=index)
+    keys, values, pos = segment(1, 7, 0)
+    search = torch.randn_like(keys)
+    mem.write(keys, values, pos, search_keys=search)
+    expected = search[0, :, :6].reshape(H, 3, CSZ, D).mean(2)  # 3 full chunks
+    torch.testing.assert_close(mem.row_chunk_keys(0).float(), expected)
+    save_memory(mem, tmp_path / "m")
+    back = load_memory(tmp_path / "m")
+    assert torch.equal(back.row_chunk_keys(0), mem.row_chunk_keys(0))
+    assert torch.equal(back.pending_search[0, :, :1], mem.pending_search[0, :, :1])
+    q = torch.randn(1, 2, 3, D)
+    assert torch.equal(mem.retrieve(q, 2).chunk_slots, back.retrieve(q, 2).chunk_slots)

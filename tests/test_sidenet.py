@@ -111,3 +111,20 @@ def test_true_positions_place_keys_at_their_real_distance():
     ck, sk = fam.rope_cos_sin(hf, kpos, torch.float32)
     ref = torch.einsum("bhtd,bhtkd->bhtk", apply_rope(q, cq[:, None], sq[:, None]), apply_rope(k, ck, sk))
     torch.testing.assert_close(scores, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_absolute_search_compares_rotated_keys_and_queries():
+    from longmem.families import apply_rope
+
+    model = make_model("llama", search_positions="absolute", chunk_size=1, topk=4, sink_tokens=0)
+    mem = fill(model, 2)
+    keys, _, pos = mem.row_chunks(0)  # [Hkv,n,1,Dh], [n,1]
+    cos, sin = model.backbone.family.rope_exact(model.backbone.model, pos[:, 0], torch.float32)
+    torch.testing.assert_close(mem.row_chunk_keys(0).float(), apply_rope(keys[:, :, 0].float(), cos, sin))
+    # rotated dot products depend only on the distance: shifting every position leaves scores unchanged
+    q = torch.randn(4, 8)
+    c1, s1 = model.backbone.family.rope_exact(model.backbone.model, torch.tensor([100, 37]), torch.float32)
+    c2, s2 = model.backbone.family.rope_exact(model.backbone.model, torch.tensor([100000, 99937]), torch.float32)
+    a = apply_rope(q, c1[0], s1[0]) @ apply_rope(q, c1[1], s1[1]).T
+    b = apply_rope(q, c2[0], s2[0]) @ apply_rope(q, c2[1], s2[1]).T
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)

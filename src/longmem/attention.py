@@ -18,7 +18,7 @@ def expand_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
 
 def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """Causal attention: q [B,H,T,Dh], k/v [B,H_kv,T,Dh] -> [B,H,T,Dh]."""
-    h = q.shape[1]
+    h = q.shape[1]  # repeating KV heads measured faster here than SDPA's enable_gqa
     return F.scaled_dot_product_attention(q, expand_kv(k, h), expand_kv(v, h), is_causal=True, scale=scale)
 
 

@@ -63,9 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.set_defaults(func=cmd_ppl)
 
     data = sub.add_parser("data", help="prepare corpora")
-    data.add_argument("what", choices=["books", "folder"],
-                      help="books: Austen, KJV Bible, Shakespeare; folder: your own .txt files (--src)")
+    data.add_argument("what", choices=["books", "folder", "hf"],
+                      help="books: Austen, KJV Bible, Shakespeare; folder: your own .txt files (--src); "
+                           "hf: a Hugging Face dataset (--dataset, needs internet and `datasets`)")
     data.add_argument("--src", type=Path, help="folder of UTF-8 .txt files (with 'folder')")
+    data.add_argument("--dataset", help="Hugging Face dataset name (with 'hf')")
+    data.add_argument("--hf-split", default="train", help="dataset split (with 'hf')")
+    data.add_argument("--text-field", default="text", help="record field holding the text (with 'hf')")
+    data.add_argument("--limit", type=int, help="at most this many records (with 'hf')")
     data.add_argument("--out", type=Path, default=Path("data/books"), help="output directory")
     data.add_argument("--sources", default="austen,kjv,shakespeare", help="comma-separated sources")
     data.add_argument("--backbone", default=DEFAULT_BACKBONE, help="tokenizer used for the token counts")
@@ -78,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--retrieval-heads", choices=["query", "kv"], help="who searches the memory")
     probe.add_argument("--chunk-size", type=int, help="memory chunk size")
     probe.add_argument("--sink-tokens", type=int, help="first tokens of each segment kept out of memory")
+    probe.add_argument("--search-positions", choices=["none", "absolute"], help="position-aware chunk search")
     probe.add_argument("--segment", type=int, help="segment length T")
     _model_args(probe)
     probe.add_argument("--json", action="store_true", help="print one JSON object on stdout")
@@ -160,6 +166,13 @@ def cmd_data(args: argparse.Namespace) -> int:
         if args.src is None:
             raise LongMemError("'longmem data folder' needs --src DIR")
         manifest = write_corpus(load_text_folder(args.src), args.out, tokenizer=count)
+    elif args.what == "hf":
+        from .data.hub import load_hf_dataset
+
+        if not args.dataset:
+            raise LongMemError("'longmem data hf' needs --dataset NAME")
+        docs = load_hf_dataset(args.dataset, args.hf_split, args.text_field, args.limit)
+        manifest = write_corpus(docs, args.out, tokenizer=count)
     else:
         sources = tuple(s.strip() for s in args.sources.split(",") if s.strip())
         manifest = prepare_books(args.out, sources=sources, tokenizer=count)
@@ -174,7 +187,8 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
     texts = {path: read_text(path) for path in args.files}
     model = load_model(args, retrieval_heads=args.retrieval_heads, chunk_size=args.chunk_size,
-                       sink_tokens=args.sink_tokens, segment_length=args.segment)
+                       sink_tokens=args.sink_tokens, segment_length=args.segment,
+                       search_positions=args.search_positions)
     rows = []
     for path, text in texts.items():
         ids = tokenize(model, text)
@@ -184,7 +198,8 @@ def cmd_probe(args: argparse.Namespace) -> int:
         for start in starts:
             res = retrieval_quality(model, ids[start:], window=args.window)
             rows.append({"file": str(path), "start": start} | res.to_dict())
-    summary = {key: sum(r[key] for r in rows) / len(rows) for key in ("earlier_share", "captured", "random_captured")}
+    keys = ("sink_share", "earlier_share", "captured", "random_captured")
+    summary = {key: sum(r[key] for r in rows) / len(rows) for key in keys}
     if args.json:
         print(json.dumps(summary | {"command": "longmem " + " ".join(sys.argv[1:]), "windows": rows,
                                     "config": model.config.to_dict()}))

@@ -20,6 +20,7 @@ FUSIONS = ("gated", "joint")
 POSITION_SCHEMES = ("auto", "pre_rotary", "fixed", "true")
 RETRIEVAL_BACKENDS = ("torch", "faiss")
 RETRIEVAL_HEADS = ("query", "kv")
+SEARCH_POSITIONS = ("none", "absolute")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -53,6 +54,8 @@ class LongMemConfig:
     """For 'fixed': the distance every memory key is placed at."""
     max_distance: int | None = None
     """For 'true': distances are clamped here (None: the backbone's native context)."""
+    search_positions: str = "none"
+    """Chunk search on rotary backbones: 'none' (pre-rotary keys) or 'absolute' (rotated keys)."""
     sink_tokens: int = 1
     """First tokens of every segment kept out of memory (attention sinks)."""
     retrieval: str = "torch"
@@ -67,6 +70,7 @@ class LongMemConfig:
         _choice("fusion", self.fusion, FUSIONS)
         _choice("position_scheme", self.position_scheme, POSITION_SCHEMES)
         _choice("retrieval", self.retrieval, RETRIEVAL_BACKENDS)
+        _choice("search_positions", self.search_positions, SEARCH_POSITIONS)
         _choice("retrieval_heads", self.retrieval_heads, RETRIEVAL_HEADS)
         _choice("memory_dtype", self.memory_dtype, DTYPES)
         _positive("reduction", self.reduction)

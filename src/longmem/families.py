@@ -78,7 +78,13 @@ class Family:
     def rope_cos_sin(
         self, model: nn.Module, positions: torch.Tensor, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [...] (any ints, may be negative) -> cos, sin [..., Dh]."""
+        """positions [...] (any ints, may be negative) -> cos, sin [..., Dh], as the model computes them."""
+        raise LongMemError(f"{self.name} backbones have no rotary positions")
+
+    def rope_exact(
+        self, model: nn.Module, positions: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Like rope_cos_sin, with angles in float64 (for absolute positions up to millions)."""
         raise LongMemError(f"{self.name} backbones have no rotary positions")
 
 
@@ -168,6 +174,13 @@ class LlamaFamily(Family):
 
     def native_context(self, config):
         return int(config.max_position_embeddings)
+
+    def rope_exact(self, model, positions, dtype):
+        """cos/sin [..., Dh] at any (large) positions, angles computed in float64."""
+        rot = model.model.rotary_emb
+        angles = positions.double()[..., None] * rot.inv_freq.double()  # [..., Dh/2]
+        emb = torch.cat([angles, angles], dim=-1)
+        return (emb.cos() * rot.attention_scaling).to(dtype), (emb.sin() * rot.attention_scaling).to(dtype)
 
     def rope_cos_sin(self, model, positions, dtype):
         flat = positions.reshape(1, -1).to(torch.long)  # [1, N]

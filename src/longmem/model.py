@@ -20,6 +20,7 @@ from .backbone import FrozenBackbone, load_model_and_tokenizer
 from .config import FORMAT_VERSION, LongMemConfig, from_dict
 from .files import load_checked_safetensors, load_json, load_versioned, save_json, sha256
 from .errors import LongMemError
+from .families import apply_rope
 from .memory import MemoryBank
 from .sidenet import MemoryContext, MemoryStats, SideNet
 
@@ -157,7 +158,20 @@ class LongMemModel(nn.Module):
         b, _, t, _ = out.mem_keys.shape
         keep = torch.ones(b, t, dtype=torch.bool) if valid is None else valid.clone()
         keep[:, : self.config.sink_tokens] = False  # attention sinks stay out of memory
-        memory.write(out.mem_keys, out.mem_values, out.positions, keep)
+        search = None
+        if self.search_rotated:
+            cos, sin = self._rope_absolute(out.positions)  # [B,T,Dh]
+            search = apply_rope(out.mem_keys.float(), cos[:, None], sin[:, None])  # [B,Hkv,T,Dh]
+        memory.write(out.mem_keys, out.mem_values, out.positions, keep, search_keys=search)
+
+    @property
+    def search_rotated(self) -> bool:
+        """Whether chunk search compares keys and queries rotated to their absolute positions."""
+        return self.backbone.family.rotary and self.config.search_positions == "absolute"
+
+    def _rope_absolute(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin [...,Dh] (fp32) at absolute positions [...]."""
+        return self.backbone.family.rope_exact(self.backbone.model, positions, torch.float32)
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -216,6 +230,7 @@ class LongMemModel(nn.Module):
         return MemoryContext(
             bank=memory,
             query_positions=positions,
+            search_rope=self._rope_absolute(positions) if self.search_rotated and memory is not None else None,
             scheme=scheme,
             rope_table=table,
             max_distance=self.max_distance,

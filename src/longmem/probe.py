@@ -27,8 +27,9 @@ class RetrievalQuality:
 
     window: int  # W tokens read
     queries: int  # query tokens scored (the last segment)
-    earlier_share: float  # backbone attention mass on tokens before the last segment (mean)
-    captured: float  # share of that mass on retrieved entries (mean over queries and heads)
+    sink_share: float  # backbone attention mass on the window's first token (an attention sink)
+    earlier_share: float  # mass on the other tokens before the last segment (mean)
+    captured: float  # share of that earlier mass on retrieved entries (mean over queries and heads)
     random_captured: float  # the same for K entries drawn uniformly from memory (a baseline)
     retrieved_per_query: float  # real entries per query and head
     memory_tokens: int
@@ -38,8 +39,8 @@ class RetrievalQuality:
 
 
 @torch.no_grad()
-def backbone_attention(model: LongMemModel, ids: torch.Tensor) -> torch.Tensor:
-    """ids [1,W] -> memory-layer attention probabilities [H,W,W] (fp32, causal, true positions)."""
+def backbone_attention(model: LongMemModel, ids: torch.Tensor, last: int) -> torch.Tensor:
+    """ids [1,W] -> memory-layer attention of the last ``last`` queries [H,last,W] (fp32, causal, true positions)."""
     backbone = model.backbone
     out = backbone(ids)
     family, shape = backbone.family, backbone.attn_shape
@@ -52,9 +53,9 @@ def backbone_attention(model: LongMemModel, ids: torch.Tensor) -> torch.Tensor:
         cos, sin = family.rope_cos_sin(backbone.model, torch.arange(w), torch.float32)  # [W,Dh]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     k = k.repeat_interleave(shape.num_heads // shape.num_kv_heads, dim=1)  # [1,H,W,Dh]
-    scores = (q @ k.transpose(-1, -2))[0] * shape.scaling  # [H,W,W]
-    scores.masked_fill_(torch.ones(w, w, dtype=torch.bool).triu(1), float("-inf"))
-    return scores.softmax(-1)
+    scores = (q[:, :, w - last :] @ k.transpose(-1, -2))[0] * shape.scaling  # [H,last,W]
+    future = torch.arange(w)[None, :] > torch.arange(w - last, w)[:, None]  # [last,W]
+    return scores.masked_fill(future, float("-inf")).softmax(-1)
 
 
 @torch.no_grad()
@@ -66,7 +67,7 @@ def retrieval_quality(model: LongMemModel, ids: torch.Tensor, window: int = 4096
     if window <= t or ids.shape[0] < window:
         raise LongMemError(f"need at least window={window} > segment={t} tokens, text has {ids.shape[0]}")
     ids = ids[:window][None, :]  # [1,W]
-    probs = backbone_attention(model, ids)[:, window - t :]  # [H,T,W] last segment's queries
+    probs = backbone_attention(model, ids, t)  # [H,T,W] the last segment's queries
     memory = model.new_memory(1)
     model.eval()
     for a in range(0, window - t, t):
@@ -75,15 +76,16 @@ def retrieval_quality(model: LongMemModel, ids: torch.Tensor, window: int = 4096
     heads = probs.shape[0]
     mask = _expand(found.mask[0], heads)  # [H,T,K]
     pos = _expand(found.positions[0], heads).clamp(min=0)  # [H,T,K]
-    earlier = probs[:, :, : window - t].sum(-1)  # [H,T]
-    hit = (probs.gather(-1, pos) * mask).sum(-1)  # [H,T]
+    earlier = probs[:, :, 1 : window - t].sum(-1)  # [H,T] position 0 is the sink
+    hit = (probs.gather(-1, pos) * (mask & (pos > 0))).sum(-1)  # [H,T]
     stored = _stored_positions(memory)
     g = torch.Generator().manual_seed(seed)
     rand = stored[torch.randint(0, stored.numel(), (heads, t, model.config.topk), generator=g)]
-    rand_hit = probs.gather(-1, rand).sum(-1)
+    rand_hit = (probs.gather(-1, rand) * (rand > 0)).sum(-1)
     return RetrievalQuality(
         window=window,
         queries=t,
+        sink_share=float(probs[:, :, 0].mean()),
         earlier_share=float(earlier.mean()),
         captured=float((hit / earlier.clamp_min(1e-12)).mean()),
         random_captured=float((rand_hit / earlier.clamp_min(1e-12)).mean()),

@@ -28,6 +28,7 @@ class MemoryContext:
 
     bank: MemoryBank | None
     query_positions: torch.Tensor  # [B,T] absolute positions of the segment's tokens
+    search_rope: tuple[torch.Tensor, torch.Tensor] | None  # cos/sin [B,T,Dh] to rotate search queries
     scheme: str  # 'none' | 'pre_rotary' | 'fixed' | 'true'
     rope_table: tuple[torch.Tensor, torch.Tensor] | None  # cos/sin [Dmax+1,Dh/2] of distance d (key at -d)
     max_distance: int
@@ -93,8 +94,12 @@ class MemoryBlock(SideBlock):
 
     def forward(self, x, rope, ctx: MemoryContext):  # type: ignore[override]
         """x [B,T,D] -> ([B,T,D], MemoryStats | None)."""
-        q, k, v = self.project(x)  # pre-rotary q searches the memory
-        found = None if ctx.bank is None else ctx.bank.retrieve(q.detach(), ctx.num_chunks, ctx.per_kv_head)
+        q, k, v = self.project(x)
+        found = None
+        if ctx.bank is not None:  # pre-rotary q searches, or q rotated to its absolute position
+            search = q.detach() if ctx.search_rope is None else apply_rope(
+                q.detach().float(), ctx.search_rope[0][:, None], ctx.search_rope[1][:, None])
+            found = ctx.bank.retrieve(search, ctx.num_chunks, ctx.per_kv_head)
         q_loc, k_loc = (apply_rope(q, *rope), apply_rope(k, *rope)) if rope is not None else (q, k)
         scale = self.shape.scaling
         if found is None:

@@ -67,6 +67,7 @@ class MemoryBank:
         self.pending_keys = torch.zeros(b, h, s, d, dtype=dt)  # [B,Hkv,csz,Dh] partial chunk
         self.pending_values = torch.zeros(b, h, s, d, dtype=dt)
         self.pending_positions = torch.zeros(b, s, dtype=torch.int64)
+        self.pending_search = torch.zeros(b, h, s, d, dtype=dt)  # keys the chunk key is averaged from
         self.pending_count = torch.zeros(b, dtype=torch.long)
         self.index = INDEXES[index](b, h, c, d, dt)
 
@@ -82,7 +83,8 @@ class MemoryBank:
 
     def nbytes(self) -> int:
         """Bytes held by keys, values, positions, chunk keys and pending buffers."""
-        tensors = [self.keys, self.values, self.positions, self.pending_keys, self.pending_values]
+        tensors = [self.keys, self.values, self.positions, self.pending_keys, self.pending_values,
+                   self.pending_search]
         total = sum(t.numel() * t.element_size() for t in tensors)
         return total + self.capacity * self.batch_size * self.num_kv_heads * self.head_dim * _index_bytes(self)
 
@@ -93,39 +95,58 @@ class MemoryBank:
         values: torch.Tensor,
         positions: torch.Tensor,
         keep: torch.Tensor | None = None,
+        search_keys: torch.Tensor | None = None,
     ) -> None:
-        """Append a segment: keys/values [B,H_kv,T,Dh], positions [B,T], keep [B,T] bool."""
+        """Append a segment: keys/values [B,H_kv,T,Dh], positions [B,T], keep [B,T] bool.
+
+        ``search_keys`` [B,H_kv,T,Dh] (default: ``keys``) are what each chunk key averages,
+        e.g. keys rotated to their absolute positions for position-aware search.
+        """
         b, h, t, d = keys.shape
         if (b, h, d) != (self.batch_size, self.num_kv_heads, self.head_dim) or positions.shape != (b, t):
             raise LongMemError(
                 f"memory write of shape {tuple(keys.shape)} does not fit a bank of "
                 f"{self.batch_size} rows x {self.num_kv_heads} heads x {self.head_dim} dims"
             )
+        search_keys = keys if search_keys is None else search_keys
         for row in range(b):
             sel = slice(None) if keep is None else keep[row].nonzero().squeeze(1)
-            self.write_row(row, keys[row][:, sel], values[row][:, sel], positions[row][sel])
+            self.write_row(row, keys[row][:, sel], values[row][:, sel], positions[row][sel], search_keys[row][:, sel])
             if t:
                 self.end_position[row] = int(positions[row, -1]) + 1
 
-    def write_row(self, row: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
-        """Append kept tokens to one row: k, v [Hkv,n,Dh]; pos [n]."""
+    def write_row(
+        self, row: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, sk: torch.Tensor | None = None
+    ) -> None:
+        """Append kept tokens to one row: k, v, sk [Hkv,n,Dh]; pos [n]."""
         p, s = int(self.pending_count[row]), self.chunk_size
+        sk = k if sk is None else sk
         k = torch.cat([self.pending_keys[row, :, :p], k.to(self.keys.dtype)], 1)  # [Hkv,p+n,Dh]
         v = torch.cat([self.pending_values[row, :, :p], v.to(self.values.dtype)], 1)
+        sk = torch.cat([self.pending_search[row, :, :p], sk.to(self.keys.dtype)], 1)
         pos = torch.cat([self.pending_positions[row, :p], pos.to(torch.int64)])
         full = k.shape[1] // s * s
         rest = k.shape[1] - full
         self.pending_keys[row, :, :rest] = k[:, full:]
         self.pending_values[row, :, :rest] = v[:, full:]
+        self.pending_search[row, :, :rest] = sk[:, full:]
         self.pending_positions[row, :rest] = pos[full:]
         self.pending_count[row] = rest
         n = full // s
         if n == 0:
             return
+        chunked = (self.num_kv_heads, n, s, self.head_dim)
+        chunk_keys = sk[:, :full].reshape(chunked).float().mean(2).to(self.keys.dtype)  # [Hkv,n,Dh]
+        self.append_chunks(row, k[:, :full].reshape(chunked), v[:, :full].reshape(chunked),
+                           pos[:full].reshape(n, s), chunk_keys)
+
+    def append_chunks(
+        self, row: int, ck: torch.Tensor, cv: torch.Tensor, cp: torch.Tensor, chunk_keys: torch.Tensor
+    ) -> None:
+        """Store whole chunks: ck, cv [Hkv,n,csz,Dh], cp [n,csz], chunk_keys [Hkv,n,Dh]; FIFO eviction."""
+        n = ck.shape[1]
         first = max(0, n - self.capacity)  # a write larger than the bank keeps its newest chunks
-        ck = k[:, :full].reshape(self.num_kv_heads, n, s, self.head_dim)[:, first:]  # [Hkv,n,csz,Dh]
-        cv = v[:, :full].reshape(self.num_kv_heads, n, s, self.head_dim)[:, first:]
-        cp = pos[:full].reshape(n, s)[first:]
+        ck, cv, cp, chunk_keys = ck[:, first:], cv[:, first:], cp[first:], chunk_keys[:, first:]
         n -= first
         overflow = int(self.count[row]) + n - self.capacity
         if overflow > 0:  # FIFO: evict the oldest chunks
@@ -133,10 +154,10 @@ class MemoryBank:
             self.start[row] = (self.start[row] + overflow) % self.capacity
             self.count[row] -= overflow
         slots = (self.start[row] + self.count[row] + torch.arange(n)) % self.capacity
-        self.keys[row, :, slots] = ck
-        self.values[row, :, slots] = cv
+        self.keys[row, :, slots] = ck.to(self.keys.dtype)
+        self.values[row, :, slots] = cv.to(self.values.dtype)
         self.positions[row, slots] = cp
-        self.index.add(row, slots, ck.float().mean(2).to(self.keys.dtype))  # chunk keys [Hkv,n,Dh]
+        self.index.add(row, slots, chunk_keys)
         self.count[row] += n
 
     # ------------------------------------------------------------------ read
@@ -163,10 +184,11 @@ class MemoryBank:
         flat = (torch.arange(b)[:, None] * self.num_kv_heads + kv_head[None, :]) * self.capacity  # [B,Hs]
         flat = flat[:, :, None, None] + slots  # [B,Hs,T,n] index into [B*Hkv*C]
         s = self.chunk_size
-        keys = self.keys.view(-1, s, d)[flat].view(b, hs, t, num_chunks * s, d)  # [B,Hs,T,K,Dh]
-        values = self.values.view(-1, s, d)[flat].view(b, hs, t, num_chunks * s, d)
-        row_slot = torch.arange(b)[:, None, None, None] * self.capacity + slots  # [B,Hs,T,n]
-        positions = self.positions.view(-1, s)[row_slot].view(b, hs, t, num_chunks * s)
+        flat = flat.flatten()
+        keys = self.keys.view(-1, s * d).index_select(0, flat).view(b, hs, t, num_chunks * s, d)  # [B,Hs,T,K,Dh]
+        values = self.values.view(-1, s * d).index_select(0, flat).view(b, hs, t, num_chunks * s, d)
+        row_slot = (torch.arange(b)[:, None, None, None] * self.capacity + slots).flatten()  # [B*Hs*T*n]
+        positions = self.positions.view(-1, s).index_select(0, row_slot).view(b, hs, t, num_chunks * s)
         mask = valid.repeat_interleave(s, -1)  # [B,Hs,T,K]
         return Retrieved(keys, values, positions, mask, slots)
 
@@ -180,8 +202,15 @@ class MemoryBank:
     # ------------------------------------------------------------------ views
     def row_chunks(self, row: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Oldest-first (keys, values [Hkv,n,csz,Dh], positions [n,csz]) of one row."""
-        slots = (self.start[row] + torch.arange(int(self.count[row]))) % self.capacity
+        slots = self._row_slots(row)
         return self.keys[row, :, slots], self.values[row, :, slots], self.positions[row, slots]
+
+    def row_chunk_keys(self, row: int) -> torch.Tensor:
+        """Oldest-first chunk keys [Hkv,n,Dh] of one row, as the index holds them."""
+        return self.index.keys_of(row, self._row_slots(row))
+
+    def _row_slots(self, row: int) -> torch.Tensor:
+        return (self.start[row] + torch.arange(int(self.count[row]))) % self.capacity
 
 
 def _index_bytes(bank: MemoryBank) -> int:

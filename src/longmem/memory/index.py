@@ -24,6 +24,10 @@ class TorchIndex:
         """slots [n] ring slots; keys [Hkv,n,Dh] chunk keys."""
         self.chunk_keys[row, :, slots] = keys.to(self.chunk_keys.dtype)
 
+    def keys_of(self, row: int, slots: torch.Tensor) -> torch.Tensor:
+        """Chunk keys [Hkv,n,Dh] at the given ring slots."""
+        return self.chunk_keys[row][:, slots]
+
     def evict(self, row: int, n: int) -> None:
         """Slots are overwritten in place; nothing to do."""
 
@@ -92,6 +96,10 @@ class FaissIndex:
     def add(self, row: int, slots: torch.Tensor, keys: torch.Tensor) -> None:
         for g, index in enumerate(self.indexes[row]):
             index.add(np.ascontiguousarray(keys[g].float().numpy()))
+
+    def keys_of(self, row: int, slots: torch.Tensor) -> torch.Tensor:
+        """Chunk keys [Hkv,n,Dh] (fp32) in insertion order; slots only give the count."""
+        return torch.stack([torch.from_numpy(index.reconstruct_n(0, len(slots))) for index in self.indexes[row]])
 
     def evict(self, row: int, n: int) -> None:
         for index in self.indexes[row]:

@@ -38,8 +38,10 @@ def save_memory(bank: MemoryBank, path: str | Path) -> Path:
             f"row{row}.keys": keys,
             f"row{row}.values": values,
             f"row{row}.positions": positions,
+            f"row{row}.chunk_keys": bank.row_chunk_keys(row),
             f"row{row}.pending_keys": bank.pending_keys[row, :, :p],
             f"row{row}.pending_values": bank.pending_values[row, :, :p],
+            f"row{row}.pending_search": bank.pending_search[row, :, :p],
             f"row{row}.pending_positions": bank.pending_positions[row, :p],
         }
     data_name = f"memory-{uuid.uuid4().hex[:12]}.safetensors"
@@ -97,13 +99,16 @@ def load_memory(
         meta=meta,
     )
     for row in range(bank.batch_size):
-        keys = tensors[f"row{row}.keys"]  # [Hkv,n,csz,Dh]
-        h, n, s, d = keys.shape
-        flat = (h, n * s, d)
-        bank.write_row(row, keys.reshape(flat), tensors[f"row{row}.values"].reshape(flat),
-                          tensors[f"row{row}.positions"].reshape(-1))
-        bank.write_row(row, tensors[f"row{row}.pending_keys"], tensors[f"row{row}.pending_values"],
-                          tensors[f"row{row}.pending_positions"])
+        t = {name: tensors[f"row{row}.{name}"] for name in (
+            "keys", "values", "positions", "chunk_keys", "pending_keys", "pending_values", "pending_search",
+            "pending_positions")}
+        bank.append_chunks(row, t["keys"], t["values"], t["positions"], t["chunk_keys"])
+        p = t["pending_keys"].shape[1]
+        bank.pending_keys[row, :, :p] = t["pending_keys"]
+        bank.pending_values[row, :, :p] = t["pending_values"]
+        bank.pending_search[row, :, :p] = t["pending_search"]
+        bank.pending_positions[row, :p] = t["pending_positions"]
+        bank.pending_count[row] = p
     bank.end_position.copy_(tensors["end_position"])
     return bank
 
