@@ -57,7 +57,7 @@ def test_backbone_is_frozen_and_gets_no_gradients(family):
     assert trainable == {id(p) for p in model.sidenet.parameters()}  # the whole SideNet trains
     assert trainable.isdisjoint({id(p) for p in model.backbone.parameters()})
     assert all(p.grad is not None for p in model.trainable_parameters())
-    gate = model.sidenet.blocks[model.sidenet.memory_index].gate
+    gate = model.sidenet.memory_block.gate
     assert gate.grad.abs().sum() > 0
 
 

@@ -105,7 +105,7 @@ def test_true_positions_place_keys_at_their_real_distance():
     q, k = torch.randn(1, 4, 1, 8), torch.randn(1, 4, 1, 3, 8)
     qpos, kpos = torch.tensor([[40]]), torch.tensor([[[[3, 17, 39]]]]).expand(1, 4, 1, 3)
     ctx = model._context(None, qpos)
-    placed = model.sidenet.blocks[model.sidenet.memory_index]._place(k, kpos, ctx)
+    placed = model.sidenet.memory_block._place(k, kpos, ctx)
     scores = torch.einsum("bhtd,bhtkd->bhtk", q, placed)
     cq, sq = fam.rope_cos_sin(hf, qpos, torch.float32)
     ck, sk = fam.rope_cos_sin(hf, kpos, torch.float32)
@@ -128,3 +128,17 @@ def test_absolute_search_compares_rotated_keys_and_queries():
     a = apply_rope(q, c1[0], s1[0]) @ apply_rope(q, c1[1], s1[1]).T
     b = apply_rope(q, c2[0], s2[0]) @ apply_rope(q, c2[1], s2[1]).T
     torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_delta_sidenet_is_the_backbone_without_memory_and_uses_memory(family):
+    model = make_model(family, init="delta", fusion="joint")
+    assert len(model.sidenet.blocks) == len(range(model.sidenet.memory_index, 2))  # memory block and above
+    ids = torch.randint(0, 256, (1, 16))
+    out = model(ids, backbone_logits=True)
+    assert torch.equal(out.logits, out.backbone_logits) or (out.logits - out.backbone_logits).abs().max() < 1e-6
+    mem = fill(model, 2)
+    with_memory = model(ids, memory=mem, backbone_logits=True, labels=ids)
+    assert (with_memory.logits - with_memory.backbone_logits).abs().max() > 1e-3
+    with_memory.loss.backward()
+    assert model.sidenet.memory_block.gate.grad.abs().sum() > 0
+    assert not model(ids, labels=ids).loss.requires_grad  # empty memory: nothing to learn

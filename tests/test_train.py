@@ -173,3 +173,15 @@ def test_torchrun_two_ranks_stay_in_sync(setup_dirs):
     state = json.loads((root / "ddp" / "checkpoints" / "step-000003" / "rank1.json").read_text())
     state0 = json.loads((root / "ddp" / "checkpoints" / "step-000003" / "rank0.json").read_text())
     assert state != state0  # the ranks stream different documents
+
+
+def test_delta_sidenet_trains_on_recall_spans(setup_dirs):
+    root, backbone = setup_dirs
+    cfg = config(root, backbone, "recall", steps=8, eval_every=-1, save_every=0, recall_prob=1.0,
+                 recall_min=4, recall_max=8, batch_size=1)
+    cfg.model.init, cfg.model.fusion = "delta", "joint"
+    trainer = Trainer(cfg, progress=False).setup()
+    assert not any(p.requires_grad for p in trainer.model.sidenet.norm.parameters())
+    trainer.train()
+    rows = [json.loads(line) for line in (root / "recall" / "metrics.jsonl").read_text().splitlines()]
+    assert any("recall_loss" in r for r in rows)

@@ -15,7 +15,7 @@ from .errors import LongMemError
 DEFAULT_BACKBONE = "smollm2-135m"
 FORMAT_VERSION = 1
 
-INITS = ("identity", "paper")
+INITS = ("identity", "paper", "delta")
 FUSIONS = ("gated", "joint")
 POSITION_SCHEMES = ("auto", "pre_rotary", "fixed", "true")
 RETRIEVAL_BACKENDS = ("torch", "faiss")
@@ -45,7 +45,7 @@ class LongMemConfig:
     segment_length: int = 1024
     """T: tokens per segment when reading long text."""
     init: str = "identity"
-    """SideNet initialisation: 'identity' (logits == backbone at step 0) or 'paper'."""
+    """SideNet: 'identity' (zeroed outputs), 'paper' (plain copies) or 'delta' (memory-delta)."""
     fusion: str = "gated"
     """How memory joins local attention: 'gated' (paper, two softmaxes) or 'joint'."""
     position_scheme: str = "auto"

@@ -94,26 +94,50 @@ class MemoryBlock(SideBlock):
 
     def forward(self, x, rope, ctx: MemoryContext):  # type: ignore[override]
         """x [B,T,D] -> ([B,T,D], MemoryStats | None)."""
+        attended = self._attend(x, rope, ctx)
+        if attended is None:
+            q, k, v = self._project_local(x, rope)
+            return self.finish(x, local_attention(q, k, v, self.shape.scaling)), None
+        _, fused, stats = attended
+        return self.finish(x, fused), stats
+
+    def delta(self, x, rope, ctx: MemoryContext) -> tuple[torch.Tensor | None, MemoryStats | None]:
+        """The change memory makes to this block's output: f(x; memory) - f(x; local only).
+
+        x [B,T,D] -> delta [B,T,D] (None while the memory is empty), diagnostics.
+        """
+        attended = self._attend(x, rope, ctx)
+        if attended is None:
+            return None, None
+        local, fused, stats = attended
+        return self.finish(x, fused) - self.finish(x, local), stats
+
+    def _project_local(self, x, rope):
         q, k, v = self.project(x)
-        found = None
-        if ctx.bank is not None:  # pre-rotary q searches, or q rotated to its absolute position
-            search = q.detach() if ctx.search_rope is None else apply_rope(
-                q.detach().float(), ctx.search_rope[0][:, None], ctx.search_rope[1][:, None])
-            found = ctx.bank.retrieve(search, ctx.num_chunks, ctx.per_kv_head)
+        return ((apply_rope(q, *rope), apply_rope(k, *rope)) if rope is not None else (q, k)) + (v,)
+
+    def _attend(self, x, rope, ctx: MemoryContext):
+        """(local-only output, memory-fused output [B,H,T,Dh], stats), or None without memory."""
+        q, k, v = self.project(x)
+        if ctx.bank is None:
+            return None
+        search = q.detach() if ctx.search_rope is None else apply_rope(  # pre-rotary, or at its absolute position
+            q.detach().float(), ctx.search_rope[0][:, None], ctx.search_rope[1][:, None])
+        found = ctx.bank.retrieve(search, ctx.num_chunks, ctx.per_kv_head)
+        if found is None:
+            return None
         q_loc, k_loc = (apply_rope(q, *rope), apply_rope(k, *rope)) if rope is not None else (q, k)
         scale = self.shape.scaling
-        if found is None:
-            return self.finish(x, local_attention(q_loc, k_loc, v, scale)), None
         mem_keys = self._place(found.keys, found.positions, ctx)  # [B,Hs,T,K,Dh]
         mem, mem_lse, probs = memory_attention(q, mem_keys.to(q.dtype), found.values.to(q.dtype), found.mask, scale)
         if self.fusion == "gated":
             local = local_attention(q_loc, k_loc, v, scale)
-            o = gated_fusion(local, mem, mem_lse, self.gate)
+            fused = gated_fusion(local, mem, mem_lse, self.gate)
             share = torch.sigmoid(self.gate.detach().float()).view(1, -1, 1) * torch.isfinite(mem_lse)
-        else:
+        else:  # one softmax; the gate is a learned per-head log-bias on memory scores
             local, local_lse = local_attention_lse(q_loc, k_loc, v, scale)
-            o, share = joint_fusion(local, local_lse, mem, mem_lse)
-        return self.finish(x, o), _stats(self.gate, share, probs)
+            fused, share = joint_fusion(local, local_lse, mem, mem_lse + self.gate.float().view(1, -1, 1))
+        return local, fused, _stats(self.gate, share, probs)
 
     def _place(self, keys: torch.Tensor, positions: torch.Tensor, ctx: MemoryContext) -> torch.Tensor:
         """Apply the position scheme to retrieved keys [B,Hs,T,K,Dh] (positions [B,Hs,T,K])."""
@@ -153,8 +177,10 @@ class SideNet(nn.Module):
             )
         self.reduction, self.num_backbone_layers = r, num
         self.memory_index = (m + 1) // r - 1
+        self.delta = config.init == "delta"
+        self.first = self.memory_index if self.delta else 0  # delta SideNets need no blocks below memory
         blocks = []
-        for j in range(num // r):
+        for j in range(self.first, num // r):
             layer = backbone.layers[r * (j + 1) - 1]
             shape = family.attn_shape(family.parts(layer)[1], backbone.model.config)
             if j == self.memory_index:
@@ -167,11 +193,19 @@ class SideNet(nn.Module):
         if config.init == "identity":
             for block in self.blocks:
                 block.zero_outputs()
+        if self.delta:  # the final norm stays the backbone's: without memory nothing may change
+            self.norm.requires_grad_(False)
+
+    @property
+    def memory_block(self) -> MemoryBlock:
+        return self.blocks[self.memory_index - self.first]  # type: ignore[return-value]
 
     def forward(
         self, hidden: list[torch.Tensor], rope: tuple[torch.Tensor, torch.Tensor] | None, ctx: MemoryContext
     ) -> tuple[torch.Tensor, MemoryStats | None]:
         """hidden L+1 x [B,T,D] -> normed final state [B,T,D] and memory diagnostics."""
+        if self.delta:
+            return self._forward_delta(hidden, rope, ctx)
         r, last = self.reduction, len(self.blocks) - 1
         x, stats = hidden[0], None
         for j, block in enumerate(self.blocks):
@@ -182,3 +216,19 @@ class SideNet(nn.Module):
                 x = block(x, rope)
             x = x + (hidden[end] - hidden[r * j])  # cross-network residual
         return self.norm(x), stats
+
+    def _forward_delta(self, hidden, rope, ctx):
+        """Memory-delta SideNet: the backbone's own layers carry the change memory makes.
+
+        The memory block is the memory layer on its true input H_m, once with and once
+        without memory; the difference rides on the residual stream and every later copied
+        layer passes on f(H + delta) - f(H). An empty memory gives the backbone exactly.
+        """
+        r = self.reduction
+        delta, stats = self.memory_block.delta(hidden[r * (self.memory_index + 1) - 1], rope, ctx)
+        if delta is None:
+            return self.norm(hidden[-1]), None
+        for j, block in enumerate(self.blocks[1:], start=self.first + 1):
+            h = hidden[r * (j + 1) - 1]  # the copied layer's input in the backbone
+            delta = block(h + delta, rope) - block(h, rope)
+        return self.norm(hidden[-1] + delta), stats

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
+from .data.recall import insert_recall_spans
 from .data.stream import Batch, DocumentStream
 from .data.tokens import tokenize_corpus
 from .errors import LongMemError
@@ -80,11 +81,11 @@ class Trainer:
         sidenet, mode = self.model.sidenet, self.config.trainable
         if mode == "memory_block":
             sidenet.requires_grad_(False)
-            sidenet.blocks[sidenet.memory_index].requires_grad_(True)
+            sidenet.memory_block.requires_grad_(True)
         elif mode == "lora":
             sidenet.requires_grad_(False)
             add_lora(sidenet.blocks, self.config.lora_rank, self.config.lora_alpha)
-            sidenet.blocks[sidenet.memory_index].gate.requires_grad_(True)
+            sidenet.memory_block.gate.requires_grad_(True)
         if not self.model.trainable_parameters():
             raise LongMemError(f"trainable={mode!r} leaves nothing to train")
 
@@ -121,9 +122,18 @@ class Trainer:
         progress = min(1.0, (step - cfg.warmup_steps) / span)
         return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
-    def train_step(self, batch: Batch) -> dict:
+    def next_batch(self) -> tuple[Batch, torch.Tensor | None]:
+        """The stream's next batch, with synthetic recall spans when configured."""
+        batch = next(self.stream)
+        cfg = self.config
+        if cfg.recall_prob <= 0:
+            return batch, None
+        return insert_recall_spans(batch, self.train_data, cfg.recall_prob, cfg.recall_min, cfg.recall_max)
+
+    def train_step(self, batch: Batch | tuple[Batch, torch.Tensor | None]) -> dict:
         """One optimizer step on one batch; the batch's K/V are written to memory after it."""
         cfg = self.config
+        batch, spans = batch if isinstance(batch, tuple) else (batch, None)
         self.model.train()
         resets = batch.reset.nonzero().flatten().tolist()
         if resets:
@@ -132,8 +142,11 @@ class Trainer:
             group["lr"] = group["base_lr"] * self.lr_factor(self.step)
         with self._autocast():
             out = self.ddp(batch.input_ids, memory=self.memory, positions=batch.positions, labels=batch.labels)
-        out.loss.backward()
         params = self.model.trainable_parameters()
+        loss = out.loss
+        if not loss.requires_grad:  # e.g. a memory-delta SideNet with every row's memory empty
+            loss = loss + 0.0 * sum(p.sum() for p in params)
+        loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -142,9 +155,14 @@ class Trainer:
         tokens = int((batch.labels != -100).sum())
         self.tokens += tokens * self.world
         stats = out.stats
-        return {"loss": float(out.loss.detach()), "grad_norm": float(norm), "tokens": tokens,
-                "memory_share": stats.memory_share if stats else 0.0,
-                "gate_mean": float(stats.gate.mean()) if stats else float("nan")}
+        row = {"loss": float(out.loss.detach()), "grad_norm": float(norm), "tokens": tokens,
+               "memory_share": stats.memory_share if stats else 0.0,
+               "gate_mean": float(stats.gate.mean()) if stats else float("nan")}
+        if spans is not None and spans.any():
+            with torch.no_grad():
+                nll = torch.nn.functional.cross_entropy(out.logits.detach()[spans].float(), batch.labels[spans])
+            row["recall_loss"] = float(nll)
+        return row
 
     def train(self) -> dict:
         cfg = self.config
@@ -153,7 +171,7 @@ class Trainer:
         window, start = [], time.perf_counter()
         last_eval: dict = {}
         while self.step < cfg.steps:
-            row = self.train_step(next(self.stream))
+            row = self.train_step(self.next_batch())
             window.append(row)
             bar.update(1)
             bar.set_postfix(loss=f"{row['loss']:.3f}")
@@ -163,7 +181,8 @@ class Trainer:
                            "lr": self.optimizer.param_groups[0]["lr"],
                            "grad_norm": window[-1]["grad_norm"], "tokens_seen": self.tokens,
                            "tokens_per_s": sum(r["tokens"] for r in window) * self.world / elapsed,
-                           "memory_share": window[-1]["memory_share"], "gate_mean": window[-1]["gate_mean"]})
+                           "memory_share": window[-1]["memory_share"], "gate_mean": window[-1]["gate_mean"]}
+                          | _mean_of(window, "recall_loss"))
                 window, start = [], time.perf_counter()
             if cfg.eval_every > 0 and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
                 last_eval = self.evaluate()
@@ -273,6 +292,11 @@ class Trainer:
         from .plots import training_curve
 
         training_curve(self.output / "metrics.jsonl", self.output / "curve.png")
+
+
+def _mean_of(rows: list[dict], key: str) -> dict:
+    values = [r[key] for r in rows if key in r]
+    return {key: sum(values) / len(values)} if values else {}
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

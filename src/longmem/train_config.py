@@ -63,6 +63,12 @@ class TrainConfig:
     """LoRA rank (trainable='lora')."""
     lora_alpha: float = 16.0
     """LoRA scale numerator (scale = alpha / rank)."""
+    recall_prob: float = 0.0
+    """Probability that a segment gets a copy of earlier document text (synthetic recall)."""
+    recall_min: int = 32
+    """Shortest recall span, in tokens."""
+    recall_max: int = 256
+    """Longest recall span, in tokens."""
     eval_every: int = 100
     """Validate every this many steps (0 = only at the end)."""
     eval_tokens: int = 8192
@@ -88,6 +94,9 @@ class TrainConfig:
         for name in ("steps", "batch_size", "log_every", "lora_rank", "keep_checkpoints"):
             if getattr(self, name) <= 0:
                 raise LongMemError(f"{name}={getattr(self, name)} must be positive")
+        if not 0.0 <= self.recall_prob <= 1.0 or not 1 <= self.recall_min <= self.recall_max:
+            raise LongMemError(
+                f"recall_prob={self.recall_prob} must be in [0, 1] and 1 <= recall_min <= recall_max")
         for name in ("lr", "gate_lr"):
             if getattr(self, name) <= 0:
                 raise LongMemError(f"{name}={getattr(self, name)} must be positive")

@@ -1,0 +1,46 @@
+import numpy as np
+import torch
+
+from longmem.data.recall import insert_recall_spans
+from longmem.data.stream import DocumentStream
+from longmem.data.tokens import TokenizedCorpus
+
+
+def corpus(lengths):
+    ids = np.concatenate([np.arange(1000 * (i + 1), 1000 * (i + 1) + n) for i, n in enumerate(lengths)]).astype(np.uint32)
+    starts = np.cumsum([0] + list(lengths[:-1]))
+    return TokenizedCorpus(ids, [f"d{i}" for i in range(len(lengths))], np.array(starts), np.array(lengths))
+
+
+def test_spans_copy_earlier_text_from_outside_the_local_segment():
+    c = corpus([400, 300])
+    stream = DocumentStream(c, batch_size=2, segment_length=32, shuffle=False)
+    g = torch.Generator().manual_seed(0)
+    seen = 0
+    for _ in range(12):
+        batch = next(stream)
+        new, spans = insert_recall_spans(batch, c, prob=1.0, min_len=4, max_len=8, generator=g)
+        for row in range(2):
+            doc = c.document(int(batch.doc_index[row]))
+            p0 = int(batch.positions[row, 0])
+            changed = (new.input_ids[row] != batch.input_ids[row]).nonzero().flatten()
+            if spans[row].any():
+                seen += 1
+                copied = new.input_ids[row, changed].numpy()
+                start = int(np.where(doc == copied[0])[0][0])
+                assert start + len(copied) <= p0 - 32  # source ends at least a segment back
+                assert (doc[start : start + len(copied)] == copied).all()
+            else:
+                assert changed.numel() == 0
+            real = new.labels[row] != -100
+            ok = new.labels[row, :-1][real[:-1]] == new.input_ids[row, 1:][real[:-1]]
+            assert ok.all()  # labels are always the next input token
+    assert seen > 5
+
+
+def test_no_spans_at_probability_zero_or_at_document_start():
+    c = corpus([100])
+    stream = DocumentStream(c, batch_size=1, segment_length=32, shuffle=False)
+    batch = next(stream)
+    new, spans = insert_recall_spans(batch, c, prob=1.0)
+    assert not spans.any() and torch.equal(new.input_ids, batch.input_ids)
