@@ -74,3 +74,17 @@ def test_reader_fills_memory_like_a_manual_loop():
     _, manual = read(model, ids[None, :])
     assert torch.equal(mem.row_chunks(0)[2], manual.row_chunks(0)[2])
     assert int(mem.end_position[0]) == 50
+
+
+def test_sliding_window_equals_segments_when_stride_is_the_window():
+    from longmem.reader import perplexity, sliding_window_perplexity
+
+    model = make_model("llama")
+    ids = torch.randint(0, 256, (65,))  # whole segments: the last one is not shorter
+    seg = perplexity(model, ids, mode="backbone")
+    win = sliding_window_perplexity(model, ids, window=16, stride=16)
+    assert win.tokens == seg.tokens == 64
+    assert abs(win.nll - seg.nll) < 1e-5
+    wide = sliding_window_perplexity(model, ids, window=32, stride=8)
+    full = sliding_window_perplexity(model, ids, window=128, stride=128)  # one pass, full context
+    assert wide.tokens == full.tokens == 64 and abs(wide.nll - full.nll) > 1e-6

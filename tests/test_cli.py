@@ -132,3 +132,23 @@ def test_data_folder_writes_a_manifest_with_token_counts(tmp_path, capsys, backb
     written = (tmp_path / "corpus" / manifest[0]["file"]).read_bytes()
     assert manifest[0]["tokens"] == len(written)  # the byte tokenizer: one token per byte
     assert len(manifest[0]["chapters"]) == 2
+
+
+def test_foreign_memory_control(tmp_path, capsys, backbone_dir):
+    book, other = tmp_path / "book.txt", tmp_path / "other.txt"
+    book.write_text(TEXT)
+    other.write_text("A completely different story about ships and the sea. " * 8)
+    code, out, err = run(capsys, "ppl", book, *base(backbone_dir), "--foreign-memory", other, "--json")
+    assert code == 0, err
+    rows = {r["mode"]: r for r in json.loads(out)["results"]}
+    assert rows["foreign-memory"]["memory_tokens"] > 0
+    assert abs(rows["foreign-memory"]["nll"] - rows["memory"]["nll"]) < 1e-4  # identity SideNet ignores memory
+
+
+def test_sliding_window_rows(tmp_path, capsys, backbone_dir):
+    book = tmp_path / "book.txt"
+    book.write_text(TEXT)
+    code, out, err = run(capsys, "ppl", book, *base(backbone_dir), "--compare", "--window", 64, "--json")
+    assert code == 0, err
+    modes = [r["mode"] for r in json.loads(out)["results"]]
+    assert modes == ["memory", "no-memory", "backbone", "window-64"]

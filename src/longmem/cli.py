@@ -54,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--no-memory", action="store_true", help="same model, memory kept empty")
     mode.add_argument("--backbone-only", action="store_true", help="the frozen backbone alone, same segments")
     mode.add_argument("--compare", action="store_true", help="memory, empty memory and backbone side by side")
+    ppl.add_argument("--foreign-memory", type=Path, metavar="OTHER",
+                     help="control: also score with a memory holding OTHER text only (never written)")
+    ppl.add_argument("--window", type=int, action="append", default=[], metavar="W",
+                     help="also the backbone alone with a W-token sliding window, stride W/2 (repeatable)")
     ppl.add_argument("--memory-size", type=int, help="memory capacity in tokens (default 65536)")
     ppl.add_argument("--segment", type=int, help="segment length T in tokens (default 1024)")
     ppl.add_argument("--max-tokens", type=int, help="read at most this many tokens of each file")
@@ -117,9 +121,10 @@ def load_model(args: argparse.Namespace, **overrides):
 
 def cmd_ppl(args: argparse.Namespace) -> int:
     from .files import read_text
-    from .reader import perplexity, tokenize
+    from .reader import perplexity, read, sliding_window_perplexity, tokenize
 
     texts = {path: read_text(path) for path in args.files}  # validate every file before loading a model
+    foreign_text = read_text(args.foreign_memory) if args.foreign_memory else None
     for name, value in (("--memory-size", args.memory_size), ("--segment", args.segment),
                         ("--max-tokens", args.max_tokens)):
         if value is not None and value <= 0:
@@ -127,14 +132,23 @@ def cmd_ppl(args: argparse.Namespace) -> int:
     model = load_model(args, memory_size=args.memory_size, segment_length=args.segment)
     modes = ["memory", "no-memory", "backbone"] if args.compare else [
         "no-memory" if args.no_memory else "backbone" if args.backbone_only else "memory"]
+    if foreign_text is not None:
+        modes.append("foreign-memory")
     results = []
     for path, text in texts.items():
         ids = tokenize(model, text)[: args.max_tokens]
+        runs = []
         for mode in modes:
-            res = perplexity(model, ids, mode=mode, progress=not args.quiet)
+            memory = None
+            if mode == "foreign-memory":
+                foreign = tokenize(model, foreign_text)[: model.config.memory_size]  # more would be evicted
+                memory = read(model, foreign, model.new_memory(1), progress=not args.quiet)
+            runs.append(perplexity(model, ids, mode=mode, memory=memory, progress=not args.quiet))
+        runs += [sliding_window_perplexity(model, ids, w, progress=not args.quiet) for w in args.window]
+        for res in runs:
             results.append({"file": str(path)} | res.to_dict())
             if not args.json:
-                print(f"{path}  {mode:>9}  ppl {res.perplexity:8.3f}  tokens {res.tokens:>8}  "
+                print(f"{path}  {res.mode:>14}  ppl {res.perplexity:8.3f}  tokens {res.tokens:>8}  "
                       f"{res.tokens_per_s:7.1f} tok/s")
     if args.json:
         main_rows = [r for r in results if r["mode"] == modes[0]]

@@ -54,8 +54,8 @@ class LongMemConfig:
     """For 'fixed': the distance every memory key is placed at."""
     max_distance: int | None = None
     """For 'true': distances are clamped here (None: the backbone's native context)."""
-    search_positions: str = "none"
-    """Chunk search on rotary backbones: 'none' (pre-rotary keys) or 'absolute' (rotated keys)."""
+    search_positions: str = "absolute"
+    """Chunk search on rotary backbones: 'absolute' (keys, queries rotated) or 'none' (pre-rotary)."""
     sink_tokens: int = 1
     """First tokens of every segment kept out of memory (attention sinks)."""
     retrieval: str = "torch"

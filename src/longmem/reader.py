@@ -17,7 +17,7 @@ from .errors import LongMemError
 from .memory import MemoryBank
 from .model import LongMemModel
 
-MODES = ("memory", "no-memory", "backbone")
+MODES = ("memory", "no-memory", "backbone", "foreign-memory")
 
 
 @dataclass
@@ -82,14 +82,19 @@ def perplexity(
 
     mode 'memory' reads with a memory that fills as it reads (``memory`` or a new one),
     'no-memory' runs the same model with an empty memory, 'backbone' the frozen backbone
-    alone on the same segments.
+    alone on the same segments, 'foreign-memory' (a control) reads with ``memory`` — e.g.
+    another text — and never writes to it. Positions continue after what ``memory`` saw.
     """
     if mode not in MODES:
         raise LongMemError(f"mode {mode!r} is not one of {', '.join(MODES)}")
+    if mode == "foreign-memory" and memory is None:
+        raise LongMemError("mode 'foreign-memory' needs a memory read from another text")
     t = segment_length or model.config.segment_length
     n = ids.shape[0]
     if mode == "memory" and memory is None:
         memory = model.new_memory(1)
+    reads = mode in ("memory", "foreign-memory")
+    offset = int(memory.end_position[0]) if reads else 0
     model.eval()
     nll_sum, scored, seg_nll = 0.0, 0, []
     start_time = time.perf_counter()
@@ -97,7 +102,8 @@ def perplexity(
     for a in segments(n - 1, t):
         seg = ids[a : a + t][None, :]  # [1,T]
         labels = ids[a + 1 : a + t + 1][None, :]  # [1,<=T]
-        out = model(seg, memory=memory if mode == "memory" else None, backbone_logits=mode == "backbone")
+        positions = offset + a + torch.arange(seg.shape[1])[None, :]  # [1,T]
+        out = model(seg, memory=memory if reads else None, positions=positions, backbone_logits=mode == "backbone")
         logits = (out.backbone_logits if mode == "backbone" else out.logits)[:, : labels.shape[1]]
         nll = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="sum")
         nll_sum += float(nll)
@@ -117,6 +123,42 @@ def perplexity(
         seconds=seconds,
         tokens_per_s=n / seconds,
         segment_length=t,
-        memory_tokens=memory.num_tokens() if memory is not None else 0,
+        memory_tokens=memory.num_tokens() if reads else 0,
         segment_nll=seg_nll,
     )
+
+
+@torch.no_grad()
+def sliding_window_perplexity(
+    model: LongMemModel, ids: torch.Tensor, window: int, stride: int | None = None, progress: bool = False
+) -> PerplexityResult:
+    """The frozen backbone alone with a sliding window: what users do without a memory.
+
+    Every token after the first is scored once. The first step reads ``window`` tokens and
+    scores them all; each later step scores the next ``stride`` tokens (default window/2)
+    from an input of the ``window`` tokens before each. ids [N]. With window == stride == T
+    this is exactly the backbone on consecutive T-token segments.
+    """
+    stride = stride or window // 2
+    if not 0 < stride <= window <= model.backbone.native_context:
+        raise LongMemError(f"need 0 < stride={stride} <= window={window} <= native context "
+                           f"{model.backbone.native_context}")
+    n = ids.shape[0]
+    nll_sum, seg_nll, s = 0.0, [], 1
+    start_time = time.perf_counter()
+    bar = tqdm(total=n, initial=1, unit="tok", desc=f"ppl (window {window})", disable=not progress, leave=False)
+    while s < n:
+        e = min(n, s + stride if s > 1 else window + 1)  # score tokens [s, e)
+        b = max(0, e - 1 - window)  # input ids[b:e-1] predicts ids[b+1:e]
+        logits = model.backbone.model(ids[b : e - 1][None, :]).logits[0, s - b - 1 :]  # [e-s,V]
+        nll = float(torch.nn.functional.cross_entropy(logits.float(), ids[s:e], reduction="sum"))
+        nll_sum += nll
+        seg_nll.append(nll / (e - s))
+        bar.update(e - s)
+        s = e
+    bar.close()
+    seconds = time.perf_counter() - start_time
+    mean = nll_sum / (n - 1)
+    return PerplexityResult(mode=f"window-{window}", perplexity=math.exp(mean), nll=mean, tokens=n - 1,
+                            seconds=seconds, tokens_per_s=n / seconds, segment_length=stride, memory_tokens=0,
+                            segment_nll=seg_nll)

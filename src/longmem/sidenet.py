@@ -41,7 +41,7 @@ class MemoryContext:
 class MemoryStats:
     """Diagnostics of one memory block pass (detached)."""
 
-    gate: torch.Tensor  # [H] sigmoid of the per-head gates
+    gate: torch.Tensor  # [H] sigmoid of the per-head gates ('gated'), or the memory log-bias ('joint')
     memory_share: float  # mean weight of the memory branch over tokens and heads
     entropy: float  # mean entropy (nats) of memory attention over retrieved entries
     retrieved: int  # entries retrieved per token and head that were real (mean)
@@ -137,7 +137,7 @@ class MemoryBlock(SideBlock):
         else:  # one softmax; the gate is a learned per-head log-bias on memory scores
             local, local_lse = local_attention_lse(q_loc, k_loc, v, scale)
             fused, share = joint_fusion(local, local_lse, mem, mem_lse + self.gate.float().view(1, -1, 1))
-        return local, fused, _stats(self.gate, share, probs)
+        return local, fused, _stats(self.gate, share, probs, self.fusion)
 
     def _place(self, keys: torch.Tensor, positions: torch.Tensor, ctx: MemoryContext) -> torch.Tensor:
         """Apply the position scheme to retrieved keys [B,Hs,T,K,Dh] (positions [B,Hs,T,K])."""
@@ -152,10 +152,11 @@ class MemoryBlock(SideBlock):
 
 
 @torch.no_grad()
-def _stats(gate: torch.Tensor, share: torch.Tensor, probs: torch.Tensor) -> MemoryStats:
+def _stats(gate: torch.Tensor, share: torch.Tensor, probs: torch.Tensor, fusion: str) -> MemoryStats:
     ent = -(probs.float() * probs.float().clamp_min(1e-12).log()).sum(-1)  # [B,H,T]
+    g = gate.detach().float()
     return MemoryStats(
-        gate=torch.sigmoid(gate.detach().float()),
+        gate=torch.sigmoid(g) if fusion == "gated" else g,
         memory_share=float(share.float().mean()),
         entropy=float(ent.mean()),
         retrieved=int((probs > 0).sum(-1).float().mean().round()),

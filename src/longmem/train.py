@@ -91,7 +91,7 @@ class Trainer:
 
     def _optimizer(self) -> torch.optim.Optimizer:
         cfg = self.config
-        groups: dict[str, list] = {"gate": [], "decay": [], "no_decay": []}
+        groups: dict[str, list] = {"gate": [], "no_decay": [], "decay": []}
         for name, param in self.model.sidenet.named_parameters():
             if not param.requires_grad:
                 continue
@@ -178,7 +178,7 @@ class Trainer:
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                 elapsed = time.perf_counter() - start
                 self._log({"step": self.step, "loss": sum(r["loss"] for r in window) / len(window),
-                           "lr": self.optimizer.param_groups[0]["lr"],
+                           "lr": self.optimizer.param_groups[-1]["lr"],  # the SideNet weights' group
                            "grad_norm": window[-1]["grad_norm"], "tokens_seen": self.tokens,
                            "tokens_per_s": sum(r["tokens"] for r in window) * self.world / elapsed,
                            "memory_share": window[-1]["memory_share"], "gate_mean": window[-1]["gate_mean"]}
