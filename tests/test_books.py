@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from longmem.data import books
+from longmem.errors import LongMemError
 from longmem.data.books import (
     Document,
     find_chapters,
@@ -133,7 +134,7 @@ def test_write_corpus_round_trip(tmp_path: Path) -> None:
 def test_write_corpus_without_tokenizer_and_duplicates(tmp_path: Path) -> None:
     write_corpus([_doc("a")], tmp_path)
     assert json.loads((tmp_path / "manifest.json").read_text())[0]["tokens"] is None
-    with pytest.raises(ValueError, match="duplicate"):
+    with pytest.raises(LongMemError, match="duplicate"):
         write_corpus([_doc("a"), _doc("a")], tmp_path)
 
 
@@ -148,18 +149,18 @@ def test_load_text_folder(tmp_path: Path) -> None:
 
 def test_load_text_folder_rejects_non_utf8(tmp_path: Path) -> None:
     (tmp_path / "latin.txt").write_bytes("caf\xe9 cr\xe8me".encode("latin-1"))
-    with pytest.raises(ValueError, match="latin.txt.*UTF-8"):
+    with pytest.raises(LongMemError, match="latin.txt.*UTF-8"):
         load_text_folder(tmp_path)
 
 
 def test_load_text_folder_rejects_empty_file(tmp_path: Path) -> None:
     (tmp_path / "blank.txt").write_text("  \n\n", encoding="utf-8")
-    with pytest.raises(ValueError, match="blank.txt.*empty"):
+    with pytest.raises(LongMemError, match="blank.txt.*empty"):
         load_text_folder(tmp_path)
 
 
 def test_load_text_folder_without_txt_files(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="no .txt"):
+    with pytest.raises(LongMemError, match="no .txt"):
         load_text_folder(tmp_path)
 
 
@@ -183,7 +184,7 @@ def test_format_kjv_gives_one_chapter_per_book() -> None:
 
 
 def test_format_kjv_rejects_unknown_lines() -> None:
-    with pytest.raises(ValueError, match="unexpected KJV line"):
+    with pytest.raises(LongMemError, match="unexpected KJV line"):
         books._format_kjv("header\nGe1:1 ok\nnot a verse\n")
 
 
@@ -203,7 +204,7 @@ def test_decompress_rdb_blob(compressed: int, blob: bytes) -> None:
 
 def test_run_reports_command_and_stderr() -> None:
     cmd = [sys.executable, "-c", "import sys; sys.stderr.write('boom'); sys.exit(3)"]
-    with pytest.raises(RuntimeError, match=r"sys.exit\(3\).*exit 3.*boom"):
+    with pytest.raises(LongMemError, match=r"sys.exit\(3\).*exit 3.*boom"):
         books._run(cmd)
 
 
@@ -212,7 +213,7 @@ def test_prepare_books_skips_sources_already_prepared(tmp_path: Path) -> None:
     write_corpus([_doc(f"d{i}", source=s) for i, s in enumerate(sources)], tmp_path)
     manifest = prepare_books(tmp_path, tokenizer=str.split)  # nothing to fetch: no network
     assert [e["tokens"] for e in json.loads(manifest.read_text())] == [4, 4, 4]
-    with pytest.raises(ValueError, match="unknown sources"):
+    with pytest.raises(LongMemError, match="unknown sources"):
         prepare_books(tmp_path, sources=("gutenberg",))
 
 

@@ -152,3 +152,12 @@ def test_sliding_window_rows(tmp_path, capsys, backbone_dir):
     assert code == 0, err
     modes = [r["mode"] for r in json.loads(out)["results"]]
     assert modes == ["memory", "no-memory", "backbone", "window-64"]
+
+
+def test_data_folder_with_a_bad_file_fails_cleanly(tmp_path, capsys, backbone_dir):
+    src = tmp_path / "texts"
+    src.mkdir()
+    (src / "bad.txt").write_bytes(b"caf\xe9")
+    code, out, err = run(capsys, "data", "folder", "--src", src, "--out", tmp_path / "corpus", "--backbone", backbone_dir)
+    assert code == 2 and "UTF-8" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "corpus").exists()

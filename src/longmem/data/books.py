@@ -13,7 +13,6 @@ import configparser
 import json
 import logging
 import lzma
-import os
 import re
 import struct
 import subprocess
@@ -27,6 +26,9 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import rdata
+
+from ..errors import LongMemError
+from ..files import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -152,9 +154,9 @@ def _run(cmd: Sequence[str], cwd: Path | None = None) -> None:
     try:
         result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, check=False)
     except OSError as exc:
-        raise RuntimeError(f"command {' '.join(cmd)!r} could not start: {exc}") from exc
+        raise LongMemError(f"command {' '.join(cmd)!r} could not start: {exc}") from exc
     if result.returncode != 0:
-        raise RuntimeError(f"command {' '.join(cmd)!r} failed (exit {result.returncode}): "
+        raise LongMemError(f"command {' '.join(cmd)!r} failed (exit {result.returncode}): "
                            f"{result.stderr.strip()}")
 
 
@@ -164,7 +166,7 @@ def _fetch_deb(package: str, workdir: Path) -> Path:
     download_dir.mkdir(parents=True, exist_ok=True)
     try:
         _run(["apt-get", "download", package], cwd=download_dir)
-    except RuntimeError as exc:
+    except LongMemError as exc:
         if not any(marker in str(exc) for marker in _APT_STALE_LIST):
             raise
         logger.info("apt-get download %s failed; running apt-get update and retrying", package)
@@ -180,7 +182,7 @@ def _find_one(root: Path, pattern: str) -> Path:
     """Return the single file under ``root`` matching a glob pattern."""
     found = sorted(root.glob(pattern))
     if len(found) != 1:
-        raise RuntimeError(f"expected one {pattern} under {root}, found {len(found)}")
+        raise LongMemError(f"expected one {pattern} under {root}, found {len(found)}")
     return found[0]
 
 
@@ -198,7 +200,7 @@ def _decompress_rdb_blob(blob: bytes, compressed: int) -> bytes:
         return zlib.decompress(blob[4:])
     kind = blob[4:5]
     if kind not in _R_DECODERS:
-        raise ValueError(f"unknown R lazy-load compression type {kind!r}")
+        raise LongMemError(f"unknown R lazy-load compression type {kind!r}")
     return _R_DECODERS[kind](blob[5:])
 
 
@@ -263,7 +265,7 @@ def _unlzw(data: bytes, max_bits: int = 16) -> bytes:
         elif code == len(table) and prev:
             entry = prev + prev[:1]
         else:
-            raise ValueError(f"corrupt LZW data: code {code} with {len(table)} entries")
+            raise LongMemError(f"corrupt LZW data: code {code} with {len(table)} entries")
         out += entry
         if prev and len(table) < (1 << max_bits):
             table.append(prev + entry[:1])
@@ -279,15 +281,15 @@ def read_brs_text(path: Path) -> str:
     """
     data = path.read_bytes()
     if not data.startswith(b"EC02"):
-        raise ValueError(f"{path}: not a Bible Retrieval System data file")
+        raise LongMemError(f"{path}: not a Bible Retrieval System data file")
     window, count = struct.unpack_from(">II", data, 0x54)
     offsets = struct.unpack_from(f">{count + 1}I", data, 0x5C)
     header = data[offsets[0] - 3: offsets[0]]
     if header[:2] != b"\x1f\x9d":
-        raise ValueError(f"{path}: missing compress header")
+        raise LongMemError(f"{path}: missing compress header")
     parts = [_unlzw(data[a:b], header[2] & 0x1F) for a, b in zip(offsets, offsets[1:])]
     if any(len(part) != window for part in parts[:-1]):
-        raise ValueError(f"{path}: a window does not decode to {window} bytes")
+        raise LongMemError(f"{path}: a window does not decode to {window} bytes")
     return b"".join(parts).decode("ascii")
 
 
@@ -300,10 +302,10 @@ def _format_kjv(raw: str) -> str:
     header, *lines = raw.strip("\n").split("\n")
     verses = [_KJV_VERSE.fullmatch(line) for line in lines]
     if not all(verses):
-        raise ValueError(f"unexpected KJV line: {lines[verses.index(None)][:60]!r}")
+        raise LongMemError(f"unexpected KJV line: {lines[verses.index(None)][:60]!r}")
     abbreviations = list(dict.fromkeys(match.group(1) for match in verses))
     if len(abbreviations) != len(_KJV_BOOKS):
-        raise ValueError(f"expected {len(_KJV_BOOKS)} books, found {len(abbreviations)}")
+        raise LongMemError(f"expected {len(_KJV_BOOKS)} books, found {len(abbreviations)}")
     number = {abbr: i for i, abbr in enumerate(abbreviations)}
     out = [header.split("  ")[0]]
     book = chapter = None
@@ -330,7 +332,7 @@ def fetch_kjv(workdir: Path) -> list[Document]:
     title = "The Holy Bible (King James Version)"
     doc = _make_document("kjv-bible", title, "debian:bible-kjv", text)
     if len(doc.chapters) != len(_KJV_BOOKS):
-        raise RuntimeError(f"KJV: found {len(doc.chapters)} book headings, expected 66")
+        raise LongMemError(f"KJV: found {len(doc.chapters)} book headings, expected 66")
     logger.info("kjv: %d chars, %d books", len(doc.text), len(doc.chapters))
     return [doc]
 
@@ -378,33 +380,18 @@ def load_text_folder(folder: Path) -> list[Document]:
     """
     paths = sorted(Path(folder).glob("*.txt"))
     if not paths:
-        raise ValueError(f"no .txt files in {folder}")
+        raise LongMemError(f"no .txt files in {folder}")
     docs = []
     for path in paths:
         try:
             raw = path.read_bytes().decode("utf-8-sig")
         except UnicodeDecodeError as exc:
-            raise ValueError(f"{path}: not valid UTF-8 ({exc})") from exc
+            raise LongMemError(f"{path}: not valid UTF-8 ({exc})") from exc
         if not raw.strip():
-            raise ValueError(f"{path}: file is empty")
+            raise LongMemError(f"{path}: file is empty")
         doc_id = re.sub(r"[^a-z0-9]+", "-", path.stem.lower()).strip("-") or "doc"
         docs.append(_make_document(doc_id, path.stem, f"local:{path.name}", raw))
     return docs
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write bytes to ``path`` via a temporary file and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_corpus(
@@ -424,19 +411,19 @@ def write_corpus(
     out_dir = Path(out_dir)
     ids = [doc.doc_id for doc in docs]
     if len(set(ids)) != len(ids):
-        raise ValueError("duplicate doc_id in documents")
+        raise LongMemError("duplicate doc_id in documents")
     entries = []
     for doc in docs:
         split = split_of(doc.doc_id)
         rel = f"{split}/{doc.doc_id}.txt"
-        _atomic_write(out_dir / rel, doc.text.encode("utf-8"))
+        atomic_write(out_dir / rel, doc.text.encode("utf-8"))
         entries.append({
             "doc_id": doc.doc_id, "title": doc.title, "source": doc.source, "split": split,
             "chars": len(doc.text), "tokens": len(tokenizer(doc.text)) if tokenizer else None,
             "chapters": list(doc.chapters), "file": rel,
         })
     manifest = out_dir / "manifest.json"
-    _atomic_write(manifest, json.dumps(entries, indent=1).encode("utf-8"))
+    atomic_write(manifest, json.dumps(entries, indent=1).encode("utf-8"))
     logger.info("wrote %d documents to %s", len(entries), out_dir)
     return manifest
 
@@ -480,7 +467,7 @@ def prepare_books(
     """
     unknown = set(sources) - set(_SOURCES)
     if unknown:
-        raise ValueError(f"unknown sources {sorted(unknown)}; choose from {sorted(_SOURCES)}")
+        raise LongMemError(f"unknown sources {sorted(unknown)}; choose from {sorted(_SOURCES)}")
     docs = read_corpus(out_dir)
     present = {doc.source for doc in docs}
     with tempfile.TemporaryDirectory(prefix="longmem-books-") as tmp:

@@ -11,16 +11,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any
 
 import numpy as np
 
 from ..errors import LongMemError
-from ..files import sha256
+from ..files import atomic_write, sha256
 
 logger = logging.getLogger(__name__)
 
@@ -149,27 +147,13 @@ def _select(entries: list[dict[str, Any]], split: str | None, corpus_dir: Path) 
     return chosen
 
 
-def _atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Write a file through ``write(handle)`` into a temporary file, then ``os.replace``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _save(corpus: TokenizedCorpus, bin_path: Path, meta_path: Path) -> None:
     """Write the ids (raw uint32) and then the metadata that marks the cache complete."""
     bin_path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(bin_path, lambda handle: handle.write(np.ascontiguousarray(corpus.ids).tobytes()))
+    atomic_write(bin_path, np.ascontiguousarray(corpus.ids).tobytes())
     meta = {"doc_ids": corpus.doc_ids, "starts": corpus.starts.tolist(),
             "lengths": corpus.lengths.tolist(), "num_tokens": corpus.num_tokens}
-    _atomic_write(meta_path, lambda handle: handle.write(json.dumps(meta).encode("utf-8")))
+    atomic_write(meta_path, json.dumps(meta).encode("utf-8"))
 
 
 def _load(bin_path: Path, meta_path: Path) -> TokenizedCorpus | None:
