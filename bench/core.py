@@ -126,12 +126,7 @@ def main() -> None:
         model.config.retrieval, model.config.retrieval_heads = backend, heads
         results[variant] = measure(model, ids, args.repeats, args.segment)
         print(variant, json.dumps(results[variant], indent=1), flush=True)
-    report = {
-        "benchmark": "core",
-        "command": "python bench/core.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
-        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                 text=True).stdout.strip(),
+    write_report(args, "core", {
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": threads,
                     "threads_at_end": torch.get_num_threads()},
         "backbone": model.config.backbone,
@@ -139,11 +134,21 @@ def main() -> None:
         "targets": {"segment_over_backbone": 1.6, "search_share": 0.10, "bytes_over_raw": 1.3},
         "config": model.config.to_dict(),
         "results": results,
-    }
+    })
+
+
+def write_report(args: argparse.Namespace, name: str, body: dict) -> None:
+    """Write a benchmark's JSON with the command that reproduces it and the commit."""
+    report = {
+        "benchmark": name,
+        "command": f"python bench/{name}.py " + " ".join(
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
+        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                 text=True).stdout.strip(),
+    } | body
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out}")
-
 
 if __name__ == "__main__":
     main()

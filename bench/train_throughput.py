@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from core import Timer, patched  # noqa: E402
+from core import Timer, patched, write_report  # noqa: E402
 
 from longmem.train import Trainer  # noqa: E402
 from longmem.train_config import TrainConfig  # noqa: E402
@@ -82,20 +81,8 @@ def main() -> None:
         for rows in map(int, args.rows.split(",")):
             results.append(measure(dtype, rows, args.steps, args.memory_size, args.corpus))
             print(json.dumps(results[-1]), flush=True)
-    report = {
-        "benchmark": "train_throughput",
-        "command": "python bench/train_throughput.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
-        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                 text=True).stdout.strip(),
-        "threads": threads,
-        "targets": {"retrieval_share": 0.15},
-        "results": results,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
-
+    write_report(args, "train_throughput", {"threads": threads, "targets": {"retrieval_share": 0.15},
+                                            "results": results})
 
 if __name__ == "__main__":
     main()
