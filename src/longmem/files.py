@@ -32,16 +32,16 @@ def save_json(path: Path, data: Any) -> None:
     atomic_write(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode("utf-8"))
 
 
-def load_json(path: Path) -> dict[str, Any]:
-    """Read a JSON object, with a clear error for a missing or corrupt file."""
+def load_json(path: Path, kind: type = dict) -> Any:
+    """Read a JSON object (or ``kind``, e.g. list), with a clear error for a missing or corrupt file."""
     if not path.is_file():
         raise LongMemError(f"missing file: {path}")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise LongMemError(f"corrupt JSON in {path}: {exc}") from None
-    if not isinstance(data, dict):
-        raise LongMemError(f"{path} must hold a JSON object")
+    if not isinstance(data, kind):
+        raise LongMemError(f"{path} must hold a JSON {'object' if kind is dict else kind.__name__}")
     return data
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import LongMemError
-from ..files import atomic_write, sha256
+from ..files import atomic_write, load_json, sha256
 
 logger = logging.getLogger(__name__)
 
@@ -127,11 +127,8 @@ def _read_manifest(corpus_dir: Path) -> list[dict[str, Any]]:
     path = corpus_dir / "manifest.json"
     if not path.is_file():
         raise LongMemError(f"no manifest.json in corpus directory {corpus_dir}")
-    try:
-        entries = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise LongMemError(f"corrupt manifest {path}: {exc}") from None
-    if not isinstance(entries, list) or not all(
+    entries = load_json(path, list)
+    if not all(
             isinstance(e, dict) and {"doc_id", "split", "file"} <= e.keys() for e in entries):
         raise LongMemError(f"{path} must be a list of entries with doc_id, split and file")
     return entries
