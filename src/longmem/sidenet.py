@@ -94,40 +94,31 @@ class MemoryBlock(SideBlock):
 
     def forward(self, x, rope, ctx: MemoryContext):  # type: ignore[override]
         """x [B,T,D] -> ([B,T,D], MemoryStats | None)."""
-        attended = self._attend(x, rope, ctx)
-        if attended is None:
-            q, k, v = self._project_local(x, rope)
-            return self.finish(x, local_attention(q, k, v, self.shape.scaling)), None
-        _, fused, stats = attended
-        return self.finish(x, fused), stats
+        local, fused, stats = self._attend(x, rope, ctx)
+        return self.finish(x, local if fused is None else fused), stats
 
     def delta(self, x, rope, ctx: MemoryContext) -> tuple[torch.Tensor | None, MemoryStats | None]:
         """The change memory makes to this block's output: f(x; memory) - f(x; local only).
 
         x [B,T,D] -> delta [B,T,D] (None while the memory is empty), diagnostics.
         """
-        attended = self._attend(x, rope, ctx)
-        if attended is None:
+        local, fused, stats = self._attend(x, rope, ctx)
+        if fused is None:
             return None, None
-        local, fused, stats = attended
         return self.finish(x, fused) - self.finish(x, local), stats
 
-    def _project_local(self, x, rope):
-        q, k, v = self.project(x)
-        return ((apply_rope(q, *rope), apply_rope(k, *rope)) if rope is not None else (q, k)) + (v,)
-
     def _attend(self, x, rope, ctx: MemoryContext):
-        """(local-only output, memory-fused output [B,H,T,Dh], stats), or None without memory."""
+        """(local-only output [B,H,T,Dh], memory-fused output or None, stats or None)."""
         q, k, v = self.project(x)
-        if ctx.bank is None:
-            return None
-        search = q.detach() if ctx.search_rope is None else apply_rope(  # pre-rotary, or at its absolute position
-            q.detach().float(), ctx.search_rope[0][:, None], ctx.search_rope[1][:, None])
-        found = ctx.bank.retrieve(search, ctx.num_chunks, ctx.per_kv_head)
-        if found is None:
-            return None
         q_loc, k_loc = (apply_rope(q, *rope), apply_rope(k, *rope)) if rope is not None else (q, k)
         scale = self.shape.scaling
+        found = None
+        if ctx.bank is not None:  # pre-rotary q searches, or q rotated to its absolute position
+            search = q.detach() if ctx.search_rope is None else apply_rope(
+                q.detach().float(), ctx.search_rope[0][:, None], ctx.search_rope[1][:, None])
+            found = ctx.bank.retrieve(search, ctx.num_chunks, ctx.per_kv_head)
+        if found is None:
+            return local_attention(q_loc, k_loc, v, scale), None, None
         mem_keys = self._place(found.keys, found.positions, ctx)  # [B,Hs,T,K,Dh]
         mem, mem_lse, probs = memory_attention(q, mem_keys.to(q.dtype), found.values.to(q.dtype), found.mask, scale)
         if self.fusion == "gated":
