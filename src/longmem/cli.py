@@ -99,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override a setting, e.g. --set steps=500 --set model.memory_size=16384")
     train.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
     train.set_defaults(func=cmd_train)
+
+    from .evals.cli import add_eval_parser
+
+    add_eval_parser(sub, _model_args)
     return parser
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 from tqdm.auto import tqdm
@@ -33,9 +33,10 @@ class PerplexityResult:
     segment_length: int
     memory_tokens: int  # tokens in memory at the end
     segment_nll: list[float] = field(default_factory=list)  # mean NLL of every segment
+    token_nll: torch.Tensor | None = field(default=None, repr=False)  # [tokens] NLL of tokens 1..N-1 (if asked)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "token_nll"}
 
 
 def tokenize(model: LongMemModel, text: str) -> torch.Tensor:
@@ -77,6 +78,7 @@ def perplexity(
     segment_length: int | None = None,
     memory: MemoryBank | None = None,
     progress: bool = False,
+    token_nll: bool = False,
 ) -> PerplexityResult:
     """Read ids [N] in segments of T tokens and score every token after the first.
 
@@ -84,6 +86,7 @@ def perplexity(
     'no-memory' runs the same model with an empty memory, 'backbone' the frozen backbone
     alone on the same segments, 'foreign-memory' (a control) reads with ``memory`` — e.g.
     another text — and never writes to it. Positions continue after what ``memory`` saw.
+    ``token_nll`` keeps every token's NLL (e.g. for length buckets).
     """
     if mode not in MODES:
         raise LongMemError(f"mode {mode!r} is not one of {', '.join(MODES)}")
@@ -96,7 +99,7 @@ def perplexity(
     reads = mode in ("memory", "foreign-memory")
     offset = int(memory.end_position[0]) if reads else 0
     model.eval()
-    nll_sum, scored, seg_nll = 0.0, 0, []
+    nll_sum, scored, seg_nll, per_token = 0.0, 0, [], []
     start_time = time.perf_counter()
     bar = tqdm(total=n, unit="tok", desc=f"ppl ({mode})", disable=not progress, leave=False)
     for a in segments(n - 1, t):
@@ -105,7 +108,10 @@ def perplexity(
         positions = offset + a + torch.arange(seg.shape[1])[None, :]  # [1,T]
         out = model(seg, memory=memory if reads else None, positions=positions, backbone_logits=mode == "backbone")
         logits = (out.backbone_logits if mode == "backbone" else out.logits)[:, : labels.shape[1]]
-        nll = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="sum")
+        losses = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none")
+        nll = losses.sum()
+        if token_nll:
+            per_token.append(losses)
         nll_sum += float(nll)
         scored += labels.shape[1]
         seg_nll.append(float(nll) / labels.shape[1])
@@ -125,12 +131,14 @@ def perplexity(
         segment_length=t,
         memory_tokens=memory.num_tokens() if reads else 0,
         segment_nll=seg_nll,
+        token_nll=torch.cat(per_token) if token_nll else None,
     )
 
 
 @torch.no_grad()
 def sliding_window_perplexity(
-    model: LongMemModel, ids: torch.Tensor, window: int, stride: int | None = None, progress: bool = False
+    model: LongMemModel, ids: torch.Tensor, window: int, stride: int | None = None, progress: bool = False,
+    token_nll: bool = False,
 ) -> PerplexityResult:
     """The frozen backbone alone with a sliding window: what users do without a memory.
 
@@ -144,14 +152,17 @@ def sliding_window_perplexity(
         raise LongMemError(f"need 0 < stride={stride} <= window={window} <= native context "
                            f"{model.backbone.native_context}")
     n = ids.shape[0]
-    nll_sum, seg_nll, s = 0.0, [], 1
+    nll_sum, seg_nll, per_token, s = 0.0, [], [], 1
     start_time = time.perf_counter()
     bar = tqdm(total=n, initial=1, unit="tok", desc=f"ppl (window {window})", disable=not progress, leave=False)
     while s < n:
         e = min(n, s + stride if s > 1 else window + 1)  # score tokens [s, e)
         b = max(0, e - 1 - window)  # input ids[b:e-1] predicts ids[b+1:e]
         logits = model.backbone.model(ids[b : e - 1][None, :]).logits[0, s - b - 1 :]  # [e-s,V]
-        nll = float(torch.nn.functional.cross_entropy(logits.float(), ids[s:e], reduction="sum"))
+        losses = torch.nn.functional.cross_entropy(logits.float(), ids[s:e], reduction="none")  # [e-s]
+        nll = float(losses.sum())
+        if token_nll:
+            per_token.append(losses)
         nll_sum += nll
         seg_nll.append(nll / (e - s))
         bar.update(e - s)
@@ -161,4 +172,4 @@ def sliding_window_perplexity(
     mean = nll_sum / (n - 1)
     return PerplexityResult(mode=f"window-{window}", perplexity=math.exp(mean), nll=mean, tokens=n - 1,
                             seconds=seconds, tokens_per_s=n / seconds, segment_length=stride, memory_tokens=0,
-                            segment_nll=seg_nll)
+                            segment_nll=seg_nll, token_nll=torch.cat(per_token) if token_nll else None)

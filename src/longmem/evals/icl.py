@@ -1,0 +1,219 @@
+"""Memory-augmented in-context learning (the LongMem paper's ICL table).
+
+Per task and seed, demonstrations are drawn from the training set without repeats: the
+first k go in context (k = 20 and 4: the 4 are the first 4 of the 20) and the next
+``memory_demos`` (2,000) are read into memory beforehand, chunk size 2. A test sentence
+is scored after ``demo demo ... Review: {text} Sentiment:`` two ways:
+
+* label-restricted: the label word (e.g. " positive") with the highest log-likelihood;
+* full-vocabulary argmax (the paper): right when the most likely next token of the whole
+  vocabulary is the first token of the true label word.
+
+Modes: ``memory`` (demos in context + memory), ``no-memory`` (same scorer, memory empty,
+demos in context only) and ``backbone`` (the frozen backbone, demos in context only).
+Accuracy is averaged over seeds (mean and population std) and over tasks.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import LongMemError
+from .icl_data import Task, load_task
+from .scoring import Context, Mode, Scorer, next_token_logits, parse_modes, prepare, score, variant
+
+log = logging.getLogger(__name__)
+
+TASKS = ["sst-2", "mr", "subj", "sst-5", "mpqa"]
+DEFAULT_DATA = "../shared/data/icl"
+
+
+@dataclass
+class IclConfig:
+    """Settings of one in-context-learning evaluation."""
+
+    data: str = DEFAULT_DATA
+    """Folder holding one sub-folder per task."""
+    tasks: list[str] = field(default_factory=lambda: list(TASKS))
+    """Task names (folders of ``data``, or paths to task folders)."""
+    demos: list[int] = field(default_factory=lambda: [20, 4])
+    """Demonstrations in context (each value is one setting)."""
+    memory_demos: int = 2000
+    """Demonstrations read into memory in the 'memory' mode."""
+    chunk_size: int = 2
+    """Memory chunk size for this evaluation (the paper uses 2 for ICL)."""
+    seeds: int = 6
+    """Seeds (demonstration draws) per task."""
+    max_test: int | None = None
+    """Score at most this many test examples per task (a fixed random subset; None: all)."""
+    modes: list[str] = field(default_factory=lambda: ["memory", "no-memory", "backbone"])
+    """Scoring modes: memory, no-memory, backbone."""
+    labels: dict[str, str] | None = None
+    """Label words for tasks without built-in ones, e.g. {'0': 'negative', '1': 'positive'}."""
+    template: str | None = None
+    """Prompt template with {text} for tasks without a built-in one (default 'Review: {text} Sentiment:')."""
+    seed: int = 0
+    """Base seed."""
+
+    def __post_init__(self) -> None:
+        if not self.tasks:
+            raise LongMemError("no tasks given")
+        if not self.demos or any(k < 0 for k in self.demos):
+            raise LongMemError(f"demos must be >= 0, not {self.demos}")
+        if self.memory_demos < 0 or self.seeds <= 0 or self.chunk_size <= 0:
+            raise LongMemError(f"need memory_demos >= 0, seeds > 0 and chunk_size > 0, not "
+                               f"{self.memory_demos} / {self.seeds} / {self.chunk_size}")
+        if self.max_test is not None and self.max_test <= 0:
+            raise LongMemError(f"max_test={self.max_test} must be positive")
+        if any(m.startswith("window-") for m in self.modes):
+            raise LongMemError("ICL modes are memory, no-memory and backbone")
+
+
+@dataclass
+class Draw:
+    """One seed's demonstrations of one task."""
+
+    context: list[str]  # the max(demos) in-context demonstrations, formatted
+    memory: list[str]  # the memory demonstrations, formatted
+
+
+def draw(task: Task, config: IclConfig, s: int) -> Draw:
+    k = max(config.demos)
+    need = k + config.memory_demos
+    if need > len(task.train):
+        raise LongMemError(f"task {task.name} has {len(task.train)} training examples; {need} are needed")
+    order = random.Random(f"{config.seed}-{task.name}-{s}").sample(range(len(task.train)), need)
+    demos = [task.demo(*task.train[i]) for i in order]
+    return Draw(demos[:k], demos[k:])
+
+
+def test_subset(task: Task, config: IclConfig) -> list[tuple[str, str]]:
+    if config.max_test is None or config.max_test >= len(task.test):
+        return task.test
+    picked = random.Random(f"{config.seed}-{task.name}-test").sample(range(len(task.test)), config.max_test)
+    return [task.test[i] for i in sorted(picked)]
+
+
+def encode(model: Scorer, text: str) -> torch.Tensor:
+    return torch.tensor(model.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+
+
+@dataclass
+class Prediction:
+    label: int  # index of the best label word (label-restricted)
+    token: int  # argmax over the whole vocabulary after the prompt
+
+
+def classify(model: Scorer, ctx: Context, local: torch.Tensor, label_ids: list[torch.Tensor]) -> Prediction:
+    """Label-restricted choice and full-vocabulary argmax after local [L]."""
+    if all(ids.shape[0] == 1 for ids in label_ids):  # one pass serves every label
+        logits = next_token_logits(model, ctx, local)  # [V]
+        logp = torch.log_softmax(logits, -1)
+        scores = [float(logp[ids[0]]) for ids in label_ids]
+        token = int(logits.argmax())
+    else:
+        results = [score(model, ctx, local, ids) for ids in label_ids]
+        scores, token = [r.logprob for r in results], results[0].argmax[0]
+    return Prediction(max(range(len(scores)), key=scores.__getitem__), token)
+
+
+@dataclass
+class SeedScore:
+    """Accuracy of one task, seed, k and mode."""
+
+    task: str
+    seed: int
+    demos: int
+    mode: str
+    accuracy: float  # label-restricted
+    accuracy_argmax: float  # full-vocabulary argmax (paper)
+    n: int
+    truncated: int  # prompts whose oldest context tokens did not fit the window
+    memory_tokens: int
+
+
+@dataclass
+class IclResult:
+    config: IclConfig
+    scores: list[SeedScore]
+
+    def summary(self) -> dict:
+        """{k{k}: {mode: {task: {accuracy, accuracy_argmax: {mean, std, per_seed}}, average: {...}}}}."""
+        out: dict = {}
+        for k in self.config.demos:
+            per_k = out.setdefault(f"k{k}", {})
+            for mode in self.config.modes:
+                rows = [s for s in self.scores if s.demos == k and s.mode == mode]
+                tasks = {}
+                for task in dict.fromkeys(s.task for s in rows):
+                    mine = [s for s in rows if s.task == task]
+                    tasks[task] = {m: _stats([getattr(s, m) for s in mine]) for m in ("accuracy", "accuracy_argmax")}
+                average = {m: statistics.fmean(t[m]["mean"] for t in tasks.values()) for m in
+                           ("accuracy", "accuracy_argmax")} if tasks else {}
+                per_k[mode] = {"tasks": tasks, "average": average}
+        return out
+
+    def to_dict(self) -> dict:
+        summary = self.summary()
+        checks = {}
+        for k, modes in summary.items():
+            if "memory" in modes and "backbone" in modes and modes["memory"]["average"]:
+                checks[k] = {m: 100 * (modes["memory"]["average"][m] - modes["backbone"]["average"][m])
+                             for m in ("accuracy", "accuracy_argmax")}
+        return {"summary": summary, "memory_minus_backbone_points": checks,
+                "scores": [s.__dict__ for s in self.scores]}
+
+
+def _stats(values: list[float]) -> dict:
+    return {"mean": statistics.fmean(values), "std": statistics.pstdev(values), "per_seed": values}
+
+
+@torch.no_grad()
+def icl(model: Scorer, config: IclConfig | None = None, progress: bool = False) -> IclResult:
+    """Run every task, seed, demonstration count and mode (see the module docstring)."""
+    config = config or IclConfig()
+    tasks = [load_task(Path(config.data), t, config.labels, config.template) for t in config.tasks]
+    modes = parse_modes(model, config.modes)
+    scores = []
+    for task in tasks:
+        tests = test_subset(task, config)
+        label_ids = [encode(model, " " + word) for word in task.labels.values()]
+        keys = list(task.labels)
+        for s in range(config.seeds):
+            demos = draw(task, config, s)
+            memory_ids = encode(model, " ".join(demos.memory)) if demos.memory else torch.zeros(0, dtype=torch.long)
+            csz = config.chunk_size
+            scorer = variant(model, chunk_size=csz, memory_size=max(csz, -(-memory_ids.shape[0] // csz) * csz))
+            for mode in modes:
+                ctx = prepare(scorer, mode, memory_ids if mode.reads_memory else memory_ids[:0])
+                for k in config.demos:
+                    scores.append(run_seed(scorer, ctx, mode, task, tests, demos.context[:k], label_ids, keys,
+                                           s, progress))
+                    log.info("%s seed %d k=%d %s: %.3f (argmax %.3f)", task.name, s, k, mode.name,
+                             scores[-1].accuracy, scores[-1].accuracy_argmax)
+    return IclResult(config, scores)
+
+
+def run_seed(model: Scorer, ctx: Context, mode: Mode, task: Task, tests: list[tuple[str, str]], context: list[str],
+             label_ids: list[torch.Tensor], keys: list[str], s: int, progress: bool) -> SeedScore:
+    room = max(ids.shape[0] for ids in label_ids) - 1
+    right = right_argmax = truncated = 0
+    desc = f"{task.name} seed {s} k={len(context)} {mode.name}"
+    for text, label in tqdm(tests, desc=desc, unit="ex", disable=not progress, leave=False):
+        local = encode(model, " ".join([*context, task.prompt(text)]))
+        keep = mode.window - room
+        truncated += local.shape[0] > keep
+        pred = classify(model, ctx, local[-keep:], label_ids)
+        gold = keys.index(label)
+        right += pred.label == gold
+        right_argmax += pred.token == int(label_ids[gold][0])
+    memory_tokens = ctx.memory.num_tokens() if ctx.memory is not None else 0
+    n = len(tests)
+    return SeedScore(task.name, s, len(context), mode.name, right / n, right_argmax / n, n, truncated, memory_tokens)

@@ -1,0 +1,130 @@
+"""PNG plots of the evaluations (matplotlib, headless), drawn from the results dicts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, out: Path) -> Path:
+    """Save atomically: a temporary PNG replaced into place."""
+    plt = _pyplot()
+    tmp = out.with_name(f".{out.stem}.tmp.png")
+    try:
+        fig.savefig(tmp, dpi=100)
+        tmp.replace(out)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+def passkey_heatmap(results: dict, out: Path) -> Path:
+    """One accuracy heatmap (depth x length) per mode."""
+    plt = _pyplot()
+    summary = results["summary"]
+    fig, axes = plt.subplots(1, len(summary), figsize=(3.2 * len(summary) + 1, 3.6), squeeze=False,
+                             layout="constrained")
+    for ax, (mode, s) in zip(axes[0], summary.items()):
+        lengths = list(s["grid"])
+        depths = list(next(iter(s["grid"].values())))
+        grid = [[s["grid"][n][d] for n in lengths] for d in depths]  # [depth][length]
+        im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="upper")
+        ax.set_xticks(range(len(lengths)), [f"{int(n) // 1024}k" if int(n) >= 1024 else n for n in lengths])
+        ax.set_yticks(range(len(depths)), depths)
+        ax.set_xlabel("prompt length (tokens)")
+        ax.set_ylabel("needle depth")
+        ax.set_title(f"{mode}: {s['accuracy']:.0%}")
+        for i, row in enumerate(grid):
+            for j, v in enumerate(row):
+                ax.text(j, i, f"{v:.0%}", ha="center", va="center", fontsize=7)
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="accuracy")
+    return _save(fig, out)
+
+
+def ppl_curves(results: dict, out: Path) -> Path:
+    """Perplexity vs memory size per length bucket (backbone dashed); chunk-size ablation."""
+    plt = _pyplot()
+    totals, lead = results["totals"], results["lead"]
+    chunk = totals[lead]["chunk_size"] if lead in totals else None
+    sweep = sorted((t["memory_size"], n) for n, t in totals.items()
+                   if n.startswith("longmem") and t["chunk_size"] in (0, chunk))
+    ablation = sorted((t["chunk_size"], n) for n, t in totals.items()
+                      if n.startswith("longmem-m") and t["memory_size"] == totals.get(lead, {}).get("memory_size"))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
+    labels = list(totals[sweep[0][1]]["buckets"]) if sweep else []
+    for i, label in enumerate(labels + ["all"]):
+        colour = f"C{i}"
+        ys = [(totals[n] if label == "all" else totals[n]["buckets"].get(label, {})).get("perplexity") for _, n in sweep]
+        ax1.plot(range(len(sweep)), ys, marker="o", color=colour, label=f"{label} tokens")
+        base = totals.get("backbone")
+        if base:
+            y = (base if label == "all" else base["buckets"].get(label, {})).get("perplexity")
+            if y:
+                ax1.axhline(y, color=colour, linestyle="--", linewidth=0.8)
+    ax1.set_xticks(range(len(sweep)), [f"{m // 1024}k" if m else "empty" for m, _ in sweep])
+    ax1.set_xlabel(f"memory size (chunk size {chunk}); dashed: backbone")
+    ax1.set_ylabel("perplexity")
+    ax1.legend(fontsize=7)
+    if ablation:
+        ax2.plot([c for c, _ in ablation], [totals[n]["perplexity"] for _, n in ablation], marker="o", label="LongMem")
+        for name in [n for n in totals if n == "backbone" or n.startswith("window-")]:
+            ax2.axhline(totals[name]["perplexity"], linestyle="--", linewidth=0.8, label=name, color="grey")
+        ax2.set_xscale("log", base=2)
+        ax2.set_xticks([c for c, _ in ablation], [str(c) for c, _ in ablation])
+        ax2.legend(fontsize=7)
+    ax2.set_xlabel(f"chunk size (memory {totals.get(lead, {}).get('memory_size', 0) // 1024}k tokens)")
+    ax2.set_ylabel("perplexity, all tokens")
+    return _save(fig, out)
+
+
+def chapterbreak_accuracy(results: dict, out: Path) -> Path:
+    """Accuracy (95% Wilson interval) against prefix length, one line per mode; chance dashed."""
+    plt = _pyplot()
+    summary = results["summary"]
+    fig, ax = plt.subplots(figsize=(6, 4), layout="constrained")
+    for i, (mode, s) in enumerate(summary["modes"].items()):
+        points = [(int(p), a) for p, a in s["by_prefix"].items() if a["n"]]
+        xs = [p + (i - 1) * p * 0.03 for p, _ in points]  # a small offset keeps error bars apart
+        ys = [a["accuracy"] for _, a in points]
+        err = [[a["accuracy"] - a["ci95"][0] for _, a in points], [a["ci95"][1] - a["accuracy"] for _, a in points]]
+        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=f"{mode} ({s['all']['accuracy']:.0%})")
+    ax.axhline(summary["chance"], color="grey", linestyle="--", label="chance")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("prefix length (tokens)")
+    ax.set_ylabel("accuracy (95% CI)")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
+    return _save(fig, out)
+
+
+def icl_bars(results: dict, out: Path) -> Path:
+    """Grouped bars: accuracy per task (+ average) and mode, mean +- std over seeds; one column per k."""
+    plt = _pyplot()
+    summary = results["summary"]
+    metrics = [("accuracy", "label-restricted"), ("accuracy_argmax", "full-vocabulary argmax")]
+    fig, axes = plt.subplots(2, len(summary), figsize=(6 * len(summary), 7), squeeze=False, layout="constrained")
+    for col, (k, modes) in enumerate(summary.items()):
+        tasks = list(next(iter(modes.values()))["tasks"])
+        width = 0.8 / max(1, len(modes))
+        for row, (metric, title) in enumerate(metrics):
+            ax = axes[row][col]
+            for i, (mode, m) in enumerate(modes.items()):
+                ys = [m["tasks"][t][metric]["mean"] for t in tasks] + [m["average"].get(metric, 0.0)]
+                err = [m["tasks"][t][metric]["std"] for t in tasks] + [0.0]
+                ax.bar([j + (i - (len(modes) - 1) / 2) * width for j in range(len(ys))], ys, width, yerr=err,
+                       capsize=2, label=mode)
+            ax.set_xticks(range(len(tasks) + 1), tasks + ["average"])
+            ax.set_ylim(0, 1)
+            ax.set_ylabel("accuracy")
+            ax.set_title(f"{k[1:]} demonstrations in context: {title}", fontsize=10)
+            ax.legend(fontsize=7)
+    return _save(fig, out)

@@ -1,0 +1,113 @@
+import pytest
+import torch
+
+from conftest import make_model
+from longmem.errors import LongMemError
+from longmem.evals.icl import IclConfig, classify, draw, icl
+from longmem.evals.icl_data import load_task, read_examples
+from longmem.evals.plots import icl_bars
+from longmem.evals.scoring import parse_mode, prepare, score
+
+GOOD = ["a fine film", "lovely and warm", "great fun", "a joy", "well made", "sweet", "smart", "moving"]
+BAD = ["a dull mess", "boring", "too long", "flat", "a bore", "sour", "dumb", "tedious"]
+
+
+@pytest.fixture
+def data(tmp_path):
+    root = tmp_path / "icl"
+    (root / "SST-2").mkdir(parents=True)
+    rows = [f"{t}\t1" for t in GOOD] + [f"{t}\t0" for t in BAD]
+    (root / "SST-2" / "train.tsv").write_text("sentence\tlabel\n" + "\n".join(rows) + "\n")
+    (root / "SST-2" / "dev.tsv").write_text("sentence\tlabel\nnice\t1\nawful\t0\ngood\t1\n")
+    (root / "mr").mkdir()
+    csv_rows = [f'1,"{t}, really"' for t in GOOD] + [f"0,{t}" for t in BAD]
+    (root / "mr" / "train.csv").write_text("\n".join(csv_rows) + "\n")
+    (root / "mr" / "test.csv").write_text('1,"nice, really"\n0,awful\n')
+    (root / "weather").mkdir()
+    lines = [f"sunny {t}" for t in GOOD] + [f"rainy {t}" for t in BAD]
+    (root / "weather" / "train.txt").write_text("\n".join(lines) + "\n")
+    (root / "weather" / "test.txt").write_text("sunny bright day\nrainy grey day\n")
+    return root
+
+
+def test_three_file_formats(data):
+    assert read_examples(data / "SST-2" / "dev.tsv")[0] == ("nice", "1")
+    assert read_examples(data / "mr" / "train.csv")[0] == ("a fine film, really", "1")
+    assert read_examples(data / "weather" / "test.txt") == [("bright day", "sunny"), ("grey day", "rainy")]
+
+
+def test_known_and_other_tasks(data):
+    sst = load_task(data, "sst-2")
+    assert sst.labels == {"0": "negative", "1": "positive"} and len(sst.test) == 3  # dev split
+    assert sst.demo("great fun", "1") == "Review: great fun Sentiment: positive."
+    weather = load_task(data, "weather", template="Sky: {text} Weather:")
+    assert weather.labels == {"rainy": "rainy", "sunny": "sunny"}
+    assert weather.demo("grey", "rainy") == "Sky: grey Weather: rainy."
+    (data / "numbers").mkdir()
+    (data / "numbers" / "train.txt").write_text("0 a\n1 b\n")
+    (data / "numbers" / "test.txt").write_text("0 c\n")
+    with pytest.raises(LongMemError, match="--labels"):
+        load_task(data, "numbers")
+    assert load_task(data, "numbers", labels={"0": "no", "1": "yes"}).labels == {"0": "no", "1": "yes"}
+    with pytest.raises(LongMemError, match="no task folder"):
+        load_task(data, "subj")
+    (data / "broken").mkdir()
+    (data / "broken" / "train.txt").write_text("lonely\n")
+    (data / "broken" / "test.txt").write_text("x y\n")
+    with pytest.raises(LongMemError, match="line 1"):
+        load_task(data, "broken")
+
+
+def test_draws_are_seeded_disjoint_and_nested(data):
+    task = load_task(data, "sst-2")
+    config = IclConfig(data=str(data), demos=[4, 2], memory_demos=6)
+    a, b = draw(task, config, 0), draw(task, config, 1)
+    assert len(a.context) == 4 and len(a.memory) == 6 and not set(a.context) & set(a.memory)
+    assert a.context == draw(task, config, 0).context and a.context != b.context
+    with pytest.raises(LongMemError, match="training examples"):
+        draw(task, IclConfig(data=str(data), demos=[4], memory_demos=20), 0)
+
+
+def test_one_pass_label_scoring_equals_per_label_scoring():
+    model = make_model("llama", init="paper", segment_length=64)
+    mode = parse_mode(model, "memory")
+    ctx = prepare(model, mode, torch.randint(0, 256, (40,)))
+    local = torch.randint(0, 256, (20,))
+    labels = [torch.tensor([97]), torch.tensor([98]), torch.tensor([99])]
+    fast = classify(model, ctx, local, labels)
+    slow = [score(model, ctx, local, ids) for ids in labels]
+    assert fast.label == max(range(3), key=lambda i: slow[i].logprob) and fast.token == slow[0].argmax[0]
+
+
+def test_icl_scores_every_task_seed_k_and_mode(data, tmp_path):
+    model = make_model("llama", segment_length=256)  # identity SideNet: the modes agree
+    config = IclConfig(data=str(data), tasks=["sst-2", "mr", "weather"], demos=[3, 0], memory_demos=8, seeds=2,
+                       max_test=2, template="Sky: {text} Weather:")
+    result = icl(model, config)
+    assert len(result.scores) == 3 * 2 * 2 * 3
+    assert {s.n for s in result.scores} == {2} and all(s.truncated == 0 for s in result.scores)
+    memory = [s for s in result.scores if s.mode == "memory"]
+    assert all(s.memory_tokens > 0 for s in memory)
+    summary = result.summary()
+    assert set(summary) == {"k3", "k0"} and set(summary["k3"]["memory"]["tasks"]) == {"sst-2", "mr", "weather"}
+    for k in summary.values():
+        assert k["memory"]["average"]["accuracy"] == pytest.approx(k["backbone"]["average"]["accuracy"])
+        assert k["no-memory"]["average"]["accuracy_argmax"] == pytest.approx(k["backbone"]["average"]["accuracy_argmax"])
+    stats = summary["k3"]["memory"]["tasks"]["sst-2"]["accuracy"]
+    assert len(stats["per_seed"]) == 2 and stats["std"] >= 0
+    assert set(result.to_dict()["memory_minus_backbone_points"]) == {"k3", "k0"}
+    assert icl_bars(result.to_dict(), tmp_path / "icl.png").stat().st_size > 1000
+
+
+def test_long_prompts_are_truncated_from_the_left(data):
+    model = make_model("llama", segment_length=32)
+    result = icl(model, IclConfig(data=str(data), tasks=["sst-2"], demos=[4], memory_demos=4, seeds=1,
+                                  modes=["memory"]))
+    assert result.scores[0].truncated == 3
+
+
+def test_bad_configs(data):
+    with pytest.raises(LongMemError, match="ICL modes"):
+        IclConfig(modes=["window-64"])
+    with pytest.raises(LongMemError, match="does not exist"):
+        icl(make_model("llama"), IclConfig(data=str(data / "nowhere"), tasks=["sst-2"]))
