@@ -63,7 +63,7 @@ def _bytes_to_unicode() -> dict[int, str]:
 def make_model(family: str = "llama", dtype=torch.float32, **config) -> LongMemModel:
     hf = (tiny_llama() if family == "llama" else tiny_gpt2()).to(dtype)
     defaults = dict(backbone=f"tiny-{family}", chunk_size=2, topk=8, memory_size=64, segment_length=16,
-                    memory_dtype="float32")
+                    memory_dtype="float32", recent_tokens=0)  # the short-term tier: tests/test_recent.py
     cfg = LongMemConfig(**(defaults | config))
     return LongMemModel(cfg, FrozenBackbone(hf, cfg.memory_layer, cfg.reduction, cfg.backbone), byte_tokenizer())
 

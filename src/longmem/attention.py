@@ -16,23 +16,47 @@ def expand_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x if group == 1 else x.repeat_interleave(group, dim=1)
 
 
-def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """Causal attention: q [B,H,T,Dh], k/v [B,H_kv,T,Dh] -> [B,H,T,Dh]."""
+Past = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # keys, values [B,H_kv,P,Dh], valid [B,P]
+
+
+def local_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, past: Past | None = None
+) -> torch.Tensor:
+    """Causal attention: q [B,H,T,Dh], k/v [B,H_kv,T,Dh] -> [B,H,T,Dh].
+
+    ``past`` prepends P earlier entries (a short-term cache) that every token may see.
+    """
     h = q.shape[1]  # repeating KV heads measured faster here than SDPA's enable_gqa
-    return F.scaled_dot_product_attention(q, expand_kv(k, h), expand_kv(v, h), is_causal=True, scale=scale)
+    if past is None:
+        return F.scaled_dot_product_attention(q, expand_kv(k, h), expand_kv(v, h), is_causal=True, scale=scale)
+    k, v, mask = _with_past(k, v, past)
+    return F.scaled_dot_product_attention(q, expand_kv(k, h), expand_kv(v, h), attn_mask=mask, scale=scale)
 
 
 def local_attention_lse(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, past: Past | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal attention with its log-sum-exp: -> out [B,H,T,Dh], lse [B,H,T] (fp32)."""
     h, t = q.shape[1], q.shape[2]
-    scores = torch.matmul(q.float(), expand_kv(k, h).float().transpose(-1, -2)) * scale  # [B,H,T,T]
-    causal = torch.ones(t, t, dtype=torch.bool).triu(1)
-    scores.masked_fill_(causal, float("-inf"))
+    if past is None:
+        allowed = torch.ones(t, t, dtype=torch.bool).tril()  # [T,T]
+    else:
+        k, v, allowed = _with_past(k, v, past)  # allowed [B,1,T,P+T]
+    scores = torch.matmul(q.float(), expand_kv(k, h).float().transpose(-1, -2)) * scale  # [B,H,T,P+T]
+    scores = scores.masked_fill(~allowed, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)  # [B,H,T]
     probs = torch.exp(scores - lse.unsqueeze(-1))
     return torch.matmul(probs, expand_kv(v, h).float()).to(q.dtype), lse
+
+
+def _with_past(k: torch.Tensor, v: torch.Tensor, past: Past) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Prepend past entries: -> keys/values [B,H_kv,P+T,Dh], allowed mask [B,1,T,P+T]."""
+    pk, pv, valid = past
+    b, t = k.shape[0], k.shape[2]
+    causal = torch.ones(t, t, dtype=torch.bool).tril()  # [T,T]
+    allowed = torch.cat([valid[:, None, None, :].expand(b, 1, t, valid.shape[1]),
+                         causal.expand(b, 1, t, t)], dim=-1)  # [B,1,T,P+T]
+    return torch.cat([pk.to(k.dtype), k], 2), torch.cat([pv.to(v.dtype), v], 2), allowed
 
 
 def memory_attention(

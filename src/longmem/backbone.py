@@ -21,6 +21,7 @@ from torch import nn
 
 from .errors import LongMemError
 from .families import AttnShape, Family, family_of
+from .memory.recent import RecentCache
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,8 @@ class BackboneOutput:
     hidden: list[torch.Tensor]  # L+1 x [B,T,D]: H_0 (embeddings) .. H_L (raw, before final norm)
     mem_keys: torch.Tensor  # [B,H_kv,T,Dh] memory layer keys (pre-rotary)
     mem_values: torch.Tensor  # [B,H_kv,T,Dh]
+    layer_keys: torch.Tensor | None = None  # [L,B,H_kv,T,Dh] every layer's keys (rotated), with a past
+    layer_values: torch.Tensor | None = None  # [L,B,H_kv,T,Dh]
 
 
 def default_memory_layer(num_layers: int, reduction: int) -> int:
@@ -83,12 +86,32 @@ class FrozenBackbone(nn.Module):
             self._fingerprint = fingerprint(self.model)
         return self._fingerprint
 
+    def new_cache(self):
+        """An empty key/value cache of the frozen model, for incremental decoding."""
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.model.config)
+
     @torch.no_grad()
-    def forward(self, input_ids: torch.Tensor) -> BackboneOutput:
-        """input_ids [B,T] -> H_0..H_L [B,T,D] and memory-layer K/V [B,H_kv,T,Dh]."""
-        if input_ids.shape[1] > self.native_context:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        cache=None,
+        position_ids: torch.Tensor | None = None,
+        past: RecentCache | None = None,
+    ) -> BackboneOutput:
+        """input_ids [B,T] -> H_0..H_L [B,T,D] and memory-layer K/V [B,H_kv,T,Dh].
+
+        With ``cache`` (from ``new_cache``) the tokens extend the cached ones: only they are
+        computed, at position_ids [B,T] (their places in the cached window).
+        With ``past`` (a memory's short-term tier of P slots; rotary backbones only) the
+        segment sits at positions P..P+T-1 after the tier's valid slots, and every layer's
+        keys/values of the segment are returned too.
+        """
+        seen = cache.get_seq_length() if cache is not None else (past.slots if past is not None else 0)
+        if seen + input_ids.shape[1] > self.native_context:
             raise LongMemError(
-                f"segment of {input_ids.shape[1]} tokens exceeds the backbone's "
+                f"segment of {input_ids.shape[1]} tokens after {seen} cached exceeds the backbone's "
                 f"native context of {self.native_context}"
             )
         hidden: list[torch.Tensor] = []
@@ -101,15 +124,68 @@ class FrozenBackbone(nn.Module):
 
         hooks = [layer.register_forward_pre_hook(grab_input, with_kwargs=True) for layer in self.layers]
         hooks.append(self.layers[-1].register_forward_hook(grab_output))
+        layer_keys = layer_values = None
         try:
-            self.family.base(self.model)(input_ids=input_ids, use_cache=False)
+            if past is not None:
+                layer_keys, layer_values = self._forward_with_past(input_ids, past)
+            else:
+                self.family.base(self.model)(input_ids=input_ids, past_key_values=cache, position_ids=position_ids,
+                                             use_cache=cache is not None)
         finally:
             for hook in hooks:
                 hook.remove()
         norm, attn, _, _ = self.family.parts(self.layers[self.memory_layer])
         x = norm(hidden[self.memory_layer])  # [B,T,D] input of the memory layer's attention
         keys, values = self.family.keys_values(attn, x, self.attn_shape)
-        return BackboneOutput(hidden, keys, values)
+        return BackboneOutput(hidden, keys, values, layer_keys, layer_values)
+
+    def _forward_with_past(self, input_ids: torch.Tensor, past: RecentCache):
+        """Run the HF model on a segment after the tier's slots -> every layer's K/V [L,B,Hkv,T,Dh]."""
+        from transformers import DynamicCache
+
+        if not self.family.rotary:
+            raise LongMemError(f"a short-term tier needs a rotary backbone, not {self.family.name}")
+        b, t = input_ids.shape
+        p = past.slots
+        positions = torch.arange(p, p + t)[None, :].expand(b, t)  # [B,T]
+        kwargs: dict = {"position_ids": positions, "use_cache": True}
+        if not past.is_empty():
+            dt = self.dtype
+            kwargs["past_key_values"] = DynamicCache(
+                ddp_cache_data=[(past.keys[i].to(dt), past.values[i].to(dt)) for i in range(self.num_layers)]
+            )
+            if not bool(past.valid.all()):
+                kwargs["attention_mask"] = torch.cat([past.valid, torch.ones(b, t, dtype=torch.bool)], 1).long()
+        cache = self.family.base(self.model)(input_ids=input_ids, **kwargs).past_key_values
+        keys = torch.stack([layer.keys[:, :, -t:] for layer in cache.layers])  # [L,B,Hkv,T,Dh]
+        values = torch.stack([layer.values[:, :, -t:] for layer in cache.layers])
+        return keys, values
+
+    @torch.no_grad()
+    def memory_kv(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """input_ids [B,T] -> memory-layer K/V [B,H_kv,T,Dh], as ``forward`` gives them.
+
+        Runs only the layers below the memory layer (what reading into memory needs).
+        """
+        if input_ids.shape[1] > self.native_context:
+            raise LongMemError(
+                f"segment of {input_ids.shape[1]} tokens exceeds the backbone's native context of {self.native_context}"
+            )
+        grabbed: list[torch.Tensor] = []
+
+        def grab_and_stop(_module, args, kwargs):
+            grabbed.append(args[0] if args else kwargs["hidden_states"])
+            raise _StopForward
+
+        hook = self.layers[self.memory_layer].register_forward_pre_hook(grab_and_stop, with_kwargs=True)
+        try:
+            self.family.base(self.model)(input_ids=input_ids, use_cache=False)
+        except _StopForward:
+            pass
+        finally:
+            hook.remove()
+        norm, attn, _, _ = self.family.parts(self.layers[self.memory_layer])
+        return self.family.keys_values(attn, norm(grabbed[0]), self.attn_shape)
 
     @torch.no_grad()
     def logits(self, h_last: torch.Tensor) -> torch.Tensor:
@@ -119,6 +195,10 @@ class FrozenBackbone(nn.Module):
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Normed hidden [B,T,D] -> logits [B,T,V] through the frozen LM head."""
         return self.model.get_output_embeddings()(h)
+
+
+class _StopForward(Exception):
+    """Raised by a hook to end a forward pass once the memory layer's input is known."""
 
 
 def fingerprint(model: nn.Module) -> str:

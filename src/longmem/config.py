@@ -64,6 +64,8 @@ class LongMemConfig:
     """Who searches: one search per 'kv' head group (summed queries), or every 'query' head."""
     memory_dtype: str = "bfloat16"
     """Storage dtype of cached keys/values."""
+    recent_tokens: int | None = None
+    """Short-term tier: the last R tokens read, kept at every layer (None: T on rotary backbones; 0: off)."""
 
     def __post_init__(self) -> None:
         _choice("init", self.init, INITS)
@@ -86,6 +88,8 @@ class LongMemConfig:
             raise LongMemError(
                 f"memory_size={self.memory_size} must be a multiple of chunk_size={self.chunk_size}"
             )
+        if self.recent_tokens is not None and self.recent_tokens < 0:
+            raise LongMemError(f"recent_tokens={self.recent_tokens} must be >= 0 (0 turns the short-term tier off)")
         if self.sink_tokens < 0:
             raise LongMemError(f"sink_tokens={self.sink_tokens} must be >= 0")
 

@@ -22,6 +22,7 @@ from .files import load_checked_safetensors, load_json, load_versioned, save_jso
 from .errors import LongMemError
 from .families import apply_rope
 from .memory import MemoryBank
+from .memory.recent import RecentCache
 from .sidenet import MemoryContext, MemoryStats, SideNet
 
 KIND = "longmem-sidenet"
@@ -41,6 +42,8 @@ class LongMemOutput:
     positions: torch.Tensor  # [B,T] absolute positions of the segment's tokens
     backbone_logits: torch.Tensor | None = None  # [B,T,V] the frozen backbone's own logits
     stats: MemoryStats | None = None
+    layer_keys: torch.Tensor | None = None  # [L,B,H_kv,T,Dh] every layer's keys, when a short-term tier is read
+    layer_values: torch.Tensor | None = None  # [L,B,H_kv,T,Dh]
 
 
 class LongMemModel(nn.Module):
@@ -62,6 +65,7 @@ class LongMemModel(nn.Module):
         )
         self.sidenet = SideNet(backbone, self.config).to(backbone.dtype)
         self._rope_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.recent_tokens = self._resolve_recent()
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -135,6 +139,10 @@ class LongMemModel(nn.Module):
     def new_memory(self, batch_size: int = 1, capacity: int | None = None, index: str | None = None) -> MemoryBank:
         """An empty memory bank for ``batch_size`` sequences, bound to this backbone."""
         shape = self.backbone.attn_shape
+        recent = None
+        if self.recent_tokens:
+            recent = RecentCache(batch_size, self.backbone.num_layers, shape.num_kv_heads, shape.head_dim,
+                                 self.recent_tokens, self.config.sink_tokens, DTYPES[self.config.memory_dtype])
         return MemoryBank(
             batch_size,
             shape.num_kv_heads,
@@ -144,11 +152,27 @@ class LongMemModel(nn.Module):
             dtype=self.config.memory_dtype,
             index=index or self.config.retrieval,
             meta=self.memory_meta(),
+            recent=recent,
         )
 
     def memory_meta(self) -> dict:
         """What a memory must match to be read by this model."""
-        return {"backbone_fingerprint": self.backbone.fingerprint, "memory_layer": self.backbone.memory_layer}
+        return {"backbone_fingerprint": self.backbone.fingerprint, "memory_layer": self.backbone.memory_layer,
+                "recent_tokens": self.recent_tokens}
+
+    def _resolve_recent(self) -> int:
+        """R of the short-term tier: config value, or T on rotary backbones with room for S+R+T."""
+        r, t, native = self.config.recent_tokens, self.config.segment_length, self.backbone.native_context
+        if r is None:
+            fits = self.config.sink_tokens + 2 * t <= native
+            return t if self.backbone.family.rotary and fits else 0
+        if r and not self.backbone.family.rotary:
+            raise LongMemError(f"recent_tokens={r}: a short-term tier needs a rotary backbone "
+                               f"({self.backbone.family.name} keys cannot be moved to new positions)")
+        if r and self.config.sink_tokens + r + t > native:
+            raise LongMemError(f"sink_tokens + recent_tokens + segment_length = {self.config.sink_tokens + r + t} "
+                               f"exceeds the backbone's native context {native}")
+        return r
 
     def write_memory(self, memory: MemoryBank, out: LongMemOutput, valid: torch.Tensor | None = None) -> None:
         """Store a segment's memory-layer K/V (after its forward pass: write-after-read).
@@ -156,13 +180,28 @@ class LongMemModel(nn.Module):
         valid [B,T] marks real tokens (padding stays out); sink tokens are never stored.
         """
         b, _, t, _ = out.mem_keys.shape
-        keep = torch.ones(b, t, dtype=torch.bool) if valid is None else valid.clone()
-        keep[:, : self.config.sink_tokens] = False  # attention sinks stay out of memory
+        valid = torch.ones(b, t, dtype=torch.bool) if valid is None else valid
+        keep = valid.clone()
         search = None
         if self.search_rotated:
             cos, sin = self._rope_absolute(out.positions)  # [B,T,Dh]
             search = apply_rope(out.mem_keys.float(), cos[:, None], sin[:, None])  # [B,Hkv,T,Dh]
-        memory.write(out.mem_keys, out.mem_values, out.positions, keep, search_keys=search)
+        if memory.recent is None:
+            keep[:, : self.config.sink_tokens] = False  # every segment's first tokens are attention sinks
+            memory.write(out.mem_keys, out.mem_values, out.positions, keep, search_keys=search)
+            return
+        if out.layer_keys is None:
+            raise LongMemError("this segment was read without the memory's short-term tier; cannot write it")
+        keep &= out.positions >= self.config.sink_tokens  # the document's sinks live in the short-term tier
+        gone = memory.recent.push(out.layer_keys, out.layer_values, valid, self._shift_back, out.mem_keys,
+                                  out.mem_values, out.positions, keep, search)
+        memory.write(gone.keys, gone.values, gone.positions, gone.keep, search_keys=gone.search)
+        memory.end_position = out.positions[:, -1] + 1
+
+    def _shift_back(self, keys: torch.Tensor, d: int) -> torch.Tensor:
+        """Rotate already-rotated keys [...,N,Dh] (fp32) d positions back."""
+        cos, sin = self._rope_at(("shift", d), torch.tensor([-d]))  # [1,Dh]
+        return apply_rope(keys, cos.float(), sin.float())
 
     @property
     def search_rotated(self) -> bool:
@@ -193,8 +232,10 @@ class LongMemModel(nn.Module):
         if positions is None:
             start = memory.end_position if memory is not None else torch.zeros(b, dtype=torch.long)
             positions = start[:, None] + torch.arange(t)[None, :]  # [B,T]
-        frozen = self.backbone(input_ids)
-        rope = self._rope(t) if self.backbone.family.rotary else None
+        past = memory.recent if memory is not None else None
+        frozen = self.backbone(input_ids, past=past)
+        offset = past.slots if past is not None else 0  # the segment follows the short-term slots
+        rope = self._rope(t, offset) if self.backbone.family.rotary else None
         ctx = self._context(memory, positions)
         h, stats = self.sidenet(frozen.hidden, rope, ctx)  # [B,T,D]
         logits = self.backbone.head(h)  # [B,T,V]
@@ -202,7 +243,8 @@ class LongMemModel(nn.Module):
         if labels is not None:
             loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
         base = self.backbone.logits(frozen.hidden[-1]) if backbone_logits else None
-        return LongMemOutput(logits, loss, frozen.mem_keys, frozen.mem_values, positions, base, stats)
+        return LongMemOutput(logits, loss, frozen.mem_keys, frozen.mem_values, positions, base, stats,
+                             frozen.layer_keys, frozen.layer_values)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """SideNet parameters only (the backbone is frozen)."""
@@ -237,11 +279,12 @@ class LongMemModel(nn.Module):
             fixed_distance=self.config.fixed_distance,
             num_chunks=self.config.chunks_per_query,
             per_kv_head=self.config.retrieval_heads == "kv",
+            recent=memory.recent if memory is not None else None,
         )
 
-    def _rope(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin [T,Dh] of in-segment positions 0..T-1 (the backbone's own)."""
-        return self._rope_at(("local", t), torch.arange(t))
+    def _rope(self, t: int, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin [T,Dh] of in-segment positions offset..offset+T-1 (the backbone's own)."""
+        return self._rope_at(("local", t, offset), torch.arange(offset, offset + t))
 
     def _rope_at(self, key: tuple, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if key not in self._rope_cache:

@@ -14,12 +14,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .attention import gated_fusion, joint_fusion, local_attention, local_attention_lse, memory_attention
+from .attention import Past, gated_fusion, joint_fusion, local_attention, local_attention_lse, memory_attention
 from .backbone import FrozenBackbone
 from .config import LongMemConfig
 from .errors import LongMemError
 from .families import AttnShape, Family, apply_rope, apply_rope_half
 from .memory import MemoryBank
+from .memory.recent import RecentCache
 
 
 @dataclass
@@ -35,6 +36,11 @@ class MemoryContext:
     fixed_distance: int
     num_chunks: int  # K / csz
     per_kv_head: bool
+    recent: RecentCache | None = None  # short-term tier: every layer's K/V of the last tokens read
+
+    def past(self, layer: int) -> Past | None:
+        """The short-term tier's keys, values [B,H_kv,P,Dh] and valid [B,P] of backbone ``layer``."""
+        return None if self.recent is None or self.recent.is_empty() else self.recent.layer(layer)
 
 
 @dataclass
@@ -76,20 +82,23 @@ class SideBlock(nn.Module):
         x = x + self.family.attn_output(self.attn, o.transpose(1, 2).reshape(b, t, h * dh))
         return x + self.mlp(self.mlp_norm(x))
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-        """x [B,T,D], rope cos/sin [T,Dh] or None -> [B,T,D]."""
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, past: Past | None = None
+    ) -> torch.Tensor:
+        """x [B,T,D], rope cos/sin [T,Dh] or None, past (short-term K/V) -> [B,T,D]."""
         q, k, v = self.project(x)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        return self.finish(x, local_attention(q, k, v, self.shape.scaling))
+        return self.finish(x, local_attention(q, k, v, self.shape.scaling, past))
 
 
 class MemoryBlock(SideBlock):
     """The memory-augmented block: local causal attention fused with retrieved memory."""
 
-    def __init__(self, layer: nn.Module, family: Family, shape: AttnShape, fusion: str):
+    def __init__(self, layer: nn.Module, family: Family, shape: AttnShape, fusion: str, layer_index: int):
         super().__init__(layer, family, shape)
         self.fusion = fusion
+        self.layer_index = layer_index  # the backbone layer this block copies
         self.gate = nn.Parameter(torch.zeros(shape.num_heads))  # g_h, sigmoid(0) = 0.5
 
     def forward(self, x, rope, ctx: MemoryContext):  # type: ignore[override]
@@ -109,6 +118,7 @@ class MemoryBlock(SideBlock):
 
     def _attend(self, x, rope, ctx: MemoryContext):
         """(local-only output [B,H,T,Dh], memory-fused output or None, stats or None)."""
+        past = ctx.past(self.layer_index)
         q, k, v = self.project(x)
         q_loc, k_loc = (apply_rope(q, *rope), apply_rope(k, *rope)) if rope is not None else (q, k)
         scale = self.shape.scaling
@@ -118,15 +128,15 @@ class MemoryBlock(SideBlock):
                 q.detach().float(), ctx.search_rope[0][:, None], ctx.search_rope[1][:, None])
             found = ctx.bank.retrieve(search, ctx.num_chunks, ctx.per_kv_head)
         if found is None:
-            return local_attention(q_loc, k_loc, v, scale), None, None
+            return local_attention(q_loc, k_loc, v, scale, past), None, None
         mem_keys = self._place(found.keys, found.positions, ctx)  # [B,Hs,T,K,Dh]
         mem, mem_lse, probs = memory_attention(q, mem_keys.to(q.dtype), found.values.to(q.dtype), found.mask, scale)
         if self.fusion == "gated":
-            local = local_attention(q_loc, k_loc, v, scale)
+            local = local_attention(q_loc, k_loc, v, scale, past)
             fused = gated_fusion(local, mem, mem_lse, self.gate)
             share = torch.sigmoid(self.gate.detach().float()).view(1, -1, 1) * torch.isfinite(mem_lse)
         else:  # one softmax; the gate is a learned per-head log-bias on memory scores
-            local, local_lse = local_attention_lse(q_loc, k_loc, v, scale)
+            local, local_lse = local_attention_lse(q_loc, k_loc, v, scale, past)
             fused, share = joint_fusion(local, local_lse, mem, mem_lse + self.gate.float().view(1, -1, 1))
         return local, fused, _stats(self.gate, share, probs, self.fusion)
 
@@ -176,7 +186,7 @@ class SideNet(nn.Module):
             layer = backbone.layers[r * (j + 1) - 1]
             shape = family.attn_shape(family.parts(layer)[1], backbone.model.config)
             if j == self.memory_index:
-                blocks.append(MemoryBlock(layer, family, shape, config.fusion))
+                blocks.append(MemoryBlock(layer, family, shape, config.fusion, r * (j + 1) - 1))
             else:
                 blocks.append(SideBlock(layer, family, shape))
         self.blocks = nn.ModuleList(blocks)
@@ -205,7 +215,7 @@ class SideNet(nn.Module):
             if j == self.memory_index:
                 x, stats = block(x, rope, ctx)
             else:
-                x = block(x, rope)
+                x = block(x, rope, ctx.past(r * (j + 1) - 1))
             x = x + (hidden[end] - hidden[r * j])  # cross-network residual
         return self.norm(x), stats
 
@@ -222,5 +232,6 @@ class SideNet(nn.Module):
             return self.norm(hidden[-1]), None
         for j, block in enumerate(self.blocks[1:], start=self.first + 1):
             h = hidden[r * (j + 1) - 1]  # the copied layer's input in the backbone
-            delta = block(h + delta, rope) - block(h, rope)
+            past = ctx.past(r * (j + 1) - 1)
+            delta = block(h + delta, rope, past) - block(h, rope, past)
         return self.norm(hidden[-1] + delta), stats

@@ -15,6 +15,7 @@ import torch
 
 from ..errors import LongMemError
 from .index import INDEXES
+from .recent import RecentCache
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -46,6 +47,7 @@ class MemoryBank:
         dtype: str = "bfloat16",
         index: str = "torch",
         meta: dict | None = None,
+        recent: RecentCache | None = None,
     ):
         if capacity_tokens % chunk_size:
             raise LongMemError(f"memory capacity {capacity_tokens} is not a multiple of chunk size {chunk_size}")
@@ -70,6 +72,7 @@ class MemoryBank:
         self.pending_search = torch.zeros(b, h, s, d, dtype=dt)  # keys the chunk key is averaged from
         self.pending_count = torch.zeros(b, dtype=torch.long)
         self.index = INDEXES[index](b, h, c, d, dt)
+        self.recent = recent  # optional short-term tier (every layer's K/V of the last tokens read)
 
     # ------------------------------------------------------------------ sizes
     def num_tokens(self, row: int | None = None) -> int:
@@ -85,8 +88,12 @@ class MemoryBank:
         """Bytes held by keys, values, positions, chunk keys and pending buffers."""
         tensors = [self.keys, self.values, self.positions, self.pending_keys, self.pending_values,
                    self.pending_search]
-        total = sum(t.numel() * t.element_size() for t in tensors)
+        total = sum(t.numel() * t.element_size() for t in tensors) + self.recent_nbytes()
         return total + self.capacity * self.batch_size * self.num_kv_heads * self.head_dim * _index_bytes(self)
+
+    def recent_nbytes(self) -> int:
+        """Bytes of the short-term tier (a fixed cost, independent of the capacity)."""
+        return self.recent.nbytes() if self.recent is not None else 0
 
     # ------------------------------------------------------------------ write
     def write(
@@ -198,6 +205,8 @@ class MemoryBank:
         for row in range(self.batch_size) if rows is None else rows:
             self.start[row] = self.count[row] = self.pending_count[row] = self.end_position[row] = 0
             self.index.reset(row)
+        if self.recent is not None:
+            self.recent.reset(rows)
 
     # ------------------------------------------------------------------ views
     def row_chunks(self, row: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -16,11 +16,12 @@ from safetensors.torch import save_file
 from ..config import FORMAT_VERSION
 from ..files import fsync, load_checked_safetensors, load_json, load_versioned, save_json, sha256
 from ..errors import LongMemError
-from .bank import MemoryBank
+from .bank import DTYPES, MemoryBank
+from .recent import RecentCache
 
 KIND = "longmem-memory"
 META_KEYS = ("backbone_fingerprint", "memory_layer")
-CHECKED = (*META_KEYS, "chunk_size", "num_kv_heads", "head_dim")
+CHECKED = (*META_KEYS, "chunk_size", "num_kv_heads", "head_dim", "recent_tokens")
 
 
 def save_memory(bank: MemoryBank, path: str | Path) -> Path:
@@ -44,6 +45,9 @@ def save_memory(bank: MemoryBank, path: str | Path) -> Path:
             f"row{row}.pending_search": bank.pending_search[row, :, :p],
             f"row{row}.pending_positions": bank.pending_positions[row, :p],
         }
+    recent = bank.recent
+    if recent is not None:
+        tensors |= {f"recent.{name}": value for name, value in recent.state().items()}
     data_name = f"memory-{uuid.uuid4().hex[:12]}.safetensors"
     data = path / data_name
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(data))
@@ -62,6 +66,9 @@ def save_memory(bank: MemoryBank, path: str | Path) -> Path:
         "dtype": bank.dtype_name,
         "index": bank.index_name,
         "bytes": data.stat().st_size,
+        "recent_tokens": recent.recent if recent is not None else 0,
+        "sink_slots": recent.sinks if recent is not None else 0,
+        "layers": recent.num_layers if recent is not None else 0,
     } | bank.meta
     save_json(path / "manifest.json", manifest)
     if old and old.get("data_file") not in (None, data_name):
@@ -81,13 +88,24 @@ def load_memory(
     path = Path(path)
     manifest = read_manifest(path)
     for key, want in (expect or {}).items():
-        if key in CHECKED and manifest.get(key) != want:
+        got = manifest.get(key, 0 if key == "recent_tokens" else None)
+        if key in CHECKED and got != want:
             raise LongMemError(
-                f"memory {path} was built for {key}={manifest.get(key)!r}, not {want!r} "
-                "(another backbone or memory layer)"
+                f"memory {path} was built for {key}={got!r}, not {want!r} "
+                "(another backbone, memory layer or short-term tier)"
             )
     tensors = load_checked_safetensors(path / str(manifest.get("data_file")), manifest.get("sha256"), "memory data")
     meta = {k: manifest[k] for k in META_KEYS if k in manifest}
+    recent = None
+    if int(manifest.get("recent_tokens", 0)):
+        dtype = DTYPES[str(manifest["dtype"])]
+        recent = RecentCache(int(manifest["rows"]), int(manifest["layers"]), int(manifest["num_kv_heads"]),
+                             int(manifest["head_dim"]), int(manifest["recent_tokens"]),
+                             int(manifest["sink_slots"]), dtype)
+        try:
+            recent.load_state({name[len("recent."):]: v for name, v in tensors.items() if name.startswith("recent.")})
+        except (ValueError, AttributeError) as exc:
+            raise LongMemError(f"memory {path}: short-term tier does not fit its manifest ({exc})") from None
     bank = MemoryBank(
         int(manifest["rows"]),
         int(manifest["num_kv_heads"]),
@@ -96,7 +114,8 @@ def load_memory(
         int(manifest["chunk_size"]),
         dtype=str(manifest["dtype"]),
         index=index or str(manifest["index"]),
-        meta=meta,
+        meta=meta | {"recent_tokens": int(manifest.get("recent_tokens", 0))},
+        recent=recent,
     )
     for row in range(bank.batch_size):
         t = {name: tensors[f"row{row}.{name}"] for name in (
