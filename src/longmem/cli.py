@@ -99,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override a setting, e.g. --set steps=500 --set model.memory_size=16384")
     train.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
     train.set_defaults(func=cmd_train)
+    _session_parsers(sub)
 
     from .evals.cli import add_eval_parser
 
@@ -240,6 +241,151 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = run(config, resume=args.resume, progress=True)
     print(json.dumps({"output_dir": config.output_dir, "validation": result}))
     return 0
+
+
+# ---------------------------------------------------------------- remember, generate, serve
+def _session_parsers(sub) -> None:
+    remember = sub.add_parser("remember", help="read texts into a named memory kept on disk (append-only)")
+    remember.add_argument("name", metavar="NAME", help="memory name (letters, digits, '.', '_', '-')")
+    remember.add_argument("files", nargs="+", type=Path, metavar="FILE", help="UTF-8 text files")
+    remember.add_argument("--memory-size", type=int, help="capacity of a new memory in tokens (default 65536)")
+    remember.add_argument("--segment", type=int, help="segment length T in tokens (default 1024)")
+    _memory_dir_arg(remember)
+    _model_args(remember)
+    remember.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    remember.set_defaults(func=cmd_remember)
+
+    memories = sub.add_parser("memories", help="list named memories: sizes, token counts, backbone")
+    _memory_dir_arg(memories)
+    memories.add_argument("--json", action="store_true", help="print a JSON list on stdout")
+    memories.set_defaults(func=cmd_memories)
+
+    forget = sub.add_parser("forget", help="delete a named memory")
+    forget.add_argument("name", metavar="NAME")
+    _memory_dir_arg(forget)
+    forget.set_defaults(func=cmd_forget)
+
+    gen = sub.add_parser("generate", help="stream text generated after a prompt, with a named memory")
+    gen.add_argument("prompt", help="the prompt text")
+    gen.add_argument("--memory", metavar="NAME", help="named memory to read (default: none, empty memory)")
+    _memory_dir_arg(gen)
+    gen.add_argument("--max-tokens", type=int, default=128, help="most tokens to generate (default 128)")
+    gen.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0 = greedy)")
+    gen.add_argument("--greedy", action="store_true", help="always the most likely token (temperature 0)")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
+    gen.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
+    gen.add_argument("--seed", type=int, help="sampler seed")
+    gen.add_argument("--window", type=int, help="local window in tokens (default: the segment length)")
+    gen.add_argument("--segment", type=int, help="segment length T in tokens (default 1024)")
+    _model_args(gen)
+    gen.add_argument("--json", action="store_true", help="print one JSON object at the end instead of streaming")
+    gen.set_defaults(func=cmd_generate)
+
+    serve = sub.add_parser("serve", help="HTTP service: sessions with their own memories, streamed generation")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 = any free port)")
+    serve.add_argument("--token", help="bearer token clients must send (default: $LONGMEM_TOKEN); "
+                                       "required to bind anything but loopback")
+    serve.add_argument("--max-request-bytes", type=int, default=8 << 20, help="largest request body (default 8 MiB)")
+    serve.add_argument("--memory-size", type=int, help="capacity of new sessions' memories in tokens (default 65536)")
+    serve.add_argument("--segment", type=int, help="segment length T in tokens (default 1024)")
+    _memory_dir_arg(serve)
+    _model_args(serve)
+    serve.set_defaults(func=cmd_serve)
+
+
+def _memory_dir_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--memory-dir", type=Path, help="where named memories live (default $LONGMEM_HOME/memories)")
+
+
+def cmd_remember(args: argparse.Namespace) -> int:
+    from .files import read_text
+    from .memory.named import check_name
+    from .session import remember
+
+    check_name(args.name)
+    texts = {path: read_text(path) for path in args.files}  # validate every file before loading a model
+    _positive_args(args, "memory_size", "segment")
+    model = load_model(args, segment_length=args.segment)
+    results = []
+    for path, text in texts.items():
+        res = remember(model, args.name, text, source=path.name, root=args.memory_dir,
+                       capacity_tokens=args.memory_size)
+        results.append(res.to_dict())
+        if not args.json:
+            print(f"{args.name}: read {res.tokens} tokens of {path} ({res.tokens_per_s:.0f} tok/s); "
+                  f"memory holds {res.memory.tokens} tokens")
+    if args.json:
+        print(json.dumps({"name": args.name, "results": results}))
+    return 0
+
+
+def cmd_memories(args: argparse.Namespace) -> int:
+    from .session import list_memories
+
+    rows = [m.to_dict() for m in list_memories(args.memory_dir)]
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    print(f"{'name':<24} {'tokens':>10} {'read':>10} {'capacity':>10} {'MB':>8}  backbone")
+    for m in rows:
+        print(f"{m['name']:<24} {m['tokens']:>10} {m['tokens_read']:>10} {m['capacity_tokens']:>10} "
+              f"{m['bytes'] / 1e6:>8.1f}  {m['backbone']}")
+    return 0
+
+
+def cmd_forget(args: argparse.Namespace) -> int:
+    from .session import forget
+
+    forget(args.name, args.memory_dir)
+    print(f"forgot {args.name}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .generate import GenerationConfig, stream
+    from .session import load_named
+
+    config = GenerationConfig(max_new_tokens=args.max_tokens, temperature=0.0 if args.greedy else args.temperature,
+                              top_p=args.top_p, stop=args.stop, seed=args.seed, window=args.window)
+    if args.memory:
+        from .memory.named import check_name
+
+        check_name(args.memory)
+    _positive_args(args, "segment")
+    model = load_model(args, segment_length=args.segment)
+    memory = load_named(model, args.memory, args.memory_dir)[0] if args.memory else None
+    pieces = stream(model, args.prompt, memory, config)
+    for piece in pieces:
+        if not args.json:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    result = pieces.result
+    if args.json:
+        print(json.dumps(result.to_dict() | {"memory": args.memory}))
+    else:
+        sys.stdout.write("\n")
+        print(f"[{result.tokens} tokens, {result.tokens_per_s:.1f} tok/s, stop: {result.finish_reason}]",
+              file=sys.stderr)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve import ServeConfig, serve
+
+    config = ServeConfig(host=args.host, port=args.port, token=args.token, memory_dir=args.memory_dir,
+                         max_request_bytes=args.max_request_bytes)
+    config.check()  # refuse a bad address or token before loading a model
+    _positive_args(args, "memory_size", "segment")
+    serve(load_model(args, memory_size=args.memory_size, segment_length=args.segment), config)
+    return 0
+
+
+def _positive_args(args: argparse.Namespace, *names: str) -> None:
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise LongMemError(f"--{name.replace('_', '-')} must be a positive integer, not {value}")
 
 
 if __name__ == "__main__":

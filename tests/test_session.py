@@ -1,0 +1,245 @@
+"""Named memories on disk: append-only, bounded, refused by other models, crash-safe."""
+
+import dataclasses
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import make_model
+from longmem.config import LongMemConfig
+from longmem.errors import LongMemError
+from longmem.reader import read
+from longmem.session import Session, forget, list_memories, load_named, remember
+
+TESTS = Path(__file__).parent
+TEXT_A = "It is a truth universally acknowledged, that a single man in possession of a good fortune. " * 2
+TEXT_B = "Call me Ishmael. Some years ago, never mind how long precisely, having little money. " * 2
+
+
+def reference(model, *texts):
+    """The memory the reader fills reading the texts one after another (the slow twin)."""
+    memory = model.new_memory(1)
+    for text in texts:
+        read(model, torch.tensor(list(text.encode())), memory)
+    return memory
+
+
+def assert_same_bank(a, b):
+    for x, y in zip(a.row_chunks(0), b.row_chunks(0)):
+        assert torch.equal(x, y)
+    assert torch.equal(a.row_chunk_keys(0), b.row_chunk_keys(0))
+    for name in ("end_position", "pending_count"):
+        assert torch.equal(getattr(a, name), getattr(b, name))
+    p = int(a.pending_count[0])
+    assert torch.equal(a.pending_keys[0, :, :p], b.pending_keys[0, :, :p])
+
+
+def test_remember_appends_and_loads_like_reading(tmp_path, family):
+    model = make_model(family, init="paper")
+    first = remember(model, "book", TEXT_A, source="a.txt", root=tmp_path)
+    assert first.tokens == len(TEXT_A) and first.memory.end_position == len(TEXT_A)
+    remember(model, "book", TEXT_B, source="b.txt", root=tmp_path)  # continues where it left off
+    bank, manifest = load_named(model, "book", tmp_path)
+    assert_same_bank(bank, reference(model, TEXT_A, TEXT_B))
+    assert manifest["end_position"] == len(TEXT_A) + len(TEXT_B)
+    assert [s["source"] for s in manifest["sources"]] == ["a.txt", "b.txt"]
+
+
+def test_list_and_forget(tmp_path):
+    model = make_model("llama")
+    remember(model, "b-book", TEXT_A, root=tmp_path)
+    remember(model, "a.notes_1", TEXT_B[:50], root=tmp_path)
+    (tmp_path / "half-made").mkdir()  # a directory without a manifest is no memory
+    infos = list_memories(tmp_path)
+    assert [m.name for m in infos] == ["a.notes_1", "b-book"]
+    notes = infos[0]
+    assert notes.tokens_read == 50 and notes.capacity_tokens == 64
+    assert notes.tokens == 46 == load_named(model, "a.notes_1", tmp_path)[0].num_tokens()  # 4 segment sinks out
+    assert notes.bytes > 0 and notes.backbone == "tiny-llama"
+    forget("b-book", tmp_path)
+    assert [m.name for m in list_memories(tmp_path)] == ["a.notes_1"]
+    assert not (tmp_path / "b-book").exists()
+    with pytest.raises(LongMemError, match="no memory named 'b-book'"):
+        forget("b-book", tmp_path)
+
+
+def test_disk_stays_bounded_and_the_bank_exact_past_capacity(tmp_path):
+    model = make_model("llama", init="paper")  # capacity 64 tokens, chunks of 2
+    texts = [(TEXT_A * 2)[i : i + 37] for i in range(0, 37 * 6, 37)] + [TEXT_B * 2]  # small appends, then a long one
+    for text in texts:
+        remember(model, "m", text, root=tmp_path)
+        manifest = json.loads((tmp_path / "m" / "manifest.json").read_text())
+        stored = sum(p["tokens"] for p in manifest["parts"])
+        assert stored <= 64 + len(text)  # the bank's capacity + the newest append at most
+        assert len(list((tmp_path / "m").glob("part-*"))) == len(manifest["parts"])  # nothing stale
+    bank, _ = load_named(model, "m", tmp_path)
+    assert_same_bank(bank, reference(model, *texts))
+
+
+def test_other_backbone_or_sidenet_is_refused(tmp_path):
+    model = make_model("llama", init="paper")
+    remember(model, "m", TEXT_A, root=tmp_path)
+    with pytest.raises(LongMemError, match="another backbone"):
+        load_named(make_model("gpt2", init="paper"), "m", tmp_path)
+    other = make_model("llama", init="paper")
+    with torch.no_grad():
+        other.sidenet.memory_block.gate.add_(0.5)
+    with pytest.raises(LongMemError, match="another SideNet"):
+        load_named(other, "m", tmp_path)
+    with pytest.raises(LongMemError, match="another SideNet"):
+        remember(other, "m", TEXT_B, root=tmp_path)
+    with pytest.raises(LongMemError, match="another SideNet"):
+        Session(other, "m", tmp_path)
+    load_named(make_model("llama", init="paper"), "m", tmp_path)  # the same model is welcome
+
+
+def test_tampered_torn_or_foreign_files_give_clear_errors(tmp_path):
+    model = make_model("llama")
+    remember(model, "m", TEXT_A, root=tmp_path)
+    part = next((tmp_path / "m").glob("part-*"))
+    raw = part.read_bytes()
+    part.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(LongMemError, match="truncated or modified"):
+        load_named(model, "m", tmp_path)
+    part.write_bytes(raw[:-1] + bytes([raw[-1] ^ 1]))
+    with pytest.raises(LongMemError, match="truncated or modified"):
+        load_named(model, "m", tmp_path)
+    part.write_bytes(raw)
+    manifest = tmp_path / "m" / "manifest.json"
+    text = manifest.read_text()
+    manifest.write_text(text[: len(text) // 2])
+    with pytest.raises(LongMemError, match="corrupt JSON"):
+        load_named(model, "m", tmp_path)
+    manifest.write_text(text.replace("longmem-named-memory", "something-else"))
+    with pytest.raises(LongMemError, match="not a longmem named memory"):
+        load_named(model, "m", tmp_path)
+    with pytest.raises(LongMemError, match="no memory named 'missing'"):
+        load_named(model, "missing", tmp_path)
+
+
+@pytest.mark.parametrize("name", ["../up", "a/b", "", ".hidden", "-x", "x" * 65, "white space", "ü"])
+def test_bad_names_are_refused(tmp_path, name):
+    with pytest.raises(LongMemError, match="bad memory name"):
+        remember(make_model("llama"), name, TEXT_A, root=tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_session_keeps_ram_and_disk_in_step(tmp_path):
+    model = make_model("llama", init="paper")
+    session = Session(model, "s", tmp_path)
+    assert session.memory.is_empty and session.info().tokens_read == 0
+    session.remember(TEXT_A)
+    remember(model, "s", TEXT_B, root=tmp_path)  # another writer (e.g. the CLI) appends meanwhile
+    session.remember(TEXT_A[:30])
+    assert_same_bank(session.memory, reference(model, TEXT_A, TEXT_B, TEXT_A[:30]))
+    assert_same_bank(Session(model, "s", tmp_path).memory, session.memory)  # a restart sees the same
+
+
+def test_a_short_term_tier_is_saved_and_restored(tmp_path):
+    if "recent_tokens" not in {f.name for f in dataclasses.fields(LongMemConfig)}:
+        pytest.skip("this version has no short-term tier")
+    model = make_model("llama", init="paper", recent_tokens=16)
+    remember(model, "m", TEXT_A, root=tmp_path)  # the command-line path: no bank in RAM
+    session = Session(model, "m", tmp_path)
+    session.remember(TEXT_B)  # the server path: the bank in RAM, then disk
+    expected = reference(model, TEXT_A, TEXT_B)
+    for bank in (session.memory, load_named(model, "m", tmp_path)[0]):
+        assert_same_bank(bank, expected)
+        for name, x in bank.recent.state().items():
+            assert torch.equal(x, expected.recent.state()[name]), name
+    with pytest.raises(LongMemError, match="recent_tokens"):
+        load_named(make_model("llama", init="paper"), "m", tmp_path)  # a model without the tier
+    assert len(list((tmp_path / "m").glob("state-*"))) == 1
+
+
+# ---------------------------------------------------------------- crash safety (kill -9 mid-write)
+CHILD = r"""
+import json, os, sys, time
+sys.path.insert(0, sys.argv[1])
+from conftest import make_model
+import longmem.memory.named as named
+from longmem.session import remember
+
+root, point, text = sys.argv[2], sys.argv[3], sys.argv[4]
+
+def pause(*args, **kwargs):
+    print("PAUSED", flush=True)
+    time.sleep(120)
+
+if point == "part":  # half of the new part file is on disk
+    real = named.save_file
+    def torn(tensors, path, **kwargs):
+        real(tensors, path + ".whole")
+        data = open(path + ".whole", "rb").read()
+        with open(path, "wb") as handle:
+            handle.write(data[: len(data) // 2])
+        pause()
+    named.save_file = torn
+elif point == "manifest":  # the part is complete; half of the new manifest's temporary file is written
+    def torn_json(path, data):
+        raw = json.dumps(data).encode()
+        with open(path.parent / f".{path.name}.crash.tmp", "wb") as handle:
+            handle.write(raw[: len(raw) // 2])
+        pause()
+    named.save_json = torn_json
+elif point == "switched":  # the manifest is switched; stale files not yet deleted
+    named._fsync_dir = pause
+model = make_model("llama", init="paper")
+if point == "loop":
+    for i in range(1000):
+        remember(model, "m", text[: 20 + i % 50], root=root)
+        print("APPENDED", i, flush=True)
+else:
+    remember(model, "m", text, root=root)
+print("DONE", flush=True)
+"""
+
+
+def run_child(tmp_path, point, text, wait_for):
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(TESTS), str(tmp_path), point, text],
+                            stdout=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    try:
+        for line in proc.stdout:
+            if line.startswith(wait_for) or time.monotonic() > deadline:
+                break
+        return proc, line
+    finally:
+        if point == "loop":
+            time.sleep(random.Random(0).uniform(0.05, 0.5))  # land anywhere inside a later append
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@pytest.mark.parametrize("point, survives", [("part", "old"), ("manifest", "old"), ("switched", "new")])
+def test_kill_9_mid_write_leaves_the_old_or_the_new_memory(tmp_path, point, survives):
+    model = make_model("llama", init="paper")
+    remember(model, "m", TEXT_A, root=tmp_path)
+    _, line = run_child(tmp_path, point, TEXT_B, "PAUSED")
+    assert line.startswith("PAUSED")
+    bank, _ = load_named(model, "m", tmp_path)
+    expected = (TEXT_A,) if survives == "old" else (TEXT_A, TEXT_B)
+    assert_same_bank(bank, reference(model, *expected))
+    remember(model, "m", TEXT_A[:40], root=tmp_path)  # the next write works and sweeps the debris
+    bank, manifest = load_named(model, "m", tmp_path)
+    assert_same_bank(bank, reference(model, *expected, TEXT_A[:40]))
+    listed = {p["file"] for p in manifest["parts"]} | {"manifest.json", ".lock"}
+    assert {p.name for p in (tmp_path / "m").iterdir()} == listed
+
+
+def test_kill_9_at_a_random_moment_of_many_appends(tmp_path):
+    model = make_model("llama", init="paper")
+    _, line = run_child(tmp_path, "loop", TEXT_B, "APPENDED 3")
+    assert line.startswith("APPENDED")
+    bank, manifest = load_named(model, "m", tmp_path)
+    done = manifest["revision"] - 1  # revision 1 created the memory with the first append
+    assert done >= 3
+    assert_same_bank(bank, reference(model, *(TEXT_B[: 20 + i % 50] for i in range(done + 1))))
