@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     mode = ppl.add_mutually_exclusive_group()
     mode.add_argument("--no-memory", action="store_true", help="same model, memory kept empty")
     mode.add_argument("--backbone-only", action="store_true", help="the frozen backbone alone, same segments")
-    mode.add_argument("--compare", action="store_true", help="memory, empty memory and backbone side by side")
+    mode.add_argument("--compare", action="store_true", help="memory, empty memory, backbone (and the short-term tier alone) side by side")
     ppl.add_argument("--foreign-memory", type=Path, metavar="OTHER",
                      help="control: also score with a memory holding OTHER text only (never written)")
     ppl.add_argument("--window", type=int, action="append", default=[], metavar="W",
@@ -108,7 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--sidenet", type=Path, help="trained SideNet directory (default: a fresh identity SideNet)")
+    p.add_argument("--sidenet", default="default",
+                   help="trained SideNet directory; 'default' (the SideNet shipped for the built-in backbone) "
+                        "or 'fresh' (a new identity SideNet)")
     p.add_argument("--backbone", help=f"backbone name, HF id, directory or .gguf (default {DEFAULT_BACKBONE})")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="compute dtype")
     p.add_argument("--retrieval", choices=["torch", "faiss"], help="chunk search backend")
@@ -135,7 +137,8 @@ def cmd_ppl(args: argparse.Namespace) -> int:
         if value is not None and value <= 0:
             raise LongMemError(f"{name} must be a positive integer, not {value}")
     model = load_model(args, memory_size=args.memory_size, segment_length=args.segment)
-    modes = ["memory", "no-memory", "backbone"] if args.compare else [
+    modes = ["memory", "no-memory", "backbone"] + (["short-term-only"] if model.recent_tokens else []) \
+        if args.compare else [
         "no-memory" if args.no_memory else "backbone" if args.backbone_only else "memory"]
     if foreign_text is not None:
         modes.append("foreign-memory")

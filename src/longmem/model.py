@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .backbone import FrozenBackbone, load_model_and_tokenizer
-from .config import FORMAT_VERSION, LongMemConfig, from_dict
+from .config import DEFAULT_BACKBONE, FORMAT_VERSION, LongMemConfig, from_dict
 from .files import load_checked_safetensors, load_json, load_versioned, save_json, sha256
 from .errors import LongMemError
 from .families import apply_rope
@@ -79,10 +79,16 @@ class LongMemModel(nn.Module):
     ) -> "LongMemModel":
         """Load a saved SideNet directory (or build a fresh one when ``path`` is None).
 
+        ``path`` may also be ``"default"``: the SideNet shipped with this package for the
+        backbone (a fresh one when none ships for it), or ``"fresh"``: a new SideNet.
         ``overrides`` set runtime config fields (memory_size, segment_length, ...).
         """
         if dtype not in DTYPES:
             raise LongMemError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+        if path == "default":
+            path = shipped_sidenet(backbone or DEFAULT_BACKBONE)
+        elif path == "fresh":
+            path = None
         if path is None:
             config = from_dict(LongMemConfig, ({"backbone": backbone} if backbone else {}) | overrides)
             model, tokenizer = load_model_and_tokenizer(config.backbone, DTYPES[dtype])
@@ -174,10 +180,14 @@ class LongMemModel(nn.Module):
                                f"exceeds the backbone's native context {native}")
         return r
 
-    def write_memory(self, memory: MemoryBank, out: LongMemOutput, valid: torch.Tensor | None = None) -> None:
+    def write_memory(
+        self, memory: MemoryBank, out: LongMemOutput, valid: torch.Tensor | None = None, to_bank: bool = True
+    ) -> None:
         """Store a segment's memory-layer K/V (after its forward pass: write-after-read).
 
         valid [B,T] marks real tokens (padding stays out); sink tokens are never stored.
+        With a short-term tier the segment enters the tier and what leaves it goes to the
+        chunk bank (dropped when ``to_bank`` is False, an ablation).
         """
         b, _, t, _ = out.mem_keys.shape
         valid = torch.ones(b, t, dtype=torch.bool) if valid is None else valid
@@ -195,7 +205,8 @@ class LongMemModel(nn.Module):
         keep &= out.positions >= self.config.sink_tokens  # the document's sinks live in the short-term tier
         gone = memory.recent.push(out.layer_keys, out.layer_values, valid, self._shift_back, out.mem_keys,
                                   out.mem_values, out.positions, keep, search)
-        memory.write(gone.keys, gone.values, gone.positions, gone.keep, search_keys=gone.search)
+        if to_bank:
+            memory.write(gone.keys, gone.values, gone.positions, gone.keep, search_keys=gone.search)
         memory.end_position = out.positions[:, -1] + 1
 
     def _shift_back(self, keys: torch.Tensor, d: int) -> torch.Tensor:
@@ -292,6 +303,16 @@ class LongMemModel(nn.Module):
             self._rope_cache[key] = family.rope_cos_sin(model, positions, torch.float32)
         cos, sin = self._rope_cache[key]
         return cos.to(self.backbone.dtype), sin.to(self.backbone.dtype)
+
+
+SHIPPED = {"smollm2-135m": "smollm2-135m", "smollm2": "smollm2-135m"}  # backbone name -> packaged SideNet
+
+
+def shipped_sidenet(backbone: str) -> Path | None:
+    """The SideNet directory shipped in this package for a built-in backbone, if any."""
+    name = SHIPPED.get(backbone)
+    path = Path(__file__).parent / "sidenets" / name if name else None
+    return path if path is not None and (path / "config.json").is_file() else None
 
 
 def read_config(path: Path) -> LongMemConfig:

@@ -17,7 +17,7 @@ from .errors import LongMemError
 from .memory import MemoryBank
 from .model import LongMemModel
 
-MODES = ("memory", "no-memory", "backbone", "foreign-memory")
+MODES = ("memory", "no-memory", "backbone", "foreign-memory", "short-term-only")
 
 
 @dataclass
@@ -86,6 +86,7 @@ def perplexity(
     'no-memory' runs the same model with an empty memory, 'backbone' the frozen backbone
     alone on the same segments, 'foreign-memory' (a control) reads with ``memory`` — e.g.
     another text — and never writes to it. Positions continue after what ``memory`` saw.
+    'short-term-only' (an ablation) keeps the short-term tier but never fills the chunk bank.
     ``token_nll`` keeps every token's NLL (e.g. for length buckets).
     """
     if mode not in MODES:
@@ -94,9 +95,11 @@ def perplexity(
         raise LongMemError("mode 'foreign-memory' needs a memory read from another text")
     t = segment_length or model.config.segment_length
     n = ids.shape[0]
-    if mode == "memory" and memory is None:
+    if mode in ("memory", "short-term-only") and memory is None:
         memory = model.new_memory(1)
-    reads = mode in ("memory", "foreign-memory")
+    if mode == "short-term-only" and memory.recent is None:
+        raise LongMemError("mode 'short-term-only' needs a model with a short-term tier (recent_tokens > 0)")
+    reads = mode in ("memory", "foreign-memory", "short-term-only")
     offset = int(memory.end_position[0]) if reads else 0
     model.eval()
     nll_sum, scored, seg_nll, per_token = 0.0, 0, [], []
@@ -115,8 +118,8 @@ def perplexity(
         nll_sum += float(nll)
         scored += labels.shape[1]
         seg_nll.append(float(nll) / labels.shape[1])
-        if mode == "memory":
-            model.write_memory(memory, out)
+        if mode in ("memory", "short-term-only"):
+            model.write_memory(memory, out, to_bank=mode == "memory")
         bar.update(seg.shape[1])
     bar.close()
     seconds = time.perf_counter() - start_time

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Held-out measurements of a trained SideNet (default: the run of configs/longmem-default.yaml).
+#   bash scripts/eval-default.sh [SIDENET_DIR] [OUT_DIR]
+# Needs `longmem data books`. Writes JSON (each with its command and config) to OUT_DIR.
+set -euo pipefail
+SIDENET=${1:-runs/longmem-default/sidenet}
+OUT=${2:-results/longmem-default}
+BOOKS=(data/books/test/austen-persuasion.txt data/books/test/austen-emma.txt)
+mkdir -p "$OUT"
+# memory / empty memory / backbone / short-term tier only / another Austen novel's memory / 2048 sliding window
+longmem ppl "${BOOKS[@]}" --sidenet "$SIDENET" --compare --foreign-memory data/books/train/austen-mansfieldpark.txt \
+  --window 2048 --max-tokens 24576 --json --quiet > "$OUT/heldout.json.tmp" && mv "$OUT/heldout.json.tmp" "$OUT/heldout.json"
+# a control from another author: the KJV Bible's memory
+longmem ppl "${BOOKS[@]}" --sidenet "$SIDENET" --foreign-memory data/books/train/kjv-bible.txt \
+  --max-tokens 24576 --json --quiet > "$OUT/heldout-kjv.json.tmp" && mv "$OUT/heldout-kjv.json.tmp" "$OUT/heldout-kjv.json"
+# passkey: a 5-digit key once in 4k-32k tokens of held-out prose, read with memory vs the same local window
+longmem eval passkey --sidenet "$SIDENET" --lengths 4096,8192,16384,32768 --depths 0.1,0.5,0.9 --trials 3 \
+  --modes memory,no-memory --quiet --out "$OUT/passkey.json"
