@@ -67,7 +67,7 @@ def test_chapterbreak_scores_every_example_in_every_mode(tmp_path):
     write_book(folder / "a.txt")
     write_book(folder / "b.txt")
     model = make_model("llama")  # identity SideNet: all three modes agree
-    result = chapterbreak(model, config(books=[str(folder)]))
+    result = chapterbreak(model, config(books=[str(folder)], prefix_lengths=[64], max_examples=2))
     by_key = {}
     for item in result.items:
         by_key.setdefault((item.book, item.chapter, item.prefix_length), {})[item.mode] = item

@@ -113,3 +113,20 @@ def test_bad_modes_and_short_lengths_are_clear_errors():
         passkey(model, PasskeyConfig(**SMALL | {"modes": ["memroy"]}))
     with pytest.raises(LongMemError, match="too short"):
         passkey(model, PasskeyConfig(**SMALL | {"lengths": [40]}))
+
+
+def test_window_mode_matches_the_exact_context_of_the_memory_mode():
+    assert parse_mode(make_model("llama"), "window").name == "window-16"  # segment only
+    tiered = make_model("llama", recent_tokens=16)  # + a 16-token short-term tier
+    assert parse_mode(tiered, "window").name == "window-32"
+    with pytest.raises(LongMemError, match="duplicate"):
+        passkey(tiered, PasskeyConfig(**SMALL | {"modes": ["window", "window-32"]}))
+
+
+def test_memory_mode_with_a_short_term_tier():
+    model = make_model("llama", init="paper", recent_tokens=16)
+    result = passkey(model, PasskeyConfig(**SMALL | {"modes": ["memory", "no-memory", "window"], "trials": 1}))
+    rows = {(t.mode, t.length, t.depth): t for t in result.trials}
+    assert set(result.summary()) == {"memory", "no-memory", "window-32"}
+    assert any(rows["memory", n, d].answer_logprob != pytest.approx(rows["no-memory", n, d].answer_logprob, abs=1e-5)
+               for n in (128, 200) for d in (0.0, 0.5, 1.0))

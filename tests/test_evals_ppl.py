@@ -37,8 +37,8 @@ def test_runs_buckets_and_totals(tmp_path):
     books = []
     for i in range(2):
         books.append(tmp_path / f"book{i}.txt")
-        books[-1].write_text(TEXT * (i + 1))
-    model = make_model("llama")  # identity SideNet: every LongMem run equals the backbone
+        books[-1].write_text(TEXT[: 120 * (i + 1)])
+    model = make_model("llama", segment_length=32)  # identity SideNet: every LongMem run equals the backbone
     config = PplConfig(files=[str(b) for b in books], memory_sizes=[0, 32, 64], chunk_sizes=[1, 2, 4],
                        windows=[32], buckets=[0, 16, 100])
     result = ppl(model, config)

@@ -49,8 +49,8 @@ class ChapterBreakConfig:
     """Candidates per example: the true opening + candidates - 1 negatives."""
     max_examples: int | None = None
     """At most this many boundaries per book and prefix length (evenly spaced; None: all)."""
-    modes: list[str] = field(default_factory=lambda: ["memory", "no-memory", "backbone"])
-    """Scoring modes: memory, no-memory, backbone, window-W."""
+    modes: list[str] = field(default_factory=lambda: ["memory", "no-memory", "backbone", "window"])
+    """Scoring modes: memory, no-memory, backbone, window-W, window (see scoring.parse_mode)."""
     heading: str | None = None
     """Regex of a chapter heading line, e.g. '^(CHAPTER|Chapter) [IVXLC0-9]+' (None: find_chapters)."""
     seed: int = 0
@@ -192,7 +192,7 @@ class ChapterBreakResult:
             mode: {"all": self.accuracy(mode),
                    "by_prefix": {str(p): self.accuracy(mode, p) for p in self.config.prefix_lengths},
                    "by_book": {b: self.accuracy(mode, book=b) for b in books}}
-            for mode in self.config.modes}}
+            for mode in dict.fromkeys(r.mode for r in self.items)}}
 
     def to_dict(self) -> dict:
         summary = self.summary()

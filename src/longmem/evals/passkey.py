@@ -52,8 +52,8 @@ class PasskeyConfig:
     """Where the needle sits, as a fraction of the filler."""
     trials: int = 5
     """Prompts per (length, depth), each with its own key and filler stretch."""
-    modes: list[str] = field(default_factory=lambda: ["memory", "no-memory", "backbone"])
-    """Scoring modes: memory, no-memory, backbone, window-W (backbone with a W-token window)."""
+    modes: list[str] = field(default_factory=lambda: ["memory", "no-memory", "backbone", "window"])
+    """Scoring modes: memory, no-memory, backbone, window-W (backbone with a W-token window), window."""
     filler: str = DEFAULT_FILLER
     """UTF-8 prose file the filler is cut from, or 'repeat' for the classic repeated sentences."""
     digits: int = 5
@@ -108,7 +108,7 @@ class PasskeyResult:
     def summary(self) -> dict:
         """{mode: {accuracy, by_length, by_depth, grid[length][depth]}} with string keys."""
         out = {}
-        for mode in self.config.modes:
+        for mode in dict.fromkeys(t.mode for t in self.trials):  # resolved names, e.g. window-2048
             out[mode] = {
                 "accuracy": self.accuracy(mode),
                 "by_length": {str(n): self.accuracy(mode, length=n) for n in self.config.lengths},
@@ -159,11 +159,11 @@ class PromptBuilder:
         return Prompt(ids, self.encode(ANSWER.format(key=key)), key, self.intro.shape[0] + cut)
 
     def stretch(self, n: int, rng: random.Random) -> torch.Tensor:
-        """n consecutive filler tokens from a random offset (the filler repeats if too short)."""
+        """n consecutive filler tokens from a random offset (wrapping round only when the file is too short)."""
         f = self.filler
         if self.config.filler == REPEAT:
             return f.repeat(n // f.shape[0] + 1)[:n]
-        start = rng.randrange(f.shape[0])
+        start = rng.randrange(max(1, f.shape[0] - n))
         return torch.cat([f[start:], f.repeat(n // f.shape[0] + 1)])[:n]
 
     def boundary(self, filler: torch.Tensor, i: int) -> int:

@@ -63,7 +63,8 @@ def ppl_curves(results: dict, out: Path) -> Path:
     labels = list(totals[sweep[0][1]]["buckets"]) if sweep else []
     for i, label in enumerate(labels + ["all"]):
         colour = f"C{i}"
-        ys = [(totals[n] if label == "all" else totals[n]["buckets"].get(label, {})).get("perplexity") for _, n in sweep]
+        ys = [(totals[n] if label == "all" else totals[n]["buckets"].get(label, {})).get("perplexity")
+              for _, n in sweep]
         ax1.plot(range(len(sweep)), ys, marker="o", color=colour, label=f"{label} tokens")
         base = totals.get("backbone")
         if base:
@@ -76,8 +77,8 @@ def ppl_curves(results: dict, out: Path) -> Path:
     ax1.legend(fontsize=7)
     if ablation:
         ax2.plot([c for c, _ in ablation], [totals[n]["perplexity"] for _, n in ablation], marker="o", label="LongMem")
-        for name in [n for n in totals if n == "backbone" or n.startswith("window-")]:
-            ax2.axhline(totals[name]["perplexity"], linestyle="--", linewidth=0.8, label=name, color="grey")
+        for j, name in enumerate(n for n in totals if n == "backbone" or n.startswith("window-")):
+            ax2.axhline(totals[name]["perplexity"], linestyle="--", linewidth=0.8, label=name, color=f"C{j + 1}")
         ax2.set_xscale("log", base=2)
         ax2.set_xticks([c for c, _ in ablation], [str(c) for c, _ in ablation])
         ax2.legend(fontsize=7)

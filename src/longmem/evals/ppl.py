@@ -73,8 +73,9 @@ class PplConfig:
 
 
 def bucket_label(lo: int, hi: int | None) -> str:
-    k = lambda n: f"{n // 1000}k" if n >= 1000 else str(n)  # noqa: E731
-    return f"{k(lo)}+" if hi is None else f"{k(lo)}-{k(hi)}"
+    """'0-1k', '1k-4k', ..., '65k+' (thousands, rounded down)."""
+    lo_s, hi_s = (f"{n // 1000}k" if n >= 1000 else str(n) for n in (lo, hi or 0))
+    return f"{lo_s}+" if hi is None else f"{lo_s}-{hi_s}"
 
 
 def bucket_stats(token_nll: torch.Tensor, edges: list[int]) -> dict[str, dict]:

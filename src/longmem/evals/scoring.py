@@ -8,7 +8,8 @@ head is used depends on the mode (the same modes as :mod:`longmem.reader`):
 * ``no-memory``  the same scorer on the same local window, memory empty;
 * ``backbone``   the frozen backbone alone on the same local window;
 * ``window-W``   the frozen backbone alone with a longer W-token window (a sliding-window
-                 baseline; W <= the backbone's native context).
+                 baseline; W <= the backbone's native context); ``window`` picks W = the
+                 exact context of the scorer's memory mode: T + its short-term tier R.
 
 The scorer is any object with the :class:`Scorer` interface (``LongMemModel`` has it).
 """
@@ -42,8 +43,10 @@ class Scorer(Protocol):
     tokenizer: Any
     backbone: Any
 
-    def __call__(self, input_ids: torch.Tensor, memory: Any = None, positions: torch.Tensor | None = None) -> Any:
-        """input_ids [1,T] -> an output whose ``logits`` are [1,T,V]."""
+    def __call__(self, input_ids: torch.Tensor, memory: Any = None, positions: torch.Tensor | None = None,
+                 backbone_logits: bool = False) -> Any:
+        """input_ids [1,T] -> an output with ``logits`` [1,T,V] (and ``backbone_logits`` if asked),
+        ``mem_keys``/``mem_values``/``positions`` for ``write_memory``; never writes memory itself."""
 
     def new_memory(self, batch_size: int = 1) -> Any: ...
 
@@ -69,13 +72,18 @@ class Mode:
 
 
 def parse_mode(model: Scorer, name: str) -> Mode:
-    """'memory' | 'no-memory' | 'backbone' | 'window-W' -> Mode, validated against the model."""
+    """'memory' | 'no-memory' | 'backbone' | 'window' | 'window-W' -> Mode, validated against the model."""
     match = _WINDOW.fullmatch(name)
+    native = model.backbone.native_context
     if name in BASE_MODES:
         return Mode(name, model.config.segment_length)
+    if name == "window":  # as many exact tokens as the memory mode attends to (segment + short-term tier)
+        w = min(native, model.config.segment_length + getattr(model, "recent_tokens", 0))
+        return Mode(f"window-{w}", w)
     if not match:
-        raise LongMemError(f"mode {name!r} is not one of {', '.join(BASE_MODES)} or window-W (e.g. window-2048)")
-    w, native = int(match.group(1)), model.backbone.native_context
+        raise LongMemError(f"mode {name!r} is not one of {', '.join(BASE_MODES)}, window or window-W "
+                           "(e.g. window-2048)")
+    w = int(match.group(1))
     if not 0 < w <= native:
         raise LongMemError(f"mode {name}: the window must be between 1 and the native context {native}")
     return Mode(name, w)
@@ -84,9 +92,10 @@ def parse_mode(model: Scorer, name: str) -> Mode:
 def parse_modes(model: Scorer, names: list[str]) -> list[Mode]:
     if not names:
         raise LongMemError("no modes given")
-    if len(set(names)) != len(names):
+    modes = [parse_mode(model, n) for n in names]
+    if len({m.name for m in modes}) != len(modes):
         raise LongMemError(f"duplicate modes in {', '.join(names)}")
-    return [parse_mode(model, n) for n in names]
+    return modes
 
 
 def variant(model: Scorer, **overrides) -> Scorer:
