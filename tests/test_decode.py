@@ -1,12 +1,9 @@
 """Incremental decoding and fast reading against their slow twins (the model's own forward)."""
 
-import dataclasses
-
 import pytest
 import torch
 
 from conftest import make_model
-from longmem.config import LongMemConfig
 from longmem.decode import decode, new_cache
 from longmem.errors import LongMemError
 from longmem.generate import Decoder, ReferenceDecoder
@@ -151,8 +148,6 @@ def test_fast_reading_fills_the_same_memory_as_the_reader(family):
 # ---------------------------------------------------------------- with a short-term tier
 def tiered(init="paper", fusion="gated"):
     """A tiny Llama whose memory keeps the last 16 tokens at every layer (a short-term tier)."""
-    if "recent_tokens" not in {f.name for f in dataclasses.fields(LongMemConfig)}:
-        pytest.skip("this version has no short-term tier")
     model = trained("llama", init, fusion, recent_tokens=16)
     assert model.new_memory(1).recent is not None
     return model

@@ -93,7 +93,7 @@ def new_cache(model: LongMemModel, batch_size: int, start: torch.Tensor | int, c
     sidenet: SideNet = model.sidenet
     if sidenet.memory_block.fusion not in FUSIONS:
         raise LongMemError(f"incremental decoding does not support fusion {sidenet.memory_block.fusion!r}")
-    recent = getattr(memory, "recent", None)
+    recent = memory.recent if memory is not None else None
     offset = recent.slots if recent is not None else 0
     if not 0 < capacity <= model.backbone.native_context - offset:
         raise LongMemError(f"decode window {capacity} must be in 1..{model.backbone.native_context - offset} "

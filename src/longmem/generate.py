@@ -69,7 +69,7 @@ def window_sizes(model: LongMemModel, config: GenerationConfig, memory: MemoryBa
     """
     window = config.window or model.config.segment_length
     csz = model.config.chunk_size
-    tier = getattr(memory, "recent", None) is not None
+    tier = memory is not None and memory.recent is not None
     evict = config.evict or (window if tier else max(csz, window // 2 // csz * csz))
     if evict % csz or not 0 < evict <= window or (evict == window and not tier):
         raise LongMemError(f"evict={evict} must be a multiple of chunk_size={csz} and below window={window}"
@@ -120,7 +120,7 @@ class Decoder:
             self.memory, self.copy_on_write = copy_memory(self.memory), False
         keys, values = cache.memory_kv.keys, cache.memory_kv.values
         out = LongMemOutput(None, None, keys, values, cache.window_positions())
-        if getattr(self.memory, "recent", None) is not None:
+        if self.memory.recent is not None:
             out.layer_keys, out.layer_values = cache.layer_kv()  # [L,B,H_kv,n,Dh] for the short-term tier
         self.model.write_memory(self.memory, oldest(out, e))
         keep = cache.ids[0, e:]
@@ -168,7 +168,7 @@ class ReferenceDecoder(Decoder):
 def oldest(out: LongMemOutput, e: int) -> LongMemOutput:
     """What ``write_memory`` needs of a window's first e tokens."""
     head = LongMemOutput(None, None, out.mem_keys[:, :, :e], out.mem_values[:, :, :e], out.positions[:, :e])
-    if getattr(out, "layer_keys", None) is not None:  # every layer's K/V, for a short-term tier
+    if out.layer_keys is not None:  # every layer's K/V, for a short-term tier
         head.layer_keys, head.layer_values = out.layer_keys[:, :, :, :e], out.layer_values[:, :, :, :e]
     return head
 
@@ -176,15 +176,14 @@ def oldest(out: LongMemOutput, e: int) -> LongMemOutput:
 def copy_memory(bank: MemoryBank) -> MemoryBank:
     """An independent copy of a bank (same chunks, pending tokens, positions; any index)."""
     copy = MemoryBank(bank.batch_size, bank.num_kv_heads, bank.head_dim, bank.capacity * bank.chunk_size,
-                      bank.chunk_size, dtype=bank.dtype_name, index=bank.index_name, meta=bank.meta)
+                      bank.chunk_size, dtype=bank.dtype_name, index=bank.index_name, meta=bank.meta,
+                      recent=deepcopy(bank.recent))  # the short-term tier too
     for row in range(bank.batch_size):
         keys, values, positions = bank.row_chunks(row)
         copy.append_chunks(row, keys, values, positions, bank.row_chunk_keys(row))
     for name in ("pending_keys", "pending_values", "pending_search", "pending_positions", "pending_count",
                  "end_position"):
         getattr(copy, name).copy_(getattr(bank, name))
-    if getattr(bank, "recent", None) is not None:
-        copy.recent = deepcopy(bank.recent)  # the short-term tier
     return copy
 
 

@@ -62,7 +62,7 @@ def memory_header(model: LongMemModel, capacity_tokens: int | None = None) -> di
         "head_dim": shape.head_dim,
         "dtype": model.config.memory_dtype,
         "search_positions": "absolute" if model.search_rotated else "none",
-        "recent_tokens": getattr(model, "recent_tokens", 0),  # the short-term tier's size (0: none)
+        "recent_tokens": model.recent_tokens,  # the short-term tier's size (0: none)
         "capacity_tokens": capacity_tokens or model.config.memory_size,
     }
 
@@ -177,7 +177,7 @@ def read_into(model: LongMemModel, ids: torch.Tensor, memory, start: int, segmen
     ``lock`` is held around each segment's computation.
     """
     t = segment_length or model.config.segment_length
-    recent = getattr(memory, "recent", None)
+    recent = memory.recent
     for a in range(0, ids.shape[0], t):
         seg = ids[a : a + t][None, :]  # [1,T]
         positions = start + a + torch.arange(seg.shape[1])[None, :]  # [1,T]
@@ -186,9 +186,9 @@ def read_into(model: LongMemModel, ids: torch.Tensor, memory, start: int, segmen
                 keys, values = model.backbone.memory_kv(seg)  # [1,H_kv,T,Dh]
                 out = LongMemOutput(None, None, keys, values, positions)
             else:
-                frozen = model.backbone(seg, past=recent)
-                out = LongMemOutput(None, None, frozen.mem_keys, frozen.mem_values, positions)
-                out.layer_keys, out.layer_values = frozen.layer_keys, frozen.layer_values  # [L,1,H_kv,T,Dh]
+                frozen = model.backbone(seg, past=recent)  # every layer's K/V [L,1,H_kv,T,Dh] too
+                out = LongMemOutput(None, None, frozen.mem_keys, frozen.mem_values, positions,
+                                    layer_keys=frozen.layer_keys, layer_values=frozen.layer_values)
             model.write_memory(memory, out)
 
 
