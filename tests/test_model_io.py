@@ -64,3 +64,17 @@ def test_memory_from_model_refuses_other_backbone(tmp_path):
     with pytest.raises(LongMemError, match="built for"):
         load_memory(tmp_path / "m", expect=other.memory_meta())
     assert load_memory(tmp_path / "m", expect=model.memory_meta()).num_tokens() == mem.num_tokens()
+
+
+def test_the_shipped_sidenet_is_packaged_intact():
+    from longmem.files import load_checked_safetensors, load_json
+    from longmem.model import WEIGHTS, read_config, shipped_sidenet
+
+    path = shipped_sidenet("smollm2-135m")
+    assert path is not None and shipped_sidenet("no-such-backbone") is None
+    config = read_config(path)
+    assert config.init == "delta" and config.recent_tokens == 1024 and config.backbone == "smollm2-135m"
+    weights = path / WEIGHTS
+    assert weights.stat().st_size <= 60 * 2**20
+    state = load_checked_safetensors(weights, load_json(path / "config.json")["weights_sha256"], "SideNet")
+    assert all(t.dtype == torch.bfloat16 for t in state.values())
