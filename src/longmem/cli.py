@@ -307,11 +307,11 @@ def cmd_remember(args: argparse.Namespace) -> int:
     from .session import remember
 
     check_name(args.name)
-    texts = {path: read_text(path) for path in args.files}  # validate every file before loading a model
+    texts = [(path, read_text(path)) for path in args.files]  # validate every file before loading a model
     _positive_args(args, "memory_size", "segment")
     model = load_model(args, segment_length=args.segment)
     results = []
-    for path, text in texts.items():
+    for path, text in texts:
         res = remember(model, args.name, text, source=path.name, root=args.memory_dir,
                        capacity_tokens=args.memory_size)
         results.append(res.to_dict())
