@@ -79,8 +79,8 @@ def test_ppl_writes_buckets_and_plot(tmp_path, capsys, backbone_dir):
     record = json.loads(stdout)
     assert record["eval"] == "ppl" and record["config"]["files"] == [str(book)]
     totals = record["results"]["totals"]
-    assert set(totals) == {"backbone", "window-64", "longmem-empty", "longmem-m64-c4", "longmem-m128-c4",
-                           "longmem-m128-c2"}
+    assert set(totals) == {"backbone", "window-64", "longmem-empty", "longmem-short-term", "longmem-m64-c4",
+                           "longmem-m128-c4", "longmem-m128-c2"}  # a rotary backbone has a short-term tier
     assert set(totals["backbone"]["buckets"]) == {"0-100", "100-300", "300+"}
     assert set(record["results"]["checks"]) == {"0-100", "100-300", "300+"}
     assert out.with_suffix(".png").exists()

@@ -130,3 +130,29 @@ def test_memory_mode_with_a_short_term_tier():
     assert set(result.summary()) == {"memory", "no-memory", "window-32"}
     assert any(rows["memory", n, d].answer_logprob != pytest.approx(rows["no-memory", n, d].answer_logprob, abs=1e-5)
                for n in (128, 200) for d in (0.0, 0.5, 1.0))
+
+
+def test_short_term_only_keeps_the_tier_and_leaves_the_bank_empty():
+    model = make_model("llama", init="paper", recent_tokens=16)
+    memory, short = parse_mode(model, "memory"), parse_mode(model, "short-term-only")
+    ids, answer = torch.randint(0, 256, (120,)), torch.tensor([49, 50])
+    head, local = split_prefix(ids, memory.window, 2)
+    full, tier = prepare(model, memory, head), prepare(model, short, head)
+    assert full.memory.num_tokens() > 0 and tier.memory.num_tokens() == 0 and tier.start == full.start
+    assert score(model, full, local, answer).logprob != pytest.approx(score(model, tier, local, answer).logprob)
+    head, local = split_prefix(ids[:30], memory.window, 2)  # the head fits the tier: nothing reaches the bank
+    a = score(model, prepare(model, memory, head), local, answer).logprob
+    assert a == pytest.approx(score(model, prepare(model, short, head), local, answer).logprob, abs=1e-6)
+    with pytest.raises(LongMemError, match="short-term tier"):
+        prepare(make_model("llama"), parse_mode(model, "short-term-only"), head)
+
+
+def test_scoring_never_changes_the_memory():
+    model = make_model("llama", init="paper", recent_tokens=16)
+    mode = parse_mode(model, "memory")
+    ids = torch.randint(0, 256, (90,))
+    head, local = split_prefix(ids, mode.window, 3)
+    ctx = prepare(model, mode, head)
+    tokens, end = ctx.memory.num_tokens(), int(ctx.memory.end_position[0])
+    first = [score(model, ctx, local, torch.tensor(c)).logprob for c in ([1, 2, 3], [4, 5, 6], [1, 2, 3])]
+    assert first[0] == first[2] and ctx.memory.num_tokens() == tokens and int(ctx.memory.end_position[0]) == end

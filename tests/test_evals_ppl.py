@@ -87,3 +87,14 @@ def test_bad_window_and_missing_file(tmp_path):
         ppl(model, PplConfig(files=[str(book)], windows=[4096]))
     with pytest.raises(LongMemError, match="no such file"):
         ppl(model, PplConfig(files=[str(tmp_path / "nope.txt")]))
+
+
+def test_a_short_term_tier_adds_the_short_term_only_run(tmp_path):
+    book = tmp_path / "b.txt"
+    book.write_text(TEXT)
+    config = PplConfig(files=[str(book)], memory_sizes=[0, 32], chunk_sizes=[], backbone=False)
+    result = ppl(make_model("llama", recent_tokens=16), config)
+    assert [r.name for r in result.runs] == ["longmem-empty", "longmem-short-term", "longmem-m32-c2"]
+    assert "longmem-short-term" in result.checks()["0-1k"]
+    assert ppl_curves(result.to_dict(), tmp_path / "p.png").exists()
+    assert "longmem-short-term" not in [r.name for r in ppl(make_model("llama"), config).runs]

@@ -105,8 +105,9 @@ def add_eval_parser(sub: argparse._SubParsersAction, model_args: Callable[[argpa
 def _common(p: argparse.ArgumentParser, name: str, model_args, modes: bool = True) -> None:
     if modes:
         p.add_argument("--modes", type=_list(str),
-                       help="comma-separated: memory, no-memory, backbone, window-W (the backbone with a W-token "
-                            "window), window (W = what the memory mode sees exactly: segment + short-term tier)")
+                       help="comma-separated: memory, no-memory, backbone, short-term-only (memory without the "
+                            "chunk bank), window-W (the backbone with a W-token window), window (W = what the "
+                            "memory mode sees exactly: segment + short-term tier)")
         p.add_argument("--seed", type=int, help="random seed")
     p.add_argument("--model-kind", default="longmem", choices=sorted(SCORERS), help="which scorer to load")
     model_args(p)

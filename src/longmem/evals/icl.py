@@ -54,7 +54,7 @@ class IclConfig:
     max_test: int | None = None
     """Score at most this many test examples per task (a fixed random subset; None: all)."""
     modes: list[str] = field(default_factory=lambda: ["memory", "no-memory", "backbone"])
-    """Scoring modes: memory, no-memory, backbone."""
+    """Scoring modes: memory, no-memory, backbone, short-term-only (memory demos in the short-term tier only)."""
     labels: dict[str, str] | None = None
     """Label words for tasks without built-in ones, e.g. {'0': 'negative', '1': 'positive'}."""
     template: str | None = None
@@ -72,8 +72,8 @@ class IclConfig:
                                f"{self.memory_demos} / {self.seeds} / {self.chunk_size}")
         if self.max_test is not None and self.max_test <= 0:
             raise LongMemError(f"max_test={self.max_test} must be positive")
-        if any(m.startswith("window-") for m in self.modes):
-            raise LongMemError("ICL modes are memory, no-memory and backbone")
+        if any(m.startswith("window") for m in self.modes):
+            raise LongMemError("ICL modes are memory, no-memory, backbone and short-term-only")
 
 
 @dataclass

@@ -51,12 +51,13 @@ def passkey_heatmap(results: dict, out: Path) -> Path:
 
 
 def ppl_curves(results: dict, out: Path) -> Path:
-    """Perplexity vs memory size per length bucket (backbone dashed); chunk-size ablation."""
+    """Perplexity vs memory size per length bucket (backbone dashed, short-term tier only dotted);
+    chunk-size ablation."""
     plt = _pyplot()
     totals, lead = results["totals"], results["lead"]
     chunk = totals[lead]["chunk_size"] if lead in totals else None
     sweep = sorted((t["memory_size"], n) for n, t in totals.items()
-                   if n.startswith("longmem") and t["chunk_size"] in (0, chunk))
+                   if n.startswith(("longmem-m", "longmem-empty")) and t["chunk_size"] in (0, chunk))
     ablation = sorted((t["chunk_size"], n) for n, t in totals.items()
                       if n.startswith("longmem-m") and t["memory_size"] == totals.get(lead, {}).get("memory_size"))
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
@@ -66,13 +67,13 @@ def ppl_curves(results: dict, out: Path) -> Path:
         ys = [(totals[n] if label == "all" else totals[n]["buckets"].get(label, {})).get("perplexity")
               for _, n in sweep]
         ax1.plot(range(len(sweep)), ys, marker="o", color=colour, label=f"{label} tokens")
-        base = totals.get("backbone")
-        if base:
-            y = (base if label == "all" else base["buckets"].get(label, {})).get("perplexity")
+        for name, style in (("backbone", "--"), ("longmem-short-term", ":")):
+            base = totals.get(name)
+            y = base and (base if label == "all" else base["buckets"].get(label, {})).get("perplexity")
             if y:
-                ax1.axhline(y, color=colour, linestyle="--", linewidth=0.8)
+                ax1.axhline(y, color=colour, linestyle=style, linewidth=0.8)
     ax1.set_xticks(range(len(sweep)), [f"{m // 1024}k" if m else "empty" for m, _ in sweep])
-    ax1.set_xlabel(f"memory size (chunk size {chunk}); dashed: backbone")
+    ax1.set_xlabel(f"memory size (chunk size {chunk}); dashed: backbone; dotted: short-term tier only")
     ax1.set_ylabel("perplexity")
     ax1.legend(fontsize=7)
     if ablation:

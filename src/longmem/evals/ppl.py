@@ -7,6 +7,8 @@ scored token's NLL is assigned to the bucket of its position from the document s
 * ``backbone``        the frozen backbone on the same segments (same local window);
 * ``window-W``        the backbone with a W-token sliding window (stride W/2);
 * ``longmem-empty``   LongMem with its memory kept empty (memory size 0);
+* ``longmem-short-term`` (scorers with a short-term tier) the tier kept, the chunk bank
+  never filled: what the long-term memory adds is this run against the others;
 * ``longmem-mM-cC``   LongMem with an M-token memory of C-token chunks: every memory size
   at the model's chunk size, and every chunk size at ``ablation_memory_size``.
 """
@@ -139,8 +141,8 @@ class PplResult:
         totals = self.totals()
         if self.lead not in totals:
             return {}
-        baselines = [n for n in totals if n != self.lead and (n in ("backbone", "longmem-empty")
-                                                             or n.startswith("window-"))]
+        fixed = ("backbone", "longmem-empty", "longmem-short-term")
+        baselines = [n for n in totals if n != self.lead and (n in fixed or n.startswith("window-"))]
         out = {}
         for label, b in totals[self.lead]["buckets"].items():
             others = {n: totals[n]["buckets"][label]["perplexity"] for n in baselines if label in totals[n]["buckets"]}
@@ -179,6 +181,9 @@ def ppl(model: Scorer, config: PplConfig | None = None, progress: bool = False) 
             mode = "no-memory" if m == 0 else "memory"
             res = perplexity(scorers[run_name(m, c)], ids, mode, progress=progress, token_nll=True)
             runs.append(_run(path, run_name(m, c), m, c, res, config))
+            if m == 0 and getattr(model, "recent_tokens", 0):
+                res = perplexity(model, ids, "short-term-only", progress=progress, token_nll=True)
+                runs.append(_run(path, "longmem-short-term", 0, 0, res, config))
     lead = run_name(max(config.memory_sizes or [0]), model.config.chunk_size)
     return PplResult(config, runs, lead)
 

@@ -6,6 +6,8 @@ head is used depends on the mode (the same modes as :mod:`longmem.reader`):
 * ``memory``     the scorer reads the head segment by segment into its memory, then
                  reads the local window (+ continuation) with that memory;
 * ``no-memory``  the same scorer on the same local window, memory empty;
+* ``short-term-only`` like ``memory``, but what leaves the short-term tier is dropped
+                 instead of entering the chunk bank (an ablation: the long-term memory's share);
 * ``backbone``   the frozen backbone alone on the same local window;
 * ``window-W``   the frozen backbone alone with a longer W-token window (a sliding-window
                  baseline; W <= the backbone's native context); ``window`` picks W = the
@@ -25,9 +27,9 @@ from typing import Any, Protocol
 import torch
 
 from ..errors import LongMemError
-from ..reader import read
+from ..reader import segments
 
-BASE_MODES = ("memory", "no-memory", "backbone")
+BASE_MODES = ("memory", "no-memory", "backbone", "short-term-only")
 _WINDOW = re.compile(r"window-(\d+)")
 
 
@@ -36,7 +38,8 @@ class Scorer(Protocol):
 
     ``config`` is a dataclass with ``segment_length``, ``memory_size`` and ``chunk_size``;
     ``backbone.model`` is the frozen Hugging Face causal LM and ``backbone.native_context``
-    its trained context (used by the ``backbone`` and ``window-W`` modes).
+    its trained context (used by the ``backbone`` and ``window-W`` modes); an optional
+    ``recent_tokens`` (the short-term tier) sizes the ``window`` mode.
     """
 
     config: Any
@@ -50,7 +53,7 @@ class Scorer(Protocol):
 
     def new_memory(self, batch_size: int = 1) -> Any: ...
 
-    def write_memory(self, memory: Any, out: Any) -> None: ...
+    def write_memory(self, memory: Any, out: Any, to_bank: bool = True) -> None: ...
 
     def eval(self) -> Any: ...
 
@@ -64,7 +67,7 @@ class Mode:
 
     @property
     def reads_memory(self) -> bool:
-        return self.name == "memory"
+        return self.name in ("memory", "short-term-only")
 
     @property
     def backbone_only(self) -> bool:
@@ -135,12 +138,18 @@ def split_prefix(prefix: torch.Tensor, window: int, room: int) -> tuple[torch.Te
 
 @torch.no_grad()
 def prepare(model: Scorer, mode: Mode, head: torch.Tensor, memory: Any = None) -> Context:
-    """Read head [N] into a memory (memory mode only; ``memory`` or a new one); others skip it."""
+    """Read head [N] segment by segment into a memory (``memory`` or a new one) in the modes
+    that read; the others skip it."""
     if not mode.reads_memory:
         return Context(mode, None, head.shape[0])
     memory = model.new_memory(1) if memory is None else memory
-    if head.shape[0]:
-        read(model, head, memory, model.config.segment_length)
+    if mode.name == "short-term-only" and getattr(memory, "recent", None) is None:
+        raise LongMemError("mode 'short-term-only' needs a model with a short-term tier (recent_tokens > 0)")
+    to_bank = {} if mode.name == "memory" else {"to_bank": False}
+    model.eval()
+    t = model.config.segment_length
+    for a in segments(head.shape[0], t):
+        model.write_memory(memory, model(head[a : a + t][None], memory=memory), **to_bank)  # [1,T] per segment
     return Context(mode, memory, int(memory.end_position[0]))
 
 
