@@ -43,8 +43,9 @@ def test_ppl_compare_modes_agree_for_identity_init(tmp_path, capsys, backbone_di
     code, out, _ = run(capsys, "ppl", book, *base(backbone_dir), "--compare", "--json")
     assert code == 0
     rows = {r["mode"]: r for r in json.loads(out)["results"]}
-    assert set(rows) == {"memory", "no-memory", "backbone"}
-    assert abs(rows["memory"]["nll"] - rows["backbone"]["nll"]) < 1e-4  # identity SideNet == backbone
+    assert set(rows) == {"memory", "no-memory", "backbone", "short-term-only"}  # a rotary backbone has a tier
+    assert abs(rows["no-memory"]["nll"] - rows["backbone"]["nll"]) < 1e-4  # identity SideNet == backbone
+    assert abs(rows["memory"]["nll"] - rows["short-term-only"]["nll"]) < 1e-4  # the bank is ignored by identity
     assert rows["no-memory"]["memory_tokens"] == 0
 
 
@@ -142,7 +143,7 @@ def test_foreign_memory_control(tmp_path, capsys, backbone_dir):
     assert code == 0, err
     rows = {r["mode"]: r for r in json.loads(out)["results"]}
     assert rows["foreign-memory"]["memory_tokens"] > 0
-    assert abs(rows["foreign-memory"]["nll"] - rows["memory"]["nll"]) < 1e-4  # identity SideNet ignores memory
+    assert rows["foreign-memory"]["nll"] > 0  # identity ignores the bank, but the tier holds the other text
 
 
 def test_sliding_window_rows(tmp_path, capsys, backbone_dir):
@@ -151,7 +152,7 @@ def test_sliding_window_rows(tmp_path, capsys, backbone_dir):
     code, out, err = run(capsys, "ppl", book, *base(backbone_dir), "--compare", "--window", 64, "--json")
     assert code == 0, err
     modes = [r["mode"] for r in json.loads(out)["results"]]
-    assert modes == ["memory", "no-memory", "backbone", "window-64"]
+    assert modes == ["memory", "no-memory", "backbone", "short-term-only", "window-64"]
 
 
 def test_data_folder_with_a_bad_file_fails_cleanly(tmp_path, capsys, backbone_dir):

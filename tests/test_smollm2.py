@@ -16,7 +16,7 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def smol():
-    return LongMemModel.from_pretrained(None, dtype="float32", segment_length=128, memory_size=1024)
+    return LongMemModel.from_pretrained(None, dtype="float32", segment_length=128, memory_size=1024, recent_tokens=0)
 
 
 def test_identity_init_equals_smollm2_with_a_filled_memory(smol):
