@@ -65,7 +65,7 @@ def test_passkey_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, back
 
 
 def test_out_must_be_a_json_file(tmp_path, capsys, backbone_dir):
-    code, _, err = run(capsys, "eval", "passkey", *model_args(backbone_dir), "--out", tmp_path)
+    code, _, err = run(capsys, "eval", "passkey", *model_args(backbone_dir), "--filler", "repeat", "--out", tmp_path)
     assert code == 2 and "must end in .json" in err
 
 
