@@ -3,10 +3,11 @@ import torch
 
 from conftest import make_model
 from longmem.errors import LongMemError
-from longmem.evals.icl import IclConfig, classify, draw, icl
+from longmem.evals.icl import IclConfig, classify, draw, icl, window_classifier
 from longmem.evals.icl_data import load_task, read_examples
 from longmem.evals.plots import icl_bars
-from longmem.evals.scoring import parse_mode, prepare, score
+from longmem.evals.prefix import SharedPrefix
+from longmem.evals.scoring import parse_mode, prepare, score, window_logits
 
 GOOD = ["a fine film", "lovely and warm", "great fun", "a joy", "well made", "sweet", "smart", "moving"]
 BAD = ["a dull mess", "boring", "too long", "flat", "a bore", "sour", "dumb", "tedious"]
@@ -70,13 +71,42 @@ def test_draws_are_seeded_disjoint_and_nested(data):
 
 def test_one_pass_label_scoring_equals_per_label_scoring():
     model = make_model("llama", init="paper", segment_length=64)
-    mode = parse_mode(model, "memory")
-    ctx = prepare(model, mode, torch.randint(0, 256, (40,)))
-    local = torch.randint(0, 256, (20,))
-    labels = [torch.tensor([97]), torch.tensor([98]), torch.tensor([99])]
-    fast = classify(model, ctx, local, labels)
-    slow = [score(model, ctx, local, ids) for ids in labels]
+    ctx = prepare(model, parse_mode(model, "memory"), torch.randint(0, 256, (40,)))
+    pre, query = torch.randint(0, 256, (20,)), torch.randint(0, 256, (5,))
+    logits_of, kept, cut = window_classifier(model, ctx, pre, query, keep=64)
+    assert torch.equal(kept, query) and not cut
+    single = [torch.tensor([97]), torch.tensor([98]), torch.tensor([99])]
+    fast = classify(logits_of, query, single)
+    slow = [score(model, ctx, torch.cat([pre, query]), ids) for ids in single]
     assert fast.label == max(range(3), key=lambda i: slow[i].logprob) and fast.token == slow[0].argmax[0]
+    multi = [torch.tensor([97, 98]), torch.tensor([99, 100, 101])]
+    pred = classify(logits_of, query, multi)
+    want = [score(model, ctx, torch.cat([pre, query]), ids).logprob for ids in multi]
+    assert pred.label == max(range(2), key=want.__getitem__)
+
+
+@pytest.mark.parametrize("family, mode", [("llama", "memory"), ("llama", "short-term-only"), ("llama", "no-memory"),
+                                          ("llama", "backbone"), ("gpt2", "memory"), ("gpt2", "backbone")])
+def test_shared_prefix_equals_recomputing_the_window(family, mode):
+    tier = {"recent_tokens": 16} if family == "llama" else {}
+    model = make_model(family, init="paper", segment_length=48, **tier)
+    m = parse_mode(model, mode)
+    ctx = prepare(model, m, torch.randint(0, 256, (70,)))
+    prefix = torch.randint(0, 256, (25,))
+    shared = SharedPrefix(model, ctx, prefix)
+    for q in (3, 7, 1, 7):  # the caches rewind after every query
+        query = torch.randint(0, 256, (q,))
+        want = window_logits(model, ctx, torch.cat([prefix, query]))[-q:]
+        assert torch.allclose(shared.logits(query), want, atol=1e-4)
+
+
+def test_long_prompts_fall_back_and_are_cut_from_the_left():
+    model = make_model("llama", segment_length=16)
+    ctx = prepare(model, parse_mode(model, "no-memory"), torch.zeros(0, dtype=torch.long))
+    logits_of, kept, cut = window_classifier(model, ctx, torch.arange(20), torch.arange(30, 36), keep=16)
+    assert cut and torch.equal(kept, torch.arange(30, 36)) and logits_of(kept).shape == (6, 260)
+    _, kept, _ = window_classifier(model, ctx, torch.arange(5), torch.arange(40, 60), keep=16)
+    assert torch.equal(kept, torch.arange(44, 60))
 
 
 def test_icl_scores_every_task_seed_k_and_mode(data, tmp_path):
@@ -98,6 +128,17 @@ def test_icl_scores_every_task_seed_k_and_mode(data, tmp_path):
     assert len(stats["per_seed"]) == 2 and stats["std"] >= 0
     assert set(result.to_dict()["memory_minus_backbone_points"]) == {"k3", "k0"}
     assert icl_bars(result.to_dict(), tmp_path / "icl.png").stat().st_size > 1000
+
+
+def test_shared_prefix_gives_the_same_accuracies(data):
+    model = make_model("llama", init="paper", segment_length=200, recent_tokens=32)
+    config = dict(data=str(data), tasks=["sst-2"], demos=[3], memory_demos=8, seeds=1,
+                  modes=["memory", "no-memory", "backbone", "short-term-only"])
+    fast = icl(model, IclConfig(**config))
+    slow = icl(model, IclConfig(**config, shared_prefix=False))
+    assert all(s.truncated == 0 for s in fast.scores)  # every prompt took the shared-prefix path
+    assert [(s.accuracy, s.accuracy_argmax) for s in fast.scores] == [(s.accuracy, s.accuracy_argmax)
+                                                                      for s in slow.scores]
 
 
 def test_long_prompts_are_truncated_from_the_left(data):

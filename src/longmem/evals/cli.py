@@ -98,6 +98,8 @@ def add_eval_parser(sub: argparse._SubParsersAction, model_args: Callable[[argpa
     ic.add_argument("--max-test", type=int, help="test examples per task (a fixed random subset; default all)")
     ic.add_argument("--labels", type=_label_map, help="label words of other tasks, e.g. 0=negative,1=positive")
     ic.add_argument("--template", help="prompt of other tasks with {text} (default 'Review: {text} Sentiment:')")
+    ic.add_argument("--no-shared-prefix", action="store_true",
+                    help="recompute the demonstrations for every test sentence (slow; same numbers)")
     _common(ic, "icl", model_args)
     ic.set_defaults(func=cmd_icl)
 
@@ -229,7 +231,8 @@ def cmd_icl(args: argparse.Namespace) -> int:
 
     config = _config(IclConfig, data=args.data, tasks=args.tasks, demos=args.demos, memory_demos=args.memory_demos,
                      seeds=args.seeds, max_test=args.max_test, modes=args.modes, labels=args.labels,
-                     template=args.template, seed=args.seed, chunk_size=args.chunk_size)
+                     template=args.template, seed=args.seed, chunk_size=args.chunk_size,
+                     shared_prefix=False if args.no_shared_prefix else None)
     for name in config.tasks:  # every task file must load before a model is
         load_task(Path(config.data), name, config.labels, config.template)
     check_out_path(args.out)

@@ -21,13 +21,16 @@ import random
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
 
 from ..errors import LongMemError
 from .icl_data import Task, load_task
-from .scoring import Context, Mode, Scorer, next_token_logits, parse_modes, prepare, score, variant
+from ..model import LongMemModel
+from .prefix import SharedPrefix
+from .scoring import Context, Mode, Scorer, parse_modes, prepare, variant, window_logits
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +64,9 @@ class IclConfig:
     """Prompt template with {text} for tasks without a built-in one (default 'Review: {text} Sentiment:')."""
     seed: int = 0
     """Base seed."""
+    shared_prefix: bool = True
+    """Compute the in-context demonstrations once per seed and mode (incremental decoding) instead
+    of again for every test sentence; the same numbers, much faster."""
 
     def __post_init__(self) -> None:
         if not self.tasks:
@@ -111,17 +117,39 @@ class Prediction:
     token: int  # argmax over the whole vocabulary after the prompt
 
 
-def classify(model: Scorer, ctx: Context, local: torch.Tensor, label_ids: list[torch.Tensor]) -> Prediction:
-    """Label-restricted choice and full-vocabulary argmax after local [L]."""
+LogitsOf = Callable[[torch.Tensor], torch.Tensor]
+"""ids [N] placed after the demonstrations -> their next-token logits [N,V]."""
+
+
+def classify(logits_of: LogitsOf, query: torch.Tensor, label_ids: list[torch.Tensor]) -> Prediction:
+    """Label-restricted choice and full-vocabulary argmax after query [Q] (Q >= 1)."""
+    q = query.shape[0]
     if all(ids.shape[0] == 1 for ids in label_ids):  # one pass serves every label
-        logits = next_token_logits(model, ctx, local)  # [V]
-        logp = torch.log_softmax(logits, -1)
-        scores = [float(logp[ids[0]]) for ids in label_ids]
-        token = int(logits.argmax())
-    else:
-        results = [score(model, ctx, local, ids) for ids in label_ids]
-        scores, token = [r.logprob for r in results], results[0].argmax[0]
+        logits = logits_of(query)[-1]  # [V]
+        logp = torch.log_softmax(logits, -1)[torch.cat(label_ids)]  # [labels]
+        return Prediction(int(logp.argmax()), int(logits.argmax()))
+    scores, token = [], None
+    for ids in label_ids:
+        logits = logits_of(torch.cat([query, ids[:-1]]))[q - 1 :]  # [C,V]
+        scores.append(float(torch.log_softmax(logits, -1).gather(1, ids[:, None]).sum()))
+        token = int(logits[0].argmax()) if token is None else token
     return Prediction(max(range(len(scores)), key=scores.__getitem__), token)
+
+
+def window_classifier(model: Scorer, ctx: Context, prefix: torch.Tensor, query: torch.Tensor,
+                      keep: int) -> tuple[LogitsOf, torch.Tensor, bool]:
+    """The slow path: prefix [P] + query [Q] recomputed for every call, cut from the left to
+    ``keep`` tokens. Returns (logits_of, the query as kept, whether anything was cut)."""
+    full = torch.cat([prefix, query])
+    cut = full.shape[0] > keep
+    full = full[-keep:]
+    q = min(query.shape[0], keep)
+    pre, query = full[: full.shape[0] - q], full[full.shape[0] - q :]
+
+    def logits_of(ids: torch.Tensor) -> torch.Tensor:
+        return window_logits(model, ctx, torch.cat([pre, ids]))[pre.shape[0] :]
+
+    return logits_of, query, cut
 
 
 @dataclass
@@ -195,22 +223,28 @@ def icl(model: Scorer, config: IclConfig | None = None, progress: bool = False) 
                 ctx = prepare(scorer, mode, memory_ids if mode.reads_memory else memory_ids[:0])
                 for k in config.demos:
                     scores.append(run_seed(scorer, ctx, mode, task, tests, demos.context[:k], label_ids, keys,
-                                           s, progress))
+                                           s, config, progress))
                     log.info("%s seed %d k=%d %s: %.3f (argmax %.3f)", task.name, s, k, mode.name,
                              scores[-1].accuracy, scores[-1].accuracy_argmax)
     return IclResult(config, scores)
 
 
 def run_seed(model: Scorer, ctx: Context, mode: Mode, task: Task, tests: list[tuple[str, str]], context: list[str],
-             label_ids: list[torch.Tensor], keys: list[str], s: int, progress: bool) -> SeedScore:
-    room = max(ids.shape[0] for ids in label_ids) - 1
+             label_ids: list[torch.Tensor], keys: list[str], s: int, config: IclConfig, progress: bool) -> SeedScore:
+    keep = mode.window - (max(ids.shape[0] for ids in label_ids) - 1)  # prompt tokens that fit with a label
+    prefix = encode(model, " ".join(context)) if context else torch.zeros(0, dtype=torch.long)
+    fast = config.shared_prefix and (mode.backbone_only or isinstance(model, LongMemModel))
+    shared = SharedPrefix(model, ctx, prefix) if fast and 0 < prefix.shape[0] < keep else None
     right = right_argmax = truncated = 0
     desc = f"{task.name} seed {s} k={len(context)} {mode.name}"
     for text, label in tqdm(tests, desc=desc, unit="ex", disable=not progress, leave=False):
-        local = encode(model, " ".join([*context, task.prompt(text)]))
-        keep = mode.window - room
-        truncated += local.shape[0] > keep
-        pred = classify(model, ctx, local[-keep:], label_ids)
+        query = encode(model, (" " if context else "") + task.prompt(text))
+        if shared is not None and prefix.shape[0] + query.shape[0] <= keep:
+            pred = classify(shared.logits, query, label_ids)
+        else:
+            logits_of, query, cut = window_classifier(model, ctx, prefix, query, keep)
+            truncated += cut
+            pred = classify(logits_of, query, label_ids)
         gold = keys.index(label)
         right += pred.label == gold
         right_argmax += pred.token == int(label_ids[gold][0])

@@ -1,0 +1,55 @@
+"""Many short queries after one shared prefix, the prefix computed once.
+
+In-context learning scores thousands of test sentences after the same demonstrations.
+``SharedPrefix`` decodes the demonstrations once with incremental decoding
+(:mod:`longmem.decode` for the LongMem modes, the Hugging Face key/value cache for the
+backbone), then appends each query, takes its logits and rewinds the caches to the
+prefix. Its logits equal :func:`longmem.evals.scoring.window_logits` on prefix + query
+(the slow twin it is tested against).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..decode import decode, new_cache
+from ..errors import LongMemError
+from .scoring import Context, Scorer
+
+
+class SharedPrefix:
+    """A context's prefix [P] decoded once; ``logits`` appends a query and rewinds."""
+
+    def __init__(self, model: Scorer, ctx: Context, prefix: torch.Tensor):
+        if prefix.shape[0] < 1:
+            raise LongMemError("a shared prefix needs at least one token")
+        self.model, self.ctx, self.n = model, ctx, prefix.shape[0]
+        if ctx.mode.backbone_only:
+            self.cache = model.backbone.new_cache()
+            model.backbone.model(prefix[None], past_key_values=self.cache, use_cache=True)
+        else:
+            self.cache = new_cache(model, 1, ctx.start, ctx.mode.window, memory=ctx.memory)
+            decode(model, self.cache, prefix[None], ctx.memory)
+
+    @torch.no_grad()
+    def logits(self, query: torch.Tensor) -> torch.Tensor:
+        """query [Q] placed after the prefix -> next-token logits [Q,V] (float32)."""
+        if self.n + query.shape[0] > self.ctx.mode.window:
+            raise LongMemError(f"{self.n + query.shape[0]} tokens do not fit the {self.ctx.mode.window}-token window")
+        if self.ctx.mode.backbone_only:
+            out = self.model.backbone.model(query[None], past_key_values=self.cache, use_cache=True).logits
+        else:
+            out = decode(self.model, self.cache, query[None], self.ctx.memory)
+        self._rewind(query.shape[0])
+        return out[0].float()  # [Q,V]
+
+    def _rewind(self, q: int) -> None:
+        """Drop the last q tokens from every cache."""
+        if self.ctx.mode.backbone_only:
+            self.cache.crop(-q)
+            return
+        cache = self.cache
+        cache.backbone.crop(-q)
+        for buf in [*cache.blocks, cache.memory_kv]:
+            buf.length -= q
+        cache.ids = cache.ids[:, : self.n]
