@@ -71,3 +71,21 @@ def make_model(family: str = "llama", dtype=torch.float32, **config) -> LongMemM
 @pytest.fixture(params=["llama", "gpt2"])
 def family(request) -> str:
     return request.param
+
+
+@pytest.fixture(scope="module")
+def backbone_dir(tmp_path_factory):
+    """A tiny Llama + byte tokenizer saved as an HF directory (for CLI tests)."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny_llama().save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    return path
+
+
+def run_cli(capsys, *args) -> tuple[int, str, str]:
+    """Run the `longmem` CLI in-process -> (exit code, stdout, stderr)."""
+    from longmem.cli import main
+
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.out, out.err

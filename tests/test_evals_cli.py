@@ -4,22 +4,10 @@ import json
 
 import pytest
 
-from conftest import byte_tokenizer, tiny_llama
-from longmem.cli import main
+from conftest import run_cli
 
 
-@pytest.fixture(scope="module")
-def backbone_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tiny_llama().save_pretrained(path)
-    byte_tokenizer().save_pretrained(path)
-    return path
-
-
-def run(capsys, *args):
-    code = main([str(a) for a in args])
-    out = capsys.readouterr()
-    return code, out.out, out.err
+run = run_cli
 
 
 def model_args(backbone_dir):
