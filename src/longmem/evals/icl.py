@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import random
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -169,6 +169,8 @@ class SeedScore:
 
 @dataclass
 class IclResult:
+    """Every (task, seed, k, mode) accuracy; means and stds over seeds, averages over tasks."""
+
     config: IclConfig
     scores: list[SeedScore]
 
@@ -196,7 +198,7 @@ class IclResult:
                 checks[k] = {m: 100 * (modes["memory"]["average"][m] - modes["backbone"]["average"][m])
                              for m in ("accuracy", "accuracy_argmax")}
         return {"summary": summary, "memory_minus_backbone_points": checks,
-                "scores": [s.__dict__ for s in self.scores]}
+                "scores": [asdict(s) for s in self.scores]}
 
 
 def _stats(values: list[float]) -> dict:
