@@ -187,7 +187,11 @@ elif point == "manifest":  # the part is complete; half of the new manifest's te
         pause()
     named.save_json = torn_json
 elif point == "switched":  # the manifest is switched; stale files not yet deleted
-    named._fsync_dir = pause
+    real_json = named.save_json
+    def switch_then_pause(path, data):
+        real_json(path, data)
+        pause()
+    named.save_json = switch_then_pause
 model = make_model("llama", init="paper")
 if point == "loop":
     for i in range(1000):

@@ -55,7 +55,7 @@ def sha256(path: Path) -> str:
 
 
 def fsync(path: Path) -> None:
-    """Flush a written file to disk."""
+    """Flush a written file (or a directory's entries) to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -206,7 +206,7 @@ class NamedMemory:
     def _commit(self, manifest: dict) -> None:
         """Switch to ``manifest`` atomically, then delete files it no longer lists."""
         save_json(self.path / MANIFEST, manifest)
-        _fsync_dir(self.path)
+        fsync(self.path)  # the directory entry of the new manifest
         listed = {part["file"] for part in manifest["parts"]} | {manifest.get("state", {}).get("file")}
         for path in self.path.iterdir():
             stale_part = path.name.startswith(("part-", "state-")) and path.name not in listed
@@ -221,14 +221,6 @@ class NamedMemory:
             trash = self.path.with_name(f".trash-{self.name}-{uuid.uuid4().hex[:8]}")
             os.replace(self.path, trash)
         shutil.rmtree(trash, ignore_errors=True)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _now() -> str:
