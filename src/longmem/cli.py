@@ -9,7 +9,7 @@ import logging
 import sys
 from pathlib import Path
 
-from .config import DEFAULT_BACKBONE
+from .config import DEFAULT_BACKBONE, RETRIEVAL_BACKENDS
 from .errors import LongMemError
 
 log = logging.getLogger("longmem")
@@ -113,7 +113,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                         "or 'fresh' (a new identity SideNet)")
     p.add_argument("--backbone", help=f"backbone name, HF id, directory or .gguf (default {DEFAULT_BACKBONE})")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="compute dtype")
-    p.add_argument("--retrieval", choices=["torch", "faiss"], help="chunk search backend")
+    p.add_argument("--retrieval", choices=list(RETRIEVAL_BACKENDS),
+                   help="chunk search: torch/faiss exact, ivf/hnsw approximate")
 
 
 def load_model(args: argparse.Namespace, **overrides):

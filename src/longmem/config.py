@@ -18,7 +18,7 @@ FORMAT_VERSION = 1
 INITS = ("identity", "paper", "delta")
 FUSIONS = ("gated", "joint")
 POSITION_SCHEMES = ("auto", "pre_rotary", "fixed", "true")
-RETRIEVAL_BACKENDS = ("torch", "faiss")
+RETRIEVAL_BACKENDS = ("torch", "faiss", "ivf", "hnsw")
 RETRIEVAL_HEADS = ("query", "kv")
 SEARCH_POSITIONS = ("none", "absolute")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -59,7 +59,13 @@ class LongMemConfig:
     sink_tokens: int = 1
     """First tokens of every segment kept out of memory (attention sinks)."""
     retrieval: str = "torch"
-    """Chunk search backend: 'torch' (exact) or 'faiss' (IndexFlatIP)."""
+    """Chunk search: 'torch' (exact), 'faiss' (exact IndexFlatIP), 'ivf' or 'hnsw' (approximate, faiss)."""
+    retrieval_nlist: int = 0
+    """For 'ivf': inverted lists (0: a power of two near sqrt(memory_size / chunk_size))."""
+    retrieval_nprobe: int = 32
+    """For 'ivf': lists visited per query (more: higher recall, slower)."""
+    retrieval_ef_search: int = 128
+    """For 'hnsw': candidates kept per query (more: higher recall, slower)."""
     retrieval_heads: str = "kv"
     """Who searches: one search per 'kv' head group (summed queries), or every 'query' head."""
     memory_dtype: str = "bfloat16"
@@ -92,6 +98,14 @@ class LongMemConfig:
             raise LongMemError(f"recent_tokens={self.recent_tokens} must be >= 0 (0 turns the short-term tier off)")
         if self.sink_tokens < 0:
             raise LongMemError(f"sink_tokens={self.sink_tokens} must be >= 0")
+        self.index_config()  # validates the retrieval knobs
+
+    def index_config(self):
+        """The memory bank's chunk search (``longmem.memory.index.IndexConfig``)."""
+        from .memory.index import IndexConfig
+
+        return IndexConfig(kind=self.retrieval, nlist=self.retrieval_nlist, nprobe=self.retrieval_nprobe,
+                           ef_search=self.retrieval_ef_search)
 
     @property
     def chunks_per_query(self) -> int:

@@ -176,11 +176,10 @@ def oldest(out: LongMemOutput, e: int) -> LongMemOutput:
 def copy_memory(bank: MemoryBank) -> MemoryBank:
     """An independent copy of a bank (same chunks, pending tokens, positions; any index)."""
     copy = MemoryBank(bank.batch_size, bank.num_kv_heads, bank.head_dim, bank.capacity * bank.chunk_size,
-                      bank.chunk_size, dtype=bank.dtype_name, index=bank.index_name, meta=bank.meta,
+                      bank.chunk_size, dtype=bank.dtype_name, index=bank.index_config, meta=bank.meta,
                       recent=deepcopy(bank.recent))  # the short-term tier too
-    for row in range(bank.batch_size):
-        keys, values, positions = bank.row_chunks(row)
-        copy.append_chunks(row, keys, values, positions, bank.row_chunk_keys(row))
+    for row in range(bank.batch_size):  # stored form: int8 entries are copied, not quantised again
+        copy.append_stored(row, bank.row_storage(row), bank.row_positions(row), bank.row_chunk_keys(row))
     for name in ("pending_keys", "pending_values", "pending_search", "pending_positions", "pending_count",
                  "end_position"):
         getattr(copy, name).copy_(getattr(bank, name))

@@ -5,6 +5,10 @@ tokens, the absolute position of every cached token, and one chunk key (the mean
 token keys) in a search index. Tokens that do not fill a chunk wait in a per-row pending
 buffer. When a row is full the oldest chunks are evicted first. Reading (``retrieve``)
 and writing (``write``) are separate calls: a segment retrieves first, then writes.
+
+Storage dtypes: float32, bfloat16, float16, or int8 (one bf16 scale per token and head,
+see ``quant.py``; dequantised to bf16 on retrieval). Pending tokens and chunk keys stay in
+the float dtype (bf16 for int8), so search is unaffected by int8 storage.
 """
 
 from __future__ import annotations
@@ -14,10 +18,18 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import LongMemError
-from .index import INDEXES
+from .index import IndexConfig, build_index
+from .quant import SCALE_DTYPE, dequantize, quantize
 from .recent import RecentCache
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+STORAGE_DTYPES = (*DTYPES, "int8")
+STORAGE_NAMES = ("keys", "values", "key_scale", "value_scale")  # attributes holding the stored K/V
+
+
+def float_dtype(storage: str) -> torch.dtype:
+    """The float dtype of a storage dtype's pending tokens, chunk keys and retrieved entries."""
+    return DTYPES["bfloat16" if storage == "int8" else storage]
 
 
 @dataclass
@@ -45,23 +57,28 @@ class MemoryBank:
         capacity_tokens: int,
         chunk_size: int,
         dtype: str = "bfloat16",
-        index: str = "torch",
+        index: str | IndexConfig = "torch",
         meta: dict | None = None,
         recent: RecentCache | None = None,
+        storage: dict[str, torch.Tensor] | None = None,
     ):
+        """``storage`` (optional): ready K/V tensors as ``new_storage`` makes them, e.g. memory-mapped."""
         if capacity_tokens % chunk_size:
             raise LongMemError(f"memory capacity {capacity_tokens} is not a multiple of chunk size {chunk_size}")
-        if dtype not in DTYPES:
-            raise LongMemError(f"memory dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+        if dtype not in STORAGE_DTYPES:
+            raise LongMemError(f"memory dtype {dtype!r} is not one of {', '.join(STORAGE_DTYPES)}")
         self.batch_size, self.num_kv_heads, self.head_dim = batch_size, num_kv_heads, head_dim
         self.chunk_size = chunk_size
         self.capacity = capacity_tokens // chunk_size  # C chunks per row
-        self.dtype_name, self.index_name = dtype, index
+        self.index_config = index if isinstance(index, IndexConfig) else IndexConfig(kind=index)
+        self.dtype_name, self.index_name = dtype, self.index_config.kind
         self.meta = dict(meta or {})
-        dt = DTYPES[dtype]
+        dt = float_dtype(dtype)
         b, h, c, s, d = batch_size, num_kv_heads, self.capacity, chunk_size, head_dim
-        self.keys = torch.zeros(b, h, c, s, d, dtype=dt)  # [B,Hkv,C,csz,Dh]
-        self.values = torch.zeros(b, h, c, s, d, dtype=dt)
+        storage = storage or self.new_storage()
+        self.keys, self.values = storage["keys"], storage["values"]  # [B,Hkv,C,csz,Dh] float or int8
+        self.key_scale = storage.get("key_scale")  # [B,Hkv,C,csz] int8 storage only
+        self.value_scale = storage.get("value_scale")
         self.positions = torch.zeros(b, c, s, dtype=torch.int64)  # [B,C,csz]
         self.start = torch.zeros(b, dtype=torch.long)  # ring slot of each row's oldest chunk
         self.count = torch.zeros(b, dtype=torch.long)  # chunks held per row
@@ -71,8 +88,18 @@ class MemoryBank:
         self.pending_positions = torch.zeros(b, s, dtype=torch.int64)
         self.pending_search = torch.zeros(b, h, s, d, dtype=dt)  # keys the chunk key is averaged from
         self.pending_count = torch.zeros(b, dtype=torch.long)
-        self.index = INDEXES[index](b, h, c, d, dt)
+        self.index = build_index(self.index_config, b, h, c, d, dt)
         self.recent = recent  # optional short-term tier (every layer's K/V of the last tokens read)
+
+    def new_storage(self) -> dict[str, torch.Tensor]:
+        """Zeroed K/V storage: keys, values [B,Hkv,C,csz,Dh] (+ key_scale, value_scale [B,Hkv,C,csz] for int8)."""
+        shape = (self.batch_size, self.num_kv_heads, self.capacity, self.chunk_size, self.head_dim)
+        if self.dtype_name != "int8":
+            dt = DTYPES[self.dtype_name]
+            return {"keys": torch.zeros(shape, dtype=dt), "values": torch.zeros(shape, dtype=dt)}
+        return {"keys": torch.zeros(shape, dtype=torch.int8), "values": torch.zeros(shape, dtype=torch.int8),
+                "key_scale": torch.zeros(shape[:-1], dtype=SCALE_DTYPE),
+                "value_scale": torch.zeros(shape[:-1], dtype=SCALE_DTYPE)}
 
     # ------------------------------------------------------------------ sizes
     def num_tokens(self, row: int | None = None) -> int:
@@ -86,10 +113,10 @@ class MemoryBank:
 
     def nbytes(self) -> int:
         """Bytes held by keys, values, positions, chunk keys and pending buffers."""
-        tensors = [self.keys, self.values, self.positions, self.pending_keys, self.pending_values,
-                   self.pending_search]
-        total = sum(t.numel() * t.element_size() for t in tensors) + self.recent_nbytes()
-        return total + self.capacity * self.batch_size * self.num_kv_heads * self.head_dim * _index_bytes(self)
+        tensors = [self.keys, self.values, self.key_scale, self.value_scale, self.positions, self.pending_keys,
+                   self.pending_values, self.pending_search]
+        total = sum(t.numel() * t.element_size() for t in tensors if t is not None) + self.recent_nbytes()
+        return total + self.index.nbytes()
 
     def recent_nbytes(self) -> int:
         """Bytes of the short-term tier (a fixed cost, independent of the capacity)."""
@@ -128,9 +155,10 @@ class MemoryBank:
         """Append kept tokens to one row: k, v, sk [Hkv,n,Dh]; pos [n]."""
         p, s = int(self.pending_count[row]), self.chunk_size
         sk = k if sk is None else sk
-        k = torch.cat([self.pending_keys[row, :, :p], k.to(self.keys.dtype)], 1)  # [Hkv,p+n,Dh]
-        v = torch.cat([self.pending_values[row, :, :p], v.to(self.values.dtype)], 1)
-        sk = torch.cat([self.pending_search[row, :, :p], sk.to(self.keys.dtype)], 1)
+        dt = self.pending_keys.dtype
+        k = torch.cat([self.pending_keys[row, :, :p], k.to(dt)], 1)  # [Hkv,p+n,Dh]
+        v = torch.cat([self.pending_values[row, :, :p], v.to(dt)], 1)
+        sk = torch.cat([self.pending_search[row, :, :p], sk.to(dt)], 1)
         pos = torch.cat([self.pending_positions[row, :p], pos.to(torch.int64)])
         full = k.shape[1] // s * s
         rest = k.shape[1] - full
@@ -143,7 +171,7 @@ class MemoryBank:
         if n == 0:
             return
         chunked = (self.num_kv_heads, n, s, self.head_dim)
-        chunk_keys = sk[:, :full].reshape(chunked).float().mean(2).to(self.keys.dtype)  # [Hkv,n,Dh]
+        chunk_keys = sk[:, :full].reshape(chunked).float().mean(2).to(dt)  # [Hkv,n,Dh]
         self.append_chunks(row, k[:, :full].reshape(chunked), v[:, :full].reshape(chunked),
                            pos[:full].reshape(n, s), chunk_keys)
 
@@ -151,9 +179,21 @@ class MemoryBank:
         self, row: int, ck: torch.Tensor, cv: torch.Tensor, cp: torch.Tensor, chunk_keys: torch.Tensor
     ) -> None:
         """Store whole chunks: ck, cv [Hkv,n,csz,Dh], cp [n,csz], chunk_keys [Hkv,n,Dh]; FIFO eviction."""
-        n = ck.shape[1]
+        if self.key_scale is None:
+            stored = {"keys": ck, "values": cv}
+        else:
+            (kq, ks), (vq, vs) = quantize(ck), quantize(cv)
+            stored = {"keys": kq, "values": vq, "key_scale": ks, "value_scale": vs}
+        self.append_stored(row, stored, cp, chunk_keys)
+
+    def append_stored(self, row: int, stored: dict[str, torch.Tensor], cp: torch.Tensor,
+                      chunk_keys: torch.Tensor) -> None:
+        """Store whole chunks already in storage form (``row_storage``: keys, values [Hkv,n,csz,Dh] and for
+        int8 key_scale, value_scale [Hkv,n,csz]), cp [n,csz], chunk_keys [Hkv,n,Dh]; FIFO eviction."""
+        n = cp.shape[0]
         first = max(0, n - self.capacity)  # a write larger than the bank keeps its newest chunks
-        ck, cv, cp, chunk_keys = ck[:, first:], cv[:, first:], cp[first:], chunk_keys[:, first:]
+        stored = {name: t[:, first:] for name, t in stored.items()}
+        cp, chunk_keys = cp[first:], chunk_keys[:, first:]
         n -= first
         overflow = int(self.count[row]) + n - self.capacity
         if overflow > 0:  # FIFO: evict the oldest chunks
@@ -161,8 +201,9 @@ class MemoryBank:
             self.start[row] = (self.start[row] + overflow) % self.capacity
             self.count[row] -= overflow
         slots = (self.start[row] + self.count[row] + torch.arange(n)) % self.capacity
-        self.keys[row, :, slots] = ck.to(self.keys.dtype)
-        self.values[row, :, slots] = cv.to(self.values.dtype)
+        for name, value in stored.items():
+            target = getattr(self, name)  # [B,Hkv,C,csz(,Dh)]
+            target[row, :, slots] = value.to(target.dtype)
         self.positions[row, slots] = cp
         self.index.add(row, slots, chunk_keys)
         self.count[row] += n
@@ -192,12 +233,20 @@ class MemoryBank:
         flat = flat[:, :, None, None] + slots  # [B,Hs,T,n] index into [B*Hkv*C]
         s = self.chunk_size
         flat = flat.flatten()
-        keys = self.keys.view(-1, s * d).index_select(0, flat).view(b, hs, t, num_chunks * s, d)  # [B,Hs,T,K,Dh]
-        values = self.values.view(-1, s * d).index_select(0, flat).view(b, hs, t, num_chunks * s, d)
+        keys = self._gather(self.keys, self.key_scale, flat).view(b, hs, t, num_chunks * s, d)  # [B,Hs,T,K,Dh]
+        values = self._gather(self.values, self.value_scale, flat).view(b, hs, t, num_chunks * s, d)
         row_slot = (torch.arange(b)[:, None, None, None] * self.capacity + slots).flatten()  # [B*Hs*T*n]
         positions = self.positions.view(-1, s).index_select(0, row_slot).view(b, hs, t, num_chunks * s)
         mask = valid.repeat_interleave(s, -1)  # [B,Hs,T,K]
         return Retrieved(keys, values, positions, mask, slots)
+
+    def _gather(self, stored: torch.Tensor, scale: torch.Tensor | None, flat: torch.Tensor) -> torch.Tensor:
+        """Chunks at flat indexes [N] into [B*Hkv*C] -> [N,csz,Dh] (int8: dequantised to the float dtype)."""
+        s, d = self.chunk_size, self.head_dim
+        chunks = stored.view(-1, s * d).index_select(0, flat).view(-1, s, d)
+        if scale is None:
+            return chunks
+        return dequantize(chunks, scale.view(-1, s).index_select(0, flat), self.pending_keys.dtype)
 
     # ------------------------------------------------------------------ reset
     def reset(self, rows: list[int] | None = None) -> None:
@@ -210,9 +259,37 @@ class MemoryBank:
 
     # ------------------------------------------------------------------ views
     def row_chunks(self, row: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Oldest-first (keys, values [Hkv,n,csz,Dh], positions [n,csz]) of one row."""
+        """Oldest-first (keys, values [Hkv,n,csz,Dh], positions [n,csz]) of one row (int8: dequantised)."""
+        stored = self.row_storage(row)
+        if self.key_scale is None:
+            return stored["keys"], stored["values"], self.row_positions(row)
+        dt = self.pending_keys.dtype
+        return (dequantize(stored["keys"], stored["key_scale"], dt),
+                dequantize(stored["values"], stored["value_scale"], dt), self.row_positions(row))
+
+    def row_positions(self, row: int) -> torch.Tensor:
+        """Oldest-first positions [n,csz] of one row's chunks."""
+        return self.positions[row, self._row_slots(row)]
+
+    def row_storage(self, row: int) -> dict[str, torch.Tensor]:
+        """Oldest-first stored K/V of one row as ``new_storage`` names them, without its row dim."""
         slots = self._row_slots(row)
-        return self.keys[row, :, slots], self.values[row, :, slots], self.positions[row, slots]
+        tensors = {name: getattr(self, name) for name in STORAGE_NAMES}
+        return {name: t[row, :, slots] for name, t in tensors.items() if t is not None}
+
+    def attach(self, row: int, positions: torch.Tensor, chunk_keys: torch.Tensor) -> None:
+        """Hold the first n ring slots of an empty row, whose K/V are already in storage (e.g. mapped).
+
+        positions [n,csz]; chunk_keys [Hkv,n,Dh].
+        """
+        n = positions.shape[0]
+        if int(self.count[row]) or n > self.capacity:
+            raise LongMemError(f"cannot attach {n} chunks to row {row} (holding {int(self.count[row])} of "
+                               f"{self.capacity})")
+        slots = torch.arange(n)
+        self.positions[row, slots] = positions
+        self.index.add(row, slots, chunk_keys)
+        self.start[row], self.count[row] = 0, n
 
     def row_chunk_keys(self, row: int) -> torch.Tensor:
         """Oldest-first chunk keys [Hkv,n,Dh] of one row, as the index holds them."""
@@ -220,8 +297,3 @@ class MemoryBank:
 
     def _row_slots(self, row: int) -> torch.Tensor:
         return (self.start[row] + torch.arange(int(self.count[row]))) % self.capacity
-
-
-def _index_bytes(bank: MemoryBank) -> int:
-    """Bytes per chunk-key element held by the bank's index."""
-    return 4 if bank.index_name == "faiss" else bank.keys.element_size()

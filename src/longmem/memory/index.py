@@ -1,17 +1,91 @@
 """Chunk search: exact torch search (default, the oracle) and faiss IndexFlatIP.
 
-Both index the chunk keys of a ring buffer with one slot per chunk. A search returns,
-for every query, the ring slots of its best ``n`` chunks by inner product, and which of
-those are valid (a row holding fewer than ``n`` chunks pads with invalid slots).
+Every index holds the chunk keys of a ring buffer with one slot per chunk. A search
+returns, for every query, the ring slots of its best ``n`` chunks by inner product, and
+which of those are valid (a row holding fewer than ``n`` chunks pads with invalid slots).
 Grouped-query heads search their KV head's chunks: query head h uses KV head h // G.
+The approximate indexes (faiss IVF and HNSW) are in ``approx.py``; ``IndexConfig``
+chooses one per memory bank.
 """
 
 from __future__ import annotations
 
+import math
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+
 import numpy as np
 import torch
 
+from ..errors import LongMemError
+
 NEG_INF = float("-inf")
+KINDS = ("torch", "faiss", "ivf", "hnsw")
+IVF_CODES = ("float16", "float32")
+
+
+@dataclass
+class IndexConfig:
+    """Which chunk search a memory bank uses, and the knobs of the approximate ones."""
+
+    kind: str = "torch"
+    """'torch' (exact, the oracle), 'faiss' (exact IndexFlatIP), 'ivf' (faiss IVF) or 'hnsw' (faiss HNSW)."""
+    nlist: int = 0
+    """IVF: inverted lists (0: a power of two near sqrt(capacity in chunks), at least 16)."""
+    nprobe: int = 32
+    """IVF: lists visited per query (more: higher recall, slower)."""
+    train_chunks: int = 0
+    """IVF: chunks held before the quantizer is trained, exact search until then (0: 32 per list)."""
+    retrain_growth: float = 4.0
+    """IVF: retrain once this many times the chunks of the last training were added since (0: never)."""
+    ivf_codes: str = "float16"
+    """IVF: how the lists store chunk keys, 'float16' (exact for bf16 keys, half the bytes) or 'float32'."""
+    hnsw_m: int = 32
+    """HNSW: links per node."""
+    ef_construction: int = 64
+    """HNSW: candidates kept while inserting."""
+    ef_search: int = 128
+    """HNSW: candidates kept per query (raised to the chunks wanted if lower)."""
+    rebuild_dead: float = 0.25
+    """HNSW: rebuild once evicted (filtered-out) entries reach this share of the capacity."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise LongMemError(f"retrieval index {self.kind!r} is not one of {', '.join(KINDS)}")
+        for name in ("nlist", "train_chunks"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise LongMemError(f"index {name}={getattr(self, name)!r} must be an integer >= 0 (0: automatic)")
+        for name in ("nprobe", "hnsw_m", "ef_construction", "ef_search"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                raise LongMemError(f"index {name}={getattr(self, name)!r} must be a positive integer")
+        if self.ivf_codes not in IVF_CODES:
+            raise LongMemError(f"index ivf_codes={self.ivf_codes!r} is not one of {', '.join(IVF_CODES)}")
+        if self.retrain_growth < 0:
+            raise LongMemError(f"index retrain_growth={self.retrain_growth} must be >= 0 (0: train once)")
+        if not 0 < self.rebuild_dead <= 1:
+            raise LongMemError(f"index rebuild_dead={self.rebuild_dead} must be in (0, 1]")
+
+    def lists(self, capacity: int) -> int:
+        """IVF lists for a ring of ``capacity`` chunks."""
+        return self.nlist or max(16, 2 ** round(math.log2(math.sqrt(capacity))))
+
+    def training_size(self, capacity: int) -> int:
+        """IVF: chunks held when the quantizer is trained (at most the capacity)."""
+        return min(capacity, self.train_chunks or 32 * self.lists(capacity))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def build_index(config: IndexConfig, batch: int, num_kv_heads: int, capacity: int, head_dim: int,
+                dtype: torch.dtype):
+    """The index ``config`` names for a bank of [batch, num_kv_heads] rings of ``capacity`` chunks."""
+    if config.kind in ("ivf", "hnsw"):
+        from .approx import HnswIndex, IvfIndex
+
+        cls = IvfIndex if config.kind == "ivf" else HnswIndex
+        return cls(batch, num_kv_heads, capacity, head_dim, dtype, config)
+    return INDEXES[config.kind](batch, num_kv_heads, capacity, head_dim, dtype)
 
 
 class TorchIndex:
@@ -30,6 +104,10 @@ class TorchIndex:
 
     def evict(self, row: int, n: int) -> None:
         """Slots are overwritten in place; nothing to do."""
+
+    def nbytes(self) -> int:
+        """Bytes of the index at capacity."""
+        return self.chunk_keys.numel() * self.chunk_keys.element_size()
 
     def reset(self, row: int) -> None:
         """Stale slots are masked by the bank's counts; nothing to do."""
@@ -93,6 +171,10 @@ class FaissIndex:
         self.head_dim = head_dim
         self.indexes = [[faiss.IndexFlatIP(head_dim) for _ in range(num_kv_heads)] for _ in range(batch)]
 
+    def nbytes(self) -> int:
+        """Bytes of the index at capacity (fp32 chunk keys)."""
+        return 4 * self.capacity * self.head_dim * len(self.indexes) * len(self.indexes[0])
+
     def add(self, row: int, slots: torch.Tensor, keys: torch.Tensor) -> None:
         for g, index in enumerate(self.indexes[row]):
             index.add(np.ascontiguousarray(keys[g].float().numpy()))
@@ -119,20 +201,29 @@ class FaissIndex:
         k = min(n, self.capacity)
         ids = np.empty((b, hkv, group * t, k), dtype=np.int64)
         q = queries.float().reshape(b, hkv, group * t, dh)  # [B,Hkv,G*T,Dh]
-        threads = torch.get_num_threads()
-        try:
-            # faiss shares torch's OpenMP pool here; its multi-threaded search beside torch slowed
-            # the backbone ~6x, so it searches on one thread and torch's setting is restored after
-            self._faiss.omp_set_num_threads(1)
+        with one_thread(self._faiss):
             for row in range(b):
                 for g, index in enumerate(self.indexes[row]):
                     _, ids[row, g] = index.search(np.ascontiguousarray(q[row, g].numpy()), k)
-        finally:
-            torch.set_num_threads(threads)
         found = torch.from_numpy(ids).view(b, hq, t, k)
         valid = found >= 0
         slots = (found.clamp(min=0) + start.view(b, 1, 1, 1)) % self.capacity
         return _pad(slots, valid, n)
+
+
+@contextmanager
+def one_thread(faiss):
+    """Run faiss on one thread, then restore torch's thread count.
+
+    faiss shares torch's OpenMP pool here; its multi-threaded search beside torch slowed
+    the backbone ~6x, so it works on one thread and torch's setting is restored after.
+    """
+    threads = torch.get_num_threads()
+    try:
+        faiss.omp_set_num_threads(1)
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _pad(slots: torch.Tensor, valid: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,6 +4,11 @@ A memory directory holds ``manifest.json`` and one data file ``memory-<id>.safet
 A save writes a new data file first, then atomically replaces the manifest (which names
 the data file and its sha256), then deletes the old data file: a crash at any point
 leaves either the old or the new memory, never a mix.
+
+The manifest's ``dtype`` is the storage dtype of the cached keys/values (int8 memories
+also hold one scale per token and head). ``load_memory(..., mmap=True)`` leaves the big
+keys/values on disk, memory-mapped (copy-on-write); positions, chunk keys (the search
+index) and the short-term tier are read into RAM.
 """
 
 from __future__ import annotations
@@ -11,17 +16,22 @@ from __future__ import annotations
 import uuid
 from pathlib import Path
 
+import torch
 from safetensors.torch import save_file
 
 from ..config import FORMAT_VERSION
 from ..files import fsync, load_checked_safetensors, load_json, load_versioned, save_json, sha256
 from ..errors import LongMemError
-from .bank import DTYPES, MemoryBank
+from .bank import DTYPES, STORAGE_DTYPES, STORAGE_NAMES, MemoryBank, float_dtype
+from .index import IndexConfig
+from .mapped import map_checked_safetensors
+from .quant import SCALE_DTYPE
 from .recent import RecentCache
 
 KIND = "longmem-memory"
 META_KEYS = ("backbone_fingerprint", "memory_layer")
 CHECKED = (*META_KEYS, "chunk_size", "num_kv_heads", "head_dim", "recent_tokens")
+ROW_TENSORS = ("positions", "chunk_keys", "pending_keys", "pending_values", "pending_search", "pending_positions")
 
 
 def save_memory(bank: MemoryBank, path: str | Path) -> Path:
@@ -33,12 +43,10 @@ def save_memory(bank: MemoryBank, path: str | Path) -> Path:
     old = _manifest_or_none(path)
     tensors = {"end_position": bank.end_position.clone()}
     for row in range(bank.batch_size):
-        keys, values, positions = bank.row_chunks(row)
         p = int(bank.pending_count[row])
+        tensors |= {f"row{row}.{name}": t for name, t in bank.row_storage(row).items()}  # keys, values (+ scales)
         tensors |= {
-            f"row{row}.keys": keys,
-            f"row{row}.values": values,
-            f"row{row}.positions": positions,
+            f"row{row}.positions": bank.row_positions(row),
             f"row{row}.chunk_keys": bank.row_chunk_keys(row),
             f"row{row}.pending_keys": bank.pending_keys[row, :, :p],
             f"row{row}.pending_values": bank.pending_values[row, :, :p],
@@ -65,6 +73,7 @@ def save_memory(bank: MemoryBank, path: str | Path) -> Path:
         "head_dim": bank.head_dim,
         "dtype": bank.dtype_name,
         "index": bank.index_name,
+        "index_config": bank.index_config.to_dict(),
         "bytes": data.stat().st_size,
         "recent_tokens": recent.recent if recent is not None else 0,
         "sink_slots": recent.sinks if recent is not None else 0,
@@ -82,11 +91,28 @@ def read_manifest(path: str | Path) -> dict:
 
 
 def load_memory(
-    path: str | Path, expect: dict | None = None, index: str | None = None, capacity_tokens: int | None = None
+    path: str | Path,
+    expect: dict | None = None,
+    index: str | IndexConfig | None = None,
+    capacity_tokens: int | None = None,
+    dtype: str | None = None,
+    mmap: bool = False,
 ) -> MemoryBank:
-    """Load a memory directory; ``expect`` values (e.g. the backbone fingerprint) must match."""
+    """Load a memory directory; ``expect`` values (e.g. the backbone fingerprint) must match.
+
+    ``index``: another chunk search than the saved one (a name or an IndexConfig).
+    ``dtype``: the storage dtype the caller requires (refused if the memory has another).
+    ``mmap``: keep the keys/values on disk, memory-mapped copy-on-write (the file never
+    changes). Such a memory has one row and holds exactly its saved chunks: its capacity
+    is what it holds, and later writes replace its oldest chunks in private RAM pages.
+    """
     path = Path(path)
     manifest = read_manifest(path)
+    stored = str(manifest.get("dtype"))
+    if stored not in STORAGE_DTYPES:
+        raise LongMemError(f"memory {path} has an unknown storage dtype {stored!r}")
+    if dtype is not None and dtype != stored:
+        raise LongMemError(f"memory {path} stores keys/values as {stored}, not {dtype} (storage dtype mismatch)")
     for key, want in (expect or {}).items():
         got = manifest.get(key, 0 if key == "recent_tokens" else None)
         if key in CHECKED and got != want:
@@ -94,34 +120,50 @@ def load_memory(
                 f"memory {path} was built for {key}={got!r}, not {want!r} "
                 "(another backbone, memory layer or short-term tier)"
             )
-    tensors = load_checked_safetensors(path / str(manifest.get("data_file")), manifest.get("sha256"), "memory data")
+    data = path / str(manifest.get("data_file"))
+    load = map_checked_safetensors if mmap else load_checked_safetensors
+    tensors = load(data, manifest.get("sha256"), "memory data")
+    _check_storage(tensors, manifest, path)
     meta = {k: manifest[k] for k in META_KEYS if k in manifest}
     recent = None
     if int(manifest.get("recent_tokens", 0)):
-        dtype = DTYPES[str(manifest["dtype"])]
         recent = RecentCache(int(manifest["rows"]), int(manifest["layers"]), int(manifest["num_kv_heads"]),
                              int(manifest["head_dim"]), int(manifest["recent_tokens"]),
-                             int(manifest["sink_slots"]), dtype)
+                             int(manifest["sink_slots"]), float_dtype(stored))
         try:
             recent.load_state({name[len("recent."):]: v for name, v in tensors.items() if name.startswith("recent.")})
         except (ValueError, AttributeError) as exc:
             raise LongMemError(f"memory {path}: short-term tier does not fit its manifest ({exc})") from None
+    rows, csz = int(manifest["rows"]), int(manifest["chunk_size"])
+    held = tensors["row0.positions"].shape[0]
+    mapped = mmap and held > 0  # an empty memory has nothing to map
+    if mapped:
+        if rows != 1:
+            raise LongMemError(f"memory {path} has {rows} rows; mmap loading needs a one-row memory")
+        if capacity_tokens is not None and capacity_tokens != held * csz:
+            raise LongMemError(f"a memory-mapped memory holds exactly its {held * csz} saved tokens, "
+                               f"not a capacity of {capacity_tokens}")
+        capacity_tokens = held * csz
     bank = MemoryBank(
-        int(manifest["rows"]),
+        rows,
         int(manifest["num_kv_heads"]),
         int(manifest["head_dim"]),
         int(capacity_tokens or manifest["capacity_tokens"]),
-        int(manifest["chunk_size"]),
-        dtype=str(manifest["dtype"]),
-        index=index or str(manifest["index"]),
+        csz,
+        dtype=stored,
+        index=index or _saved_index(manifest, path),
         meta=meta | {"recent_tokens": int(manifest.get("recent_tokens", 0))},
         recent=recent,
+        storage={name: tensors[f"row0.{name}"][None] for name in STORAGE_NAMES if f"row0.{name}" in tensors}
+        if mapped else None,
     )
     for row in range(bank.batch_size):
-        t = {name: tensors[f"row{row}.{name}"] for name in (
-            "keys", "values", "positions", "chunk_keys", "pending_keys", "pending_values", "pending_search",
-            "pending_positions")}
-        bank.append_chunks(row, t["keys"], t["values"], t["positions"], t["chunk_keys"])
+        t = {name: tensors[f"row{row}.{name}"] for name in ROW_TENSORS}
+        if mapped:
+            bank.attach(row, t["positions"].clone(), t["chunk_keys"])
+        else:
+            kv = {name: tensors[f"row{row}.{name}"] for name in STORAGE_NAMES if f"row{row}.{name}" in tensors}
+            bank.append_stored(row, kv, t["positions"], t["chunk_keys"])
         p = t["pending_keys"].shape[1]
         bank.pending_keys[row, :, :p] = t["pending_keys"]
         bank.pending_values[row, :, :p] = t["pending_values"]
@@ -130,6 +172,35 @@ def load_memory(
         bank.pending_count[row] = p
     bank.end_position.copy_(tensors["end_position"])
     return bank
+
+
+def _saved_index(manifest: dict, path: Path) -> IndexConfig:
+    """The chunk search a memory was saved with (older manifests name only its kind)."""
+    saved = manifest.get("index_config") or {"kind": str(manifest.get("index"))}
+    try:
+        return IndexConfig(**saved)
+    except TypeError as exc:
+        raise LongMemError(f"memory {path}: bad index_config in its manifest ({exc})") from None
+
+
+def _check_storage(tensors: dict, manifest: dict, path: Path) -> None:
+    """Every row's stored keys/values must have the manifest's storage dtype and shapes."""
+    stored, rows = str(manifest["dtype"]), int(manifest["rows"])
+    want = torch.int8 if stored == "int8" else DTYPES[stored]
+    h, csz, d = int(manifest["num_kv_heads"]), int(manifest["chunk_size"]), int(manifest["head_dim"])
+    names = ["keys", "values"] + (["key_scale", "value_scale"] if stored == "int8" else [])
+    for row in range(rows):
+        got = {name: tensors.get(f"row{row}.{name}") for name in [*names, *ROW_TENSORS]}
+        if any(t is None for t in got.values()):
+            missing = [name for name, t in got.items() if t is None]
+            raise LongMemError(f"memory {path} row {row} is incomplete (missing {', '.join(missing)})")
+        n = got["positions"].shape[0]
+        for name in names:
+            shape = (h, n, csz, d) if name in ("keys", "values") else (h, n, csz)
+            dt = want if name in ("keys", "values") else SCALE_DTYPE
+            if got[name].dtype != dt or tuple(got[name].shape) != shape:
+                raise LongMemError(f"memory {path}: row{row}.{name} is {got[name].dtype} {tuple(got[name].shape)}, "
+                                   f"its manifest says {dt} {shape} (storage dtype {stored})")
 
 
 def _manifest_or_none(path: Path) -> dict | None:
