@@ -23,7 +23,7 @@ from .backbone import cache_home
 from .errors import LongMemError
 from .generate import GenerationConfig, TextStream, copy_memory, stream
 from .memory import MemoryBank
-from .memory.bank import DTYPES
+from .memory.bank import float_dtype
 from .memory.named import NamedMemory, Tokens, alive_start, check_name
 from .model import LongMemModel, LongMemOutput
 
@@ -230,7 +230,7 @@ def _remember(model: LongMemModel, store: NamedMemory, ids: torch.Tensor, source
             recent = bank.recent if bank is not None else _tier(model, store.read_state(manifest))
         end = int(manifest["end_position"])
         rec = Recorder(bank, int(manifest["stream_tokens"]), int(manifest["chunk_size"]),
-                       int(manifest["capacity_tokens"]), DTYPES[manifest["dtype"]], end, recent)
+                       int(manifest["capacity_tokens"]), float_dtype(manifest["dtype"]), end, recent)
         read_into(model, ids, rec, end, lock=lock)
         manifest = store.append(rec.tokens(), rec.first, int(ids.shape[0]), int(rec.end_position[0]), source,
                                 state=recent.state() if recent is not None else None)
