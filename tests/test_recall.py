@@ -44,3 +44,20 @@ def test_no_spans_at_probability_zero_or_at_document_start():
     batch = next(stream)
     new, spans = insert_recall_spans(batch, c, prob=1.0)
     assert not spans.any() and torch.equal(new.input_ids, batch.input_ids)
+
+
+def test_sources_stay_within_reach_of_the_bank():
+    c = corpus([2000])
+    stream = DocumentStream(c, batch_size=1, segment_length=32, shuffle=False)
+    g = torch.Generator().manual_seed(1)
+    starts = []
+    for _ in range(60):
+        batch = next(stream)
+        new, spans = insert_recall_spans(batch, c, prob=1.0, min_len=4, max_len=8, generator=g, near=64, reach=200)
+        p0 = int(batch.positions[0, 0])
+        if spans.any():
+            copied = new.input_ids[0, spans[0].roll(1)].numpy()  # the span's tokens
+            start = int(copied[0]) - 1000  # corpus ids are 1000 + position
+            assert p0 - 200 <= start and start + len(copied) <= p0 - 64
+            starts.append(p0 - start)
+    assert len(starts) > 20 and max(starts) <= 200

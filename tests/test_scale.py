@@ -255,3 +255,23 @@ def test_bad_options_are_clear_errors():
     with pytest.raises(LongMemError, match="nprobe"):
         LongMemConfig(retrieval="ivf", retrieval_nprobe=-1)
     assert LongMemConfig(retrieval="ivf", retrieval_nprobe=8).index_config().nprobe == 8
+
+
+# ------------------------------------------------------------------ through the model config
+def test_model_config_reaches_the_bank_int8_with_a_short_term_tier():
+    from conftest import make_model
+
+    model = make_model("llama", memory_dtype="int8", recent_tokens=16, retrieval="ivf", retrieval_nprobe=7)
+    mem = model.new_memory(1)
+    assert mem.dtype_name == "int8" and mem.index_config.kind == "ivf" and mem.index_config.nprobe == 7
+    assert mem.recent is not None and mem.recent.keys.dtype == torch.bfloat16
+    ids = torch.randint(0, 256, (1, 64))
+    ref = make_model("llama", memory_dtype="bfloat16", recent_tokens=16)
+    ref.sidenet.load_state_dict(model.sidenet.state_dict())
+    ref_mem = ref.new_memory(1)
+    for a in range(0, 48, 16):  # three segments fill tier and bank
+        model.write_memory(mem, model(ids[:, a : a + 16], memory=mem))
+        ref.write_memory(ref_mem, ref(ids[:, a : a + 16], memory=ref_mem))
+    assert mem.num_tokens() > 0
+    got, want = model(ids[:, 48:], memory=mem).logits, ref(ids[:, 48:], memory=ref_mem).logits
+    assert (got - want).abs().max() < 0.05 * want.abs().max()  # int8 storage: close, not exact

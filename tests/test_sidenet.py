@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from conftest import make_model
@@ -142,3 +143,23 @@ def test_delta_sidenet_is_the_backbone_without_memory_and_uses_memory(family):
     with_memory.loss.backward()
     assert model.sidenet.memory_block.gate.grad.abs().sum() > 0
     assert not model(ids, labels=ids).loss.requires_grad  # empty memory: nothing to learn
+
+
+@pytest.mark.parametrize("with_past", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_lse_kernel_matches_the_differentiable_path(with_past, dtype):
+    torch.manual_seed(0)
+    b, h, t, p, d = 2, 6, 7, 5, 16
+    q, k, v = (torch.randn(b, n, t, d, dtype=dtype) for n in (h, 2, 2))
+    past = None
+    if with_past:
+        valid = torch.rand(b, p) > 0.3
+        past = (torch.randn(b, 2, p, d, dtype=dtype), torch.randn(b, 2, p, d, dtype=dtype), valid)
+    with torch.no_grad():  # fused kernel
+        out, lse = local_attention_lse(q, k, v, 0.25, past)
+    qg = q.clone().requires_grad_(True)  # explicit path (autograd needs the lse gradient)
+    ref, ref_lse = local_attention_lse(qg, k, v, 0.25, past)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.float(), ref.detach().float(), atol=tol, rtol=tol)
+    torch.testing.assert_close(lse, ref_lse.detach(), atol=tol, rtol=tol)
+    assert ref_lse.requires_grad and not lse.requires_grad

@@ -36,8 +36,16 @@ def local_attention(
 def local_attention_lse(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, past: Past | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal attention with its log-sum-exp: -> out [B,H,T,Dh], lse [B,H,T] (fp32)."""
+    """Causal attention with its log-sum-exp: -> out [B,H,T,Dh], lse [B,H,T] (fp32).
+
+    Without autograd this runs the fused CPU flash kernel, which returns the log-sum-exp
+    but no gradient for it; training takes the explicit path below.
+    """
     h, t = q.shape[1], q.shape[2]
+    if not (torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))) and q.device.type == "cpu":
+        fused = _flash_lse(q, k, v, scale, past)
+        if fused is not None:
+            return fused
     if past is None:
         allowed = torch.ones(t, t, dtype=torch.bool).tril()  # [T,T]
     else:
@@ -47,6 +55,24 @@ def local_attention_lse(
     lse = torch.logsumexp(scores, dim=-1)  # [B,H,T]
     probs = torch.exp(scores - lse.unsqueeze(-1))
     return torch.matmul(probs, expand_kv(v, h).float()).to(q.dtype), lse
+
+
+def _flash_lse(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, past: Past | None
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The CPU flash kernel with its log-sum-exp (no autograd), or None where it refuses."""
+    h = q.shape[1]
+    mask = None
+    if past is not None:
+        k, v, allowed = _with_past(k, v, past)  # allowed [B,1,T,P+T]
+        mask = torch.zeros(allowed.shape, dtype=q.dtype).masked_fill_(~allowed, float("-inf"))
+    try:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, expand_kv(k.to(q.dtype), h), expand_kv(v.to(q.dtype), h), is_causal=past is None,
+            attn_mask=mask, scale=scale)
+    except (RuntimeError, AttributeError):  # another build or dtype: fall back to the explicit path
+        return None
+    return out, lse.float()
 
 
 def _with_past(k: torch.Tensor, v: torch.Tensor, past: Past) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

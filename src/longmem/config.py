@@ -22,6 +22,7 @@ RETRIEVAL_BACKENDS = ("torch", "faiss", "ivf", "hnsw")
 RETRIEVAL_HEADS = ("query", "kv")
 SEARCH_POSITIONS = ("none", "absolute")
 DTYPES = ("float32", "bfloat16", "float16")
+MEMORY_DTYPES = (*DTYPES, "int8")
 
 
 @dataclass
@@ -54,6 +55,8 @@ class LongMemConfig:
     """For 'fixed': the distance every memory key is placed at."""
     max_distance: int | None = None
     """For 'true': distances are clamped here (None: the backbone's native context)."""
+    pointer: bool = False
+    """Copy head: mix a pointer over the retrieved memory tokens into the next-token distribution."""
     search_positions: str = "absolute"
     """Chunk search on rotary backbones: 'absolute' (keys, queries rotated) or 'none' (pre-rotary)."""
     sink_tokens: int = 1
@@ -69,7 +72,8 @@ class LongMemConfig:
     retrieval_heads: str = "kv"
     """Who searches: one search per 'kv' head group (summed queries), or every 'query' head."""
     memory_dtype: str = "bfloat16"
-    """Storage dtype of cached keys/values."""
+    """Storage dtype of cached keys/values: float32, bfloat16, float16 or int8 (per-token scales;
+    search keys and the short-term tier stay bfloat16)."""
     recent_tokens: int | None = None
     """Short-term tier: the last R tokens read, kept at every layer (None: T on rotary backbones; 0: off)."""
 
@@ -80,7 +84,7 @@ class LongMemConfig:
         _choice("retrieval", self.retrieval, RETRIEVAL_BACKENDS)
         _choice("search_positions", self.search_positions, SEARCH_POSITIONS)
         _choice("retrieval_heads", self.retrieval_heads, RETRIEVAL_HEADS)
-        _choice("memory_dtype", self.memory_dtype, DTYPES)
+        _choice("memory_dtype", self.memory_dtype, MEMORY_DTYPES)
         _positive("reduction", self.reduction)
         _positive("chunk_size", self.chunk_size)
         _positive("memory_size", self.memory_size)

@@ -161,7 +161,10 @@ def decode(model: LongMemModel, cache: DecodeCache, input_ids: torch.Tensor, mem
     h = _sidenet_step(model.sidenet, frozen.hidden, rope, ctx, cache.blocks)  # [B,Tn,D]
     cache.memory_kv.append(frozen.mem_keys, frozen.mem_values)
     cache.ids = torch.cat([cache.ids, input_ids], 1)
-    return model.backbone.head(h)
+    logits = model.backbone.head(h)
+    if ctx.read is not None and memory is not None and memory.token_log is not None:
+        logits = model.sidenet.pointer(logits, h, ctx.read, memory.token_log)  # copy head: log-probs
+    return logits
 
 
 def _memory_state(memory: MemoryBank | None) -> tuple | None:

@@ -170,6 +170,8 @@ def oldest(out: LongMemOutput, e: int) -> LongMemOutput:
     head = LongMemOutput(None, None, out.mem_keys[:, :, :e], out.mem_values[:, :, :e], out.positions[:, :e])
     if out.layer_keys is not None:  # every layer's K/V, for a short-term tier
         head.layer_keys, head.layer_values = out.layer_keys[:, :, :, :e], out.layer_values[:, :, :, :e]
+    if out.input_ids is not None:  # token ids, for a copy head's memory
+        head.input_ids = out.input_ids[:, :e]
     return head
 
 
@@ -177,7 +179,7 @@ def copy_memory(bank: MemoryBank) -> MemoryBank:
     """An independent copy of a bank (same chunks, pending tokens, positions; any index)."""
     copy = MemoryBank(bank.batch_size, bank.num_kv_heads, bank.head_dim, bank.capacity * bank.chunk_size,
                       bank.chunk_size, dtype=bank.dtype_name, index=bank.index_config, meta=bank.meta,
-                      recent=deepcopy(bank.recent))  # the short-term tier too
+                      recent=deepcopy(bank.recent), token_log=deepcopy(bank.token_log))  # tier, token ids too
     for row in range(bank.batch_size):  # stored form: int8 entries are copied, not quantised again
         copy.append_stored(row, bank.row_storage(row), bank.row_positions(row), bank.row_chunk_keys(row))
     for name in ("pending_keys", "pending_values", "pending_search", "pending_positions", "pending_count",

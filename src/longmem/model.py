@@ -22,7 +22,10 @@ from .files import load_checked_safetensors, load_json, load_versioned, save_jso
 from .errors import LongMemError
 from .families import apply_rope
 from .memory import MemoryBank
+from .memory.bank import float_dtype
+from .memory.index import IndexConfig
 from .memory.recent import RecentCache
+from .memory.tokens import TokenLog
 from .sidenet import MemoryContext, MemoryStats, SideNet
 
 KIND = "longmem-sidenet"
@@ -44,6 +47,7 @@ class LongMemOutput:
     stats: MemoryStats | None = None
     layer_keys: torch.Tensor | None = None  # [L,B,H_kv,T,Dh] every layer's keys, when a short-term tier is read
     layer_values: torch.Tensor | None = None  # [L,B,H_kv,T,Dh]
+    input_ids: torch.Tensor | None = None  # [B,T] the segment's tokens (a copy head's memory notes them)
 
 
 class LongMemModel(nn.Module):
@@ -122,6 +126,8 @@ class LongMemModel(nn.Module):
         weights = path / WEIGHTS
         state = load_checked_safetensors(weights, meta.get("weights_sha256"), "SideNet weights")
         missing, unexpected = model.sidenet.load_state_dict(state, strict=False)
+        if config.pointer and not any(k.startswith("pointer.") for k in state):
+            missing = [k for k in missing if not k.startswith("pointer.")]  # adding a fresh copy head
         if missing or unexpected:
             raise LongMemError(f"SideNet weights {weights} do not fit this architecture "
                                f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
@@ -142,13 +148,15 @@ class LongMemModel(nn.Module):
         return path
 
     # ------------------------------------------------------------------ memory
-    def new_memory(self, batch_size: int = 1, capacity: int | None = None, index: str | None = None) -> MemoryBank:
+    def new_memory(
+        self, batch_size: int = 1, capacity: int | None = None, index: str | IndexConfig | None = None
+    ) -> MemoryBank:
         """An empty memory bank for ``batch_size`` sequences, bound to this backbone."""
         shape = self.backbone.attn_shape
         recent = None
         if self.recent_tokens:
             recent = RecentCache(batch_size, self.backbone.num_layers, shape.num_kv_heads, shape.head_dim,
-                                 self.recent_tokens, self.config.sink_tokens, DTYPES[self.config.memory_dtype])
+                                 self.recent_tokens, self.config.sink_tokens, float_dtype(self.config.memory_dtype))
         return MemoryBank(
             batch_size,
             shape.num_kv_heads,
@@ -156,10 +164,15 @@ class LongMemModel(nn.Module):
             capacity or self.config.memory_size,
             self.config.chunk_size,
             dtype=self.config.memory_dtype,
-            index=index or self.config.retrieval,
+            index=index or self.config.index_config(),
             meta=self.memory_meta(),
             recent=recent,
+            token_log=TokenLog(batch_size, self.token_span(capacity)) if self.config.pointer else None,
         )
+
+    def token_span(self, capacity: int | None = None) -> int:
+        """Token ids a copy head's memory keeps: everything the bank, the tier and a segment can hold."""
+        return (capacity or self.config.memory_size) + (self.recent_tokens or 0) + 2 * self.config.segment_length
 
     def memory_meta(self) -> dict:
         """What a memory must match to be read by this model."""
@@ -192,6 +205,9 @@ class LongMemModel(nn.Module):
         b, _, t, _ = out.mem_keys.shape
         valid = torch.ones(b, t, dtype=torch.bool) if valid is None else valid
         keep = valid.clone()
+        log = getattr(memory, "token_log", None)  # a stand-in bank (named memories) keeps no ids
+        if log is not None and out.input_ids is not None:
+            log.note(out.input_ids, out.positions, valid)
         search = None
         if self.search_rotated:
             cos, sin = self._rope_absolute(out.positions)  # [B,T,Dh]
@@ -250,12 +266,14 @@ class LongMemModel(nn.Module):
         ctx = self._context(memory, positions)
         h, stats = self.sidenet(frozen.hidden, rope, ctx)  # [B,T,D]
         logits = self.backbone.head(h)  # [B,T,V]
+        if ctx.read is not None and memory is not None and memory.token_log is not None:
+            logits = self.sidenet.pointer(logits, h, ctx.read, memory.token_log)  # log-probs [B,T,V] fp32
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
         base = self.backbone.logits(frozen.hidden[-1]) if backbone_logits else None
         return LongMemOutput(logits, loss, frozen.mem_keys, frozen.mem_values, positions, base, stats,
-                             frozen.layer_keys, frozen.layer_values)
+                             frozen.layer_keys, frozen.layer_values, input_ids)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """SideNet parameters only (the backbone is frozen)."""
@@ -291,6 +309,7 @@ class LongMemModel(nn.Module):
             num_chunks=self.config.chunks_per_query,
             per_kv_head=self.config.retrieval_heads == "kv",
             recent=memory.recent if memory is not None else None,
+            capture=self.sidenet.pointer is not None,
         )
 
     def _rope(self, t: int, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -95,7 +95,7 @@ class Trainer:
         for name, param in self.model.sidenet.named_parameters():
             if not param.requires_grad:
                 continue
-            kind = "gate" if name.endswith(".gate") else "no_decay" if param.ndim < 2 else "decay"
+            kind = "gate" if name.endswith(".gate") or name.startswith("pointer.") else "no_decay" if param.ndim < 2 else "decay"
             groups[kind].append(param)
         settings = {"gate": (cfg.gate_lr, 0.0), "decay": (cfg.lr, cfg.weight_decay), "no_decay": (cfg.lr, 0.0)}
         param_groups = [{"params": params, "lr": settings[k][0], "base_lr": settings[k][0],
@@ -128,7 +128,10 @@ class Trainer:
         cfg = self.config
         if cfg.recall_prob <= 0:
             return batch, None
-        return insert_recall_spans(batch, self.train_data, cfg.recall_prob, cfg.recall_min, cfg.recall_max)
+        near = max(batch.input_ids.shape[1], self.model.recent_tokens)  # older than segment and tier
+        reach = self.model.recent_tokens + self.model.config.memory_size  # still held by the bank
+        return insert_recall_spans(batch, self.train_data, cfg.recall_prob, cfg.recall_min, cfg.recall_max,
+                                   near=near, reach=reach)
 
     def train_step(self, batch: Batch | tuple[Batch, torch.Tensor | None]) -> dict:
         """One optimizer step on one batch; the batch's K/V are written to memory after it."""

@@ -21,6 +21,7 @@ from ..errors import LongMemError
 from .index import IndexConfig, build_index
 from .quant import SCALE_DTYPE, dequantize, quantize
 from .recent import RecentCache
+from .tokens import TokenLog
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 STORAGE_DTYPES = (*DTYPES, "int8")
@@ -61,8 +62,10 @@ class MemoryBank:
         meta: dict | None = None,
         recent: RecentCache | None = None,
         storage: dict[str, torch.Tensor] | None = None,
+        token_log: TokenLog | None = None,
     ):
-        """``storage`` (optional): ready K/V tensors as ``new_storage`` makes them, e.g. memory-mapped."""
+        """``storage`` (optional): ready K/V tensors as ``new_storage`` makes them, e.g. memory-mapped.
+        ``token_log`` (optional): the ids of the tokens read, by position (for a copy head)."""
         if capacity_tokens % chunk_size:
             raise LongMemError(f"memory capacity {capacity_tokens} is not a multiple of chunk size {chunk_size}")
         if dtype not in STORAGE_DTYPES:
@@ -90,6 +93,7 @@ class MemoryBank:
         self.pending_count = torch.zeros(b, dtype=torch.long)
         self.index = build_index(self.index_config, b, h, c, d, dt)
         self.recent = recent  # optional short-term tier (every layer's K/V of the last tokens read)
+        self.token_log = token_log  # optional token ids by position (the copy head reads them)
 
     def new_storage(self) -> dict[str, torch.Tensor]:
         """Zeroed K/V storage: keys, values [B,Hkv,C,csz,Dh] (+ key_scale, value_scale [B,Hkv,C,csz] for int8)."""
@@ -116,6 +120,7 @@ class MemoryBank:
         tensors = [self.keys, self.values, self.key_scale, self.value_scale, self.positions, self.pending_keys,
                    self.pending_values, self.pending_search]
         total = sum(t.numel() * t.element_size() for t in tensors if t is not None) + self.recent_nbytes()
+        total += self.token_log.nbytes() if self.token_log is not None else 0
         return total + self.index.nbytes()
 
     def recent_nbytes(self) -> int:
@@ -256,6 +261,8 @@ class MemoryBank:
             self.index.reset(row)
         if self.recent is not None:
             self.recent.reset(rows)
+        if self.token_log is not None:
+            self.token_log.reset(rows)
 
     # ------------------------------------------------------------------ views
     def row_chunks(self, row: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

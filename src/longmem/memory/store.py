@@ -27,6 +27,7 @@ from .index import IndexConfig
 from .mapped import map_checked_safetensors
 from .quant import SCALE_DTYPE
 from .recent import RecentCache
+from .tokens import TokenLog
 
 KIND = "longmem-memory"
 META_KEYS = ("backbone_fingerprint", "memory_layer")
@@ -56,6 +57,8 @@ def save_memory(bank: MemoryBank, path: str | Path) -> Path:
     recent = bank.recent
     if recent is not None:
         tensors |= {f"recent.{name}": value for name, value in recent.state().items()}
+    if bank.token_log is not None:
+        tensors |= {"token_log.ids": bank.token_log.ids, "token_log.end": bank.token_log.end}
     data_name = f"memory-{uuid.uuid4().hex[:12]}.safetensors"
     data = path / data_name
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(data))
@@ -78,6 +81,7 @@ def save_memory(bank: MemoryBank, path: str | Path) -> Path:
         "recent_tokens": recent.recent if recent is not None else 0,
         "sink_slots": recent.sinks if recent is not None else 0,
         "layers": recent.num_layers if recent is not None else 0,
+        "token_log": bank.token_log.span if bank.token_log is not None else 0,
     } | bank.meta
     save_json(path / "manifest.json", manifest)
     if old and old.get("data_file") not in (None, data_name):
@@ -171,6 +175,13 @@ def load_memory(
         bank.pending_positions[row, :p] = t["pending_positions"]
         bank.pending_count[row] = p
     bank.end_position.copy_(tensors["end_position"])
+    span = int(manifest.get("token_log", 0))
+    if span:
+        if tuple(tensors.get("token_log.ids", torch.empty(0)).shape) != (rows, span):
+            raise LongMemError(f"memory {path}: token ids do not fit its manifest")
+        bank.token_log = TokenLog(rows, span)
+        bank.token_log.ids.copy_(tensors["token_log.ids"])
+        bank.token_log.end.copy_(tensors["token_log.end"])
     return bank
 
 

@@ -1,0 +1,90 @@
+"""The copy head: token log, pointer distribution, mixing, loading, memory save/load."""
+
+import pytest
+import torch
+
+from conftest import make_model
+from longmem.memory import load_memory, save_memory
+from longmem.memory.tokens import TokenLog
+
+
+def test_token_log_ring_lookup_and_reset():
+    log = TokenLog(2, span=8)
+    log.note(torch.arange(100, 112).view(1, 12).repeat(2, 1), torch.arange(12).view(1, 12).repeat(2, 1),
+             valid=torch.tensor([[True] * 12, [True] * 6 + [False] * 6]))
+    got = log.lookup(torch.tensor([[3, 4, 11, 12, -1], [3, 5, 6, 11, 0]]))
+    assert got.tolist() == [[-1, 104, 111, -1, -1], [103, 105, -1, -1, 100]]  # row 0: 0..3 fell out of the ring
+    log.reset([0])
+    assert log.lookup(torch.tensor([[5], [5]])).tolist() == [[-1], [105]]
+
+
+def read_text(model, ids, seg=16):
+    mem = model.new_memory(1)
+    for a in range(0, ids.shape[1], seg):
+        model.write_memory(mem, model(ids[:, a : a + seg], memory=mem))
+    return mem
+
+
+def test_copy_head_leaves_an_empty_memory_alone_and_normalises():
+    torch.manual_seed(0)
+    plain = make_model("llama", init="delta", fusion="joint")
+    model = make_model("llama", init="delta", fusion="joint", pointer=True)
+    model.sidenet.load_state_dict(plain.sidenet.state_dict(), strict=False)
+    ids = torch.randint(0, 256, (1, 16))
+    torch.testing.assert_close(model(ids, memory=model.new_memory(1)).logits, plain(ids).logits)
+    mem = read_text(model, torch.randint(0, 256, (1, 64)))
+    assert mem.token_log is not None and not mem.is_empty
+    logp = model(ids, memory=mem).logits  # log-probabilities of the mixture
+    torch.testing.assert_close(logp.logsumexp(-1), torch.zeros(1, 16), atol=1e-4, rtol=0)
+    ref_mem = read_text(plain, torch.randint(0, 256, (1, 64)))
+    assert ref_mem.token_log is None
+
+
+def test_pointer_mass_lies_on_tokens_in_memory():
+    torch.manual_seed(1)
+    model = make_model("llama", init="delta", fusion="joint", pointer=True)
+    text = torch.randint(0, 128, (1, 64))  # memory holds ids < 128 only
+    mem = read_text(model, text)
+    with torch.no_grad():
+        model.sidenet.pointer.lam.bias.fill_(30.0)  # all mass to the pointer
+        model.sidenet.pointer.mix[0].fill_(30.0)  # on the retrieved tokens themselves (all known)
+    ids = torch.randint(128, 256, (1, 16))
+    probs = model(ids, memory=mem).logits.exp()[0]  # [T,V]
+    held = torch.zeros(probs.shape[-1], dtype=torch.bool)
+    held[text[0]] = True
+    assert probs[:, ~held].sum(-1).max() < 1e-3  # nothing outside the memory's tokens
+    assert (probs[:, held].sum(-1) > 0.99).all()
+
+
+def test_copy_head_memory_saves_and_loads_its_token_ids(tmp_path):
+    model = make_model("llama", init="delta", fusion="joint", pointer=True)
+    mem = read_text(model, torch.randint(0, 256, (1, 64)))
+    save_memory(mem, tmp_path / "m")
+    back = load_memory(tmp_path / "m")
+    assert back.token_log is not None and torch.equal(back.token_log.ids, mem.token_log.ids)
+    ids = torch.randint(0, 256, (1, 16))
+    torch.testing.assert_close(model(ids, memory=back).logits, model(ids, memory=mem).logits)
+
+
+def test_a_sidenet_without_copy_head_loads_with_a_fresh_one(tmp_path):
+    from longmem.model import LongMemModel
+
+    plain = make_model("llama", init="delta", fusion="joint")
+    plain.save_pretrained(tmp_path / "s")
+    model = LongMemModel.from_backbone(tmp_path / "s", plain.backbone, plain.tokenizer,
+                                       config=__import__("dataclasses").replace(plain.config, pointer=True))
+    assert model.sidenet.pointer is not None
+    with pytest.raises(Exception, match="do not fit"):  # and a copy head's weights do not load without one
+        model.save_pretrained(tmp_path / "p")
+        LongMemModel.from_backbone(tmp_path / "p", plain.backbone, plain.tokenizer, config=plain.config)
+
+
+def test_copy_head_trains():
+    torch.manual_seed(2)
+    model = make_model("llama", init="delta", fusion="joint", pointer=True)
+    mem = read_text(model, torch.randint(0, 256, (1, 64)))
+    ids = torch.randint(0, 256, (1, 16))
+    out = model(ids, memory=mem, labels=ids)
+    out.loss.backward()
+    head = model.sidenet.pointer
+    assert head.lam.bias.grad is not None and head.mix.grad is not None and head.mix.grad.abs().sum() > 0
