@@ -57,26 +57,42 @@ def test_incremental_logits_without_memory(family):
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("init, fusion", [("paper", "gated"), ("delta", "joint")])
-def test_sliding_window_matches_re_running_the_window(family, init, fusion):
-    """Through several evictions: same logits every step, same tokens, same memory."""
-    model = trained(family, init, fusion)
+def fast_and_slow(model, steps: int = 24) -> list:
+    """Greedy generation after a 7-token prompt over a 20-token memory, window 12, evicting 4:
+    [(logits [steps+1,V], decoder)] for the cached Decoder and the ReferenceDecoder."""
     runs = []
     for cls in (Decoder, ReferenceDecoder):
         memory = filled(model, tokens=20)
         decoder = cls(model, memory, window=12, evict=4)
         prompt = torch.randint(0, 256, (7,), generator=torch.Generator().manual_seed(5))
         logits = [decoder.feed(prompt)]
-        for _ in range(24):
+        for _ in range(steps):
             logits.append(decoder.feed(torch.tensor([int(logits[-1].argmax())])))
         runs.append((torch.stack(logits), decoder))
-    (fast, a), (slow, b) = runs
+    return runs
+
+
+@pytest.mark.parametrize("init, fusion", [("paper", "gated"), ("delta", "joint")])
+def test_sliding_window_matches_re_running_the_window(family, init, fusion):
+    """Through several evictions: same logits every step, same tokens, same memory."""
+    model = trained(family, init, fusion)
+    (fast, a), (slow, b) = fast_and_slow(model)
     torch.testing.assert_close(fast, slow, atol=1e-4, rtol=1e-4)
     assert torch.equal(a.window_ids, b.window_ids)
     assert int(a.memory.end_position[0]) == int(b.memory.end_position[0]) == 20 + 7 + 24 - a.window_ids.numel()
     for x, y in zip(a.memory.row_chunks(0), b.memory.row_chunks(0)):
         torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(a.memory.row_chunk_keys(0), b.memory.row_chunk_keys(0), atol=1e-5, rtol=1e-5)
+
+
+def test_sliding_window_with_a_copy_head_matches_re_running_the_window():
+    """The copy head reads the ids and keys of evicted tokens exactly as the slow twin writes them."""
+    model = trained("llama", "delta", "joint", pointer=True)
+    (fast, a), (slow, b) = fast_and_slow(model)
+    torch.testing.assert_close(fast, slow, atol=1e-4, rtol=1e-4)
+    assert torch.equal(a.memory.token_log.ids, b.memory.token_log.ids)
+    assert int(a.memory.token_log.end[0]) == int(a.memory.end_position[0])  # generated tokens are logged too
+    torch.testing.assert_close(a.memory.token_log.keys.float(), b.memory.token_log.keys.float(), atol=1e-2, rtol=0)
 
 
 def test_evicted_tokens_enter_memory_as_reading_writes_them():

@@ -45,6 +45,21 @@ def test_short_term_tier_equals_the_transformer_xl_recurrence():
     torch.testing.assert_close(got, banded_oracle(model, ids), atol=1e-4, rtol=1e-4)
 
 
+def test_a_full_tier_is_read_by_the_split_kernel_with_the_same_logits(monkeypatch):
+    import longmem.backbone as backbone
+
+    calls = []
+    real = backbone.split_past_attention
+    monkeypatch.setattr(backbone, "split_past_attention", lambda *a: calls.append(a[1].shape[2]) or real(*a))
+    model = make_model("llama", recent_tokens=T, sink_tokens=0)
+    ids = torch.randint(0, 256, (1, 3 * T))
+    with torch.no_grad():
+        outs = read(model, ids, model.new_memory(1))
+    assert calls and set(calls) == {T}  # segments 2 and 3 read a full tier of T slots in every layer
+    got = torch.cat([o.backbone_logits for o in outs], 1)
+    torch.testing.assert_close(got, banded_oracle(model, ids), atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("init", ["identity", "delta"])
 def test_identity_and_delta_sidenets_keep_backbone_logits_with_the_tier(init):
     model = make_model("llama", recent_tokens=T, init=init, memory_size=16)

@@ -141,19 +141,43 @@ def test_session_keeps_ram_and_disk_in_step(tmp_path):
     assert_same_bank(Session(model, "s", tmp_path).memory, session.memory)  # a restart sees the same
 
 
+def both_paths(model, root):
+    """TEXT_A remembered from the command line (no bank in RAM), then TEXT_B by a session (RAM,
+    then disk) -> (the reader's memory of both, [the session's bank, the bank reloaded from disk])."""
+    remember(model, "m", TEXT_A, root=root)
+    session = Session(model, "m", root)
+    session.remember(TEXT_B)
+    return reference(model, TEXT_A, TEXT_B), [session.memory, load_named(model, "m", root)[0]]
+
+
 def test_a_short_term_tier_is_saved_and_restored(tmp_path):
     model = make_model("llama", init="paper", recent_tokens=16)
-    remember(model, "m", TEXT_A, root=tmp_path)  # the command-line path: no bank in RAM
-    session = Session(model, "m", tmp_path)
-    session.remember(TEXT_B)  # the server path: the bank in RAM, then disk
-    expected = reference(model, TEXT_A, TEXT_B)
-    for bank in (session.memory, load_named(model, "m", tmp_path)[0]):
+    expected, banks = both_paths(model, tmp_path)
+    for bank in banks:
         assert_same_bank(bank, expected)
         for name, x in bank.recent.state().items():
             assert torch.equal(x, expected.recent.state()[name]), name
     with pytest.raises(LongMemError, match="recent_tokens"):
         load_named(make_model("llama", init="paper"), "m", tmp_path)  # a model without the tier
     assert len(list((tmp_path / "m").glob("state-*"))) == 1
+
+
+def test_a_copy_head_memory_keeps_its_token_ids_on_disk(tmp_path):
+    model = make_model("llama", init="delta", fusion="joint", pointer=True)
+    expected, banks = both_paths(model, tmp_path)
+    for bank in banks:
+        assert_same_bank(bank, expected)
+        held = expected.row_positions(0).flatten()  # every token the bank holds is known by id and key
+        assert torch.equal(bank.token_log.lookup(held[None]), expected.token_log.lookup(held[None]))
+        assert (bank.token_log.lookup(held[None]) >= 0).all()
+        slots = held % bank.token_log.span
+        torch.testing.assert_close(bank.token_log.keys[0][:, slots].float(),
+                                   expected.token_log.keys[0][:, slots].float(), atol=1e-2, rtol=0)
+    ids = torch.tensor(list(TEXT_B[:16].encode()))[None]
+    reloaded = load_named(model, "m", tmp_path)[0]
+    assert not reloaded.token_log.is_empty  # the copy head reads a reloaded memory too
+    ptr, best = model.sidenet.pointer.pointer(model(ids, memory=reloaded).mem_keys, reloaded.token_log, 256)
+    assert ptr.sum(-1).mean() > 0.5 and best.max() > 0.95  # matches found, most successors known
 
 
 # ---------------------------------------------------------------- crash safety (kill -9 mid-write)

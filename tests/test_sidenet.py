@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from conftest import make_model
-from longmem.attention import gated_fusion, joint_fusion, local_attention, local_attention_lse, memory_attention
+from longmem.attention import (gated_fusion, joint_fusion, local_attention, local_attention_lse, memory_attention,
+                              split_past_attention)
 
 
 def fill(model, segments: int, batch: int = 1, seed: int = 0):
@@ -145,7 +146,7 @@ def test_delta_sidenet_is_the_backbone_without_memory_and_uses_memory(family):
     assert not model(ids, labels=ids).loss.requires_grad  # empty memory: nothing to learn
 
 
-@pytest.mark.parametrize("with_past", [False, True])
+@pytest.mark.parametrize("with_past", [False, "partial", "full"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_lse_kernel_matches_the_differentiable_path(with_past, dtype):
     torch.manual_seed(0)
@@ -153,7 +154,7 @@ def test_fused_lse_kernel_matches_the_differentiable_path(with_past, dtype):
     q, k, v = (torch.randn(b, n, t, d, dtype=dtype) for n in (h, 2, 2))
     past = None
     if with_past:
-        valid = torch.rand(b, p) > 0.3
+        valid = torch.rand(b, p) > 0.3 if with_past == "partial" else torch.ones(b, p, dtype=torch.bool)
         past = (torch.randn(b, 2, p, d, dtype=dtype), torch.randn(b, 2, p, d, dtype=dtype), valid)
     with torch.no_grad():  # fused kernel
         out, lse = local_attention_lse(q, k, v, 0.25, past)
@@ -163,3 +164,19 @@ def test_fused_lse_kernel_matches_the_differentiable_path(with_past, dtype):
     torch.testing.assert_close(out.float(), ref.detach().float(), atol=tol, rtol=tol)
     torch.testing.assert_close(lse, ref_lse.detach(), atol=tol, rtol=tol)
     assert ref_lse.requires_grad and not lse.requires_grad
+
+
+def test_split_past_kernel_equals_one_masked_softmax():
+    torch.manual_seed(1)
+    b, h, t, p, d = 2, 6, 9, 11, 16
+    q, k, v = (torch.randn(b, n, t, d) for n in (h, 2, 2))
+    past = (torch.randn(b, 2, p, d), torch.randn(b, 2, p, d), torch.ones(b, p, dtype=torch.bool))
+    out, lse = split_past_attention(q, past[0], past[1], k, v, 0.25)
+    keys, values = torch.cat([past[0], k], 2).repeat_interleave(3, 1), torch.cat([past[1], v], 2).repeat_interleave(3, 1)
+    scores = q @ keys.transpose(-1, -2) * 0.25  # [B,H,T,P+T]
+    allowed = torch.cat([torch.ones(t, p, dtype=torch.bool), torch.ones(t, t, dtype=torch.bool).tril()], 1)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    torch.testing.assert_close(lse, scores.logsumexp(-1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, scores.softmax(-1) @ values, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(local_attention(q, k, v, 0.25, past), out, atol=1e-5, rtol=1e-5)

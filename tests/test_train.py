@@ -185,3 +185,22 @@ def test_delta_sidenet_trains_on_recall_spans(setup_dirs):
     trainer.train()
     rows = [json.loads(line) for line in (root / "recall" / "metrics.jsonl").read_text().splitlines()]
     assert any("recall_loss" in r for r in rows)
+
+
+def test_copy_head_alone_trains_on_recall_spans_and_resumes(setup_dirs):
+    root, backbone = setup_dirs
+    model = dict(backbone=str(backbone), segment_length=16, memory_size=64, chunk_size=2, topk=8,
+                 memory_dtype="float32", init="delta", fusion="joint", pointer=True)
+    cfg = config(root, backbone, "pointer", steps=6, eval_every=-1, save_every=3, recall_prob=1.0,
+                 recall_min=4, recall_max=8, batch_size=1, trainable="pointer", model=model)
+    trainer = Trainer(cfg, progress=False).setup()
+    before = params(trainer)
+    trainer.train()
+    after = params(trainer)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("pointer.") for k in changed)  # only the copy head moved
+    assert any(trainer._overwritten)  # recall sources avoid text that earlier spans overwrote
+    resumed = Trainer(cfg, resume=True, progress=False).setup()
+    assert resumed._overwritten == trainer._overwritten
+    with pytest.raises(Exception, match="copy head"):
+        Trainer(config(root, backbone, "bad", trainable="pointer"), progress=False).setup()

@@ -29,8 +29,21 @@ def local_attention(
     h = q.shape[1]  # repeating KV heads measured faster here than SDPA's enable_gqa
     if past is None:
         return F.scaled_dot_product_attention(q, expand_kv(k, h), expand_kv(v, h), is_causal=True, scale=scale)
+    if _all_visible(past) and not _needs_grad(q, k, v) and q.device.type == "cpu":
+        split = split_past_attention(q, past[0], past[1], k, v, scale)
+        if split is not None:
+            return split[0]
     k, v, mask = _with_past(k, v, past)
     return F.scaled_dot_product_attention(q, expand_kv(k, h), expand_kv(v, h), attn_mask=mask, scale=scale)
+
+
+def _needs_grad(*xs: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(x.requires_grad for x in xs)
+
+
+def _all_visible(past: Past | None) -> bool:
+    """True when a past has entries and every one of them is visible to every row."""
+    return past is not None and past[0].shape[2] > 0 and bool(past[2].all())
 
 
 def local_attention_lse(
@@ -42,7 +55,7 @@ def local_attention_lse(
     but no gradient for it; training takes the explicit path below.
     """
     h, t = q.shape[1], q.shape[2]
-    if not (torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))) and q.device.type == "cpu":
+    if not _needs_grad(q, k, v) and q.device.type == "cpu":
         fused = _flash_lse(q, k, v, scale, past)
         if fused is not None:
             return fused
@@ -63,6 +76,8 @@ def _flash_lse(
     """The CPU flash kernel with its log-sum-exp (no autograd), or None where it refuses."""
     h = q.shape[1]
     mask = None
+    if _all_visible(past):  # two unmasked calls beat one masked call over P+T keys
+        return split_past_attention(q, past[0], past[1], k, v, scale)
     if past is not None:
         k, v, allowed = _with_past(k, v, past)  # allowed [B,1,T,P+T]
         mask = torch.zeros(allowed.shape, dtype=q.dtype).masked_fill_(~allowed, float("-inf"))
@@ -73,6 +88,29 @@ def _flash_lse(
     except (RuntimeError, AttributeError):  # another build or dtype: fall back to the explicit path
         return None
     return out, lse.float()
+
+
+def split_past_attention(
+    q: torch.Tensor, pk: torch.Tensor, pv: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Causal attention over P fully visible past entries + the segment, without a mask (no autograd).
+
+    q [B,H,T,Dh]; pk/pv [B,H_kv,P,Dh]; k/v [B,H_kv,T,Dh] -> out [B,H,T,Dh], lse [B,H,T] (fp32).
+    Two calls of the CPU flash kernel (past: unmasked; segment: causal) merged by their
+    log-sum-exps: the same softmax as one masked call over P+T keys, and faster here, since
+    the kernel skips masked blocks only for ``is_causal``. None where the kernel refuses.
+    """
+    h = q.shape[1]
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    try:
+        o_past, l_past = flash(q, expand_kv(pk.to(q.dtype), h), expand_kv(pv.to(q.dtype), h), scale=scale)
+        o_seg, l_seg = flash(q, expand_kv(k.to(q.dtype), h), expand_kv(v.to(q.dtype), h), is_causal=True,
+                             scale=scale)
+    except (RuntimeError, AttributeError):
+        return None
+    lse = torch.logaddexp(l_past.float(), l_seg.float())  # [B,H,T]
+    w = torch.exp(l_past.float() - lse).unsqueeze(-1)  # [B,H,T,1] the past's share
+    return (w * o_past.float() + (1 - w) * o_seg.float()).to(q.dtype), lse
 
 
 def _with_past(k: torch.Tensor, v: torch.Tensor, past: Past) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

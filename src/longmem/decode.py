@@ -162,8 +162,9 @@ def decode(model: LongMemModel, cache: DecodeCache, input_ids: torch.Tensor, mem
     cache.memory_kv.append(frozen.mem_keys, frozen.mem_values)
     cache.ids = torch.cat([cache.ids, input_ids], 1)
     logits = model.backbone.head(h)
-    if ctx.read is not None and memory is not None and memory.token_log is not None:
-        logits = model.sidenet.pointer(logits, h, ctx.read, memory.token_log)  # copy head: log-probs
+    if model.sidenet.pointer is not None and memory is not None and memory.token_log is not None \
+            and not memory.token_log.is_empty:
+        logits = model.sidenet.pointer(logits, h, frozen.mem_keys, memory.token_log)  # copy head: log-probs
     return logits
 
 

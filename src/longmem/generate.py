@@ -119,7 +119,7 @@ class Decoder:
         if self.copy_on_write:
             self.memory, self.copy_on_write = copy_memory(self.memory), False
         keys, values = cache.memory_kv.keys, cache.memory_kv.values
-        out = LongMemOutput(None, None, keys, values, cache.window_positions())
+        out = LongMemOutput(None, None, keys, values, cache.window_positions(), input_ids=cache.ids)
         if self.memory.recent is not None:
             out.layer_keys, out.layer_values = cache.layer_kv()  # [L,B,H_kv,n,Dh] for the short-term tier
         self.model.write_memory(self.memory, oldest(out, e))

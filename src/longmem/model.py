@@ -167,7 +167,8 @@ class LongMemModel(nn.Module):
             index=index or self.config.index_config(),
             meta=self.memory_meta(),
             recent=recent,
-            token_log=TokenLog(batch_size, self.token_span(capacity)) if self.config.pointer else None,
+            token_log=TokenLog(batch_size, self.token_span(capacity), shape.num_kv_heads, shape.head_dim)
+            if self.config.pointer else None,
         )
 
     def token_span(self, capacity: int | None = None) -> int:
@@ -206,8 +207,8 @@ class LongMemModel(nn.Module):
         valid = torch.ones(b, t, dtype=torch.bool) if valid is None else valid
         keep = valid.clone()
         log = getattr(memory, "token_log", None)  # a stand-in bank (named memories) keeps no ids
-        if log is not None and out.input_ids is not None:
-            log.note(out.input_ids, out.positions, valid)
+        if log is not None and out.input_ids is not None and to_bank:  # (the tier-only ablation: no copying)
+            log.note(out.input_ids, out.positions, valid, keys=out.mem_keys)
         search = None
         if self.search_rotated:
             cos, sin = self._rope_absolute(out.positions)  # [B,T,Dh]
@@ -266,8 +267,9 @@ class LongMemModel(nn.Module):
         ctx = self._context(memory, positions)
         h, stats = self.sidenet(frozen.hidden, rope, ctx)  # [B,T,D]
         logits = self.backbone.head(h)  # [B,T,V]
-        if ctx.read is not None and memory is not None and memory.token_log is not None:
-            logits = self.sidenet.pointer(logits, h, ctx.read, memory.token_log)  # log-probs [B,T,V] fp32
+        if self.sidenet.pointer is not None and memory is not None and memory.token_log is not None \
+                and not memory.token_log.is_empty:
+            logits = self.sidenet.pointer(logits, h, frozen.mem_keys, memory.token_log)  # log-probs [B,T,V] fp32
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
@@ -309,7 +311,6 @@ class LongMemModel(nn.Module):
             num_chunks=self.config.chunks_per_query,
             per_kv_head=self.config.retrieval_heads == "kv",
             recent=memory.recent if memory is not None else None,
-            capture=self.sidenet.pointer is not None,
         )
 
     def _rope(self, t: int, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -25,6 +25,7 @@ from .generate import GenerationConfig, TextStream, copy_memory, stream
 from .memory import MemoryBank
 from .memory.bank import float_dtype
 from .memory.named import NamedMemory, Tokens, alive_start, check_name
+from .memory.tokens import TokenLog
 from .model import LongMemModel, LongMemOutput
 
 CHECKED = ("backbone_fingerprint", "sidenet_fingerprint", "memory_layer", "chunk_size", "num_kv_heads",
@@ -118,8 +119,11 @@ class Recorder:
     """
 
     def __init__(self, bank: MemoryBank | None, stream_tokens: int, chunk_size: int, capacity_tokens: int,
-                 dtype: torch.dtype, end_position: int, recent=None):
+                 dtype: torch.dtype, end_position: int, recent=None, token_span: int = 0):
         self.bank, self.csz, self.capacity, self.dtype, self.recent = bank, chunk_size, capacity_tokens, dtype, recent
+        # token ids by position (a copy head's): the bank's own log, or one kept here to store them
+        own = TokenLog(1, token_span) if token_span and (bank is None or bank.token_log is None) else None
+        self.token_log = bank.token_log if bank is not None and bank.token_log is not None else own
         self.first = self.stream = stream_tokens  # stream offsets of the first kept / next token
         self.pieces: list[Tokens] = []
         self.end_position = torch.tensor([end_position])
@@ -142,7 +146,8 @@ class Recorder:
         search = keys if search_keys is None else search_keys
         sel = slice(None) if keep is None else keep[0].nonzero().squeeze(1)
         d = self.dtype
-        piece = Tokens(keys[0][:, sel].to(d), values[0][:, sel].to(d), search[0][:, sel].to(d), positions[0][sel])
+        ids = None if self.token_log is None else self.token_log.lookup(positions[:1])[0][sel].to(torch.int32)
+        piece = Tokens(keys[0][:, sel].to(d), values[0][:, sel].to(d), search[0][:, sel].to(d), positions[0][sel], ids)
         self.pieces.append(piece)
         self.stream += piece.count
         if positions.shape[1]:
@@ -184,11 +189,11 @@ def read_into(model: LongMemModel, ids: torch.Tensor, memory, start: int, segmen
         with lock or contextlib.nullcontext():
             if recent is None:
                 keys, values = model.backbone.memory_kv(seg)  # [1,H_kv,T,Dh]
-                out = LongMemOutput(None, None, keys, values, positions)
+                out = LongMemOutput(None, None, keys, values, positions, input_ids=seg)
             else:
                 frozen = model.backbone(seg, past=recent)  # every layer's K/V [L,1,H_kv,T,Dh] too
                 out = LongMemOutput(None, None, frozen.mem_keys, frozen.mem_values, positions,
-                                    layer_keys=frozen.layer_keys, layer_values=frozen.layer_values)
+                                    layer_keys=frozen.layer_keys, layer_values=frozen.layer_values, input_ids=seg)
             model.write_memory(memory, out)
 
 
@@ -229,8 +234,10 @@ def _remember(model: LongMemModel, store: NamedMemory, ids: torch.Tensor, source
         if manifest.get("recent_tokens"):  # the short-term tier: the RAM bank's, or the one on disk
             recent = bank.recent if bank is not None else _tier(model, store.read_state(manifest))
         end = int(manifest["end_position"])
-        rec = Recorder(bank, int(manifest["stream_tokens"]), int(manifest["chunk_size"]),
-                       int(manifest["capacity_tokens"]), float_dtype(manifest["dtype"]), end, recent)
+        capacity = int(manifest["capacity_tokens"])
+        rec = Recorder(bank, int(manifest["stream_tokens"]), int(manifest["chunk_size"]), capacity,
+                       float_dtype(manifest["dtype"]), end, recent,
+                       token_span=model.token_span(capacity) if model.config.pointer else 0)
         read_into(model, ids, rec, end, lock=lock)
         manifest = store.append(rec.tokens(), rec.first, int(ids.shape[0]), int(rec.end_position[0]), source,
                                 state=recent.state() if recent is not None else None)

@@ -21,7 +21,7 @@ from .errors import LongMemError
 from .families import AttnShape, Family, apply_rope, apply_rope_half
 from .memory import MemoryBank
 from .memory.recent import RecentCache
-from .pointer import CopyHead, MemoryRead
+from .pointer import CopyHead
 
 
 @dataclass
@@ -38,8 +38,6 @@ class MemoryContext:
     num_chunks: int  # K / csz
     per_kv_head: bool
     recent: RecentCache | None = None  # short-term tier: every layer's K/V of the last tokens read
-    capture: bool = False  # keep what the memory block read (for the copy head)
-    read: MemoryRead | None = None  # set by the memory block when ``capture``
 
     def past(self, layer: int) -> Past | None:
         """The short-term tier's keys, values [B,H_kv,P,Dh] and valid [B,P] of backbone ``layer``."""
@@ -141,8 +139,6 @@ class MemoryBlock(SideBlock):
         else:  # one softmax; the gate is a learned per-head log-bias on memory scores
             local, local_lse = local_attention_lse(q_loc, k_loc, v, scale, past)
             fused, share = joint_fusion(local, local_lse, mem, mem_lse + self.gate.float().view(1, -1, 1))
-        if ctx.capture:
-            ctx.read = MemoryRead(probs, found.positions, share.expand(q.shape[0], -1, q.shape[2]))
         return local, fused, _stats(self.gate, share, probs, self.fusion)
 
     def _place(self, keys: torch.Tensor, positions: torch.Tensor, ctx: MemoryContext) -> torch.Tensor:
@@ -196,8 +192,8 @@ class SideNet(nn.Module):
                 blocks.append(SideBlock(layer, family, shape))
         self.blocks = nn.ModuleList(blocks)
         self.norm = copy.deepcopy(family.final_norm(backbone.model))
-        hidden, heads = backbone.model.config.hidden_size, self.memory_block.shape.num_heads
-        self.pointer = CopyHead(hidden, heads) if config.pointer else None
+        hidden, kv_heads = backbone.model.config.hidden_size, self.memory_block.shape.num_kv_heads
+        self.pointer = CopyHead(hidden, kv_heads) if config.pointer else None
         self.requires_grad_(True)  # the copies come from a frozen backbone
         if config.init == "identity":
             for block in self.blocks:

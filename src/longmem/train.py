@@ -67,6 +67,7 @@ class Trainer:
         self.stream = DocumentStream(self.train_data, cfg.batch_size, self.model.config.segment_length,
                                      seed=cfg.seed, rank=self.rank, world_size=self.world)
         self.memory = self.model.new_memory(cfg.batch_size)
+        self._overwritten: list[list[tuple[int, int]]] = [[] for _ in range(cfg.batch_size)]
         if self.resume:
             self._restore()
         elif self.rank == 0:
@@ -82,6 +83,11 @@ class Trainer:
         if mode == "memory_block":
             sidenet.requires_grad_(False)
             sidenet.memory_block.requires_grad_(True)
+        elif mode == "pointer":
+            if sidenet.pointer is None:
+                raise LongMemError("trainable='pointer' needs a model with a copy head (model.pointer: true)")
+            sidenet.requires_grad_(False)
+            sidenet.pointer.requires_grad_(True)
         elif mode == "lora":
             sidenet.requires_grad_(False)
             add_lora(sidenet.blocks, self.config.lora_rank, self.config.lora_alpha)
@@ -130,8 +136,15 @@ class Trainer:
             return batch, None
         near = max(batch.input_ids.shape[1], self.model.recent_tokens)  # older than segment and tier
         reach = self.model.recent_tokens + self.model.config.memory_size  # still held by the bank
-        return insert_recall_spans(batch, self.train_data, cfg.recall_prob, cfg.recall_min, cfg.recall_max,
-                                   near=near, reach=reach)
+        for row in range(batch.input_ids.shape[0]):  # overwritten text the bank may still hold
+            p0 = int(batch.positions[row, 0])
+            keep = [(a, e) for a, e in self._overwritten[row] if not batch.reset[row] and e > p0 - reach]
+            self._overwritten[row] = keep
+        batch, spans = insert_recall_spans(batch, self.train_data, cfg.recall_prob, cfg.recall_min, cfg.recall_max,
+                                           near=near, reach=reach, avoid=self._overwritten)
+        for row, start, end in spans.written:
+            self._overwritten[row].append((start, end))
+        return batch, spans
 
     def train_step(self, batch: Batch | tuple[Batch, torch.Tensor | None]) -> dict:
         """One optimizer step on one batch; the batch's K/V are written to memory after it."""
@@ -161,9 +174,10 @@ class Trainer:
         row = {"loss": float(out.loss.detach()), "grad_norm": float(norm), "tokens": tokens,
                "memory_share": stats.memory_share if stats else 0.0,
                "gate_mean": float(stats.gate.mean()) if stats else float("nan")}
-        if spans is not None and spans.any():
+        if spans is not None and spans.mask.any():
             with torch.no_grad():
-                nll = torch.nn.functional.cross_entropy(out.logits.detach()[spans].float(), batch.labels[spans])
+                nll = torch.nn.functional.cross_entropy(out.logits.detach()[spans.mask].float(),
+                                                        batch.labels[spans.mask])
             row["recall_loss"] = float(nll)
         return row
 
@@ -235,7 +249,8 @@ class Trainer:
         if self.rank == 0:
             tmp.mkdir(parents=True, exist_ok=True)
         self._barrier()
-        ckpt.write_rank(tmp, self.rank, self.stream.state_dict(), [self.memory])
+        stream_state = self.stream.state_dict() | {"overwritten": self._overwritten}  # recall sources to avoid
+        ckpt.write_rank(tmp, self.rank, stream_state, [self.memory])
         if self.rank == 0:
             state = {"step": self.step, "tokens": self.tokens, "world_size": self.world,
                      "config": self.config.to_dict()}
@@ -253,6 +268,7 @@ class Trainer:
             raise LongMemError(f"checkpoint {path} was written by {state['world_size']} processes, not {self.world}")
         self.model.sidenet.load_state_dict(trainable)
         stream_state, memories = ckpt.read_rank(path, self.rank, self.model.memory_meta(), self.model.config.retrieval)
+        self._overwritten = [[tuple(r) for r in rows] for rows in stream_state.pop("overwritten", self._overwritten)]
         self.stream.load_state_dict(stream_state)
         self.memory = memories[0]
         self.step, self.tokens = int(state["step"]), int(state["tokens"])

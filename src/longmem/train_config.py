@@ -16,7 +16,7 @@ from typing import Any
 from .config import LongMemConfig, from_dict
 from .errors import LongMemError
 
-TRAINABLE = ("full", "memory_block", "lora")
+TRAINABLE = ("full", "memory_block", "lora", "pointer")
 
 
 @dataclass
@@ -58,7 +58,7 @@ class TrainConfig:
     dtype: str = "bfloat16"
     """Compute dtype: 'bfloat16' (autocast, backbone in bf16) or 'float32'."""
     trainable: str = "full"
-    """Trainable set: 'full' SideNet (paper), 'memory_block' only, or 'lora' adapters."""
+    """Trainable set: 'full' SideNet (paper), 'memory_block' only, 'lora' adapters, or 'pointer' (the copy head)."""
     lora_rank: int = 8
     """LoRA rank (trainable='lora')."""
     lora_alpha: float = 16.0

@@ -58,6 +58,7 @@ class Tokens:
     values: torch.Tensor  # [H_kv,n,Dh]
     search: torch.Tensor  # [H_kv,n,Dh] what chunk keys average (e.g. keys rotated to their positions)
     positions: torch.Tensor  # [n] absolute positions
+    ids: torch.Tensor | None = None  # [n] int32 token ids (-1 unknown), kept for a copy head
 
     @property
     def count(self) -> int:
@@ -65,12 +66,18 @@ class Tokens:
 
     def slice(self, a: int) -> "Tokens":
         """The tokens from index a on."""
-        return Tokens(self.keys[:, a:], self.values[:, a:], self.search[:, a:], self.positions[a:])
+        ids = None if self.ids is None else self.ids[a:]
+        return Tokens(self.keys[:, a:], self.values[:, a:], self.search[:, a:], self.positions[a:], ids)
 
     @staticmethod
     def cat(parts: list["Tokens"]) -> "Tokens":
-        return Tokens(*(torch.cat([getattr(p, name) for p in parts], dim=0 if name == "positions" else 1)
-                        for name in TENSORS))
+        tensors = [torch.cat([getattr(p, name) for p in parts], dim=0 if name == "positions" else 1)
+                   for name in TENSORS]
+        ids = None
+        if any(p.ids is not None for p in parts):
+            ids = torch.cat([p.ids if p.ids is not None else torch.full((p.count,), -1, dtype=torch.int32)
+                             for p in parts])
+        return Tokens(*tensors, ids)
 
 
 def alive_start(stream_tokens: int, chunk_size: int, capacity_tokens: int) -> int:
@@ -103,6 +110,8 @@ class NamedMemory:
             for part in manifest["parts"]:
                 tokens = self._read_part(part, manifest)
                 bank.write_row(row, tokens.keys, tokens.values, tokens.positions, tokens.search)
+                if bank.token_log is not None and tokens.ids is not None:  # a copy head's ids and match keys
+                    bank.token_log.note_row(row, tokens.ids, tokens.positions, tokens.keys)
             bank.end_position[row] = int(manifest["end_position"])
             return manifest, self.read_state(manifest)
 
@@ -119,9 +128,11 @@ class NamedMemory:
         data = load_checked_safetensors(path, part.get("sha256"), f"memory {self.name!r} part")
         h, d, n = int(manifest["num_kv_heads"]), int(manifest["head_dim"]), int(part.get("tokens", -1))
         shapes = {"keys": (h, n, d), "values": (h, n, d), "search": (h, n, d), "positions": (n,)}
-        if set(data) != set(TENSORS) or any(tuple(data[k].shape) != s for k, s in shapes.items()):
+        if "ids" in data:
+            shapes["ids"] = (n,)
+        if set(data) - {"ids"} != set(TENSORS) or any(tuple(data[k].shape) != s for k, s in shapes.items()):
             raise LongMemError(f"memory {self.name!r} part {path.name} does not match its manifest")
-        return Tokens(data["keys"], data["values"], data["search"], data["positions"])
+        return Tokens(data["keys"], data["values"], data["search"], data["positions"], data.get("ids"))
 
     # ------------------------------------------------------------------ writing
     @contextmanager
@@ -193,7 +204,8 @@ class NamedMemory:
         return manifest
 
     def _write_part(self, tokens: Tokens) -> dict:
-        return self._write_file("part", {k: getattr(tokens, k) for k in TENSORS}) | {"tokens": tokens.count}
+        tensors = {k: getattr(tokens, k) for k in TENSORS} | ({"ids": tokens.ids} if tokens.ids is not None else {})
+        return self._write_file("part", tensors) | {"tokens": tokens.count}
 
     def _write_file(self, kind: str, tensors: dict[str, torch.Tensor]) -> dict:
         """A new ``<kind>-<id>.safetensors``, flushed to disk -> its manifest entry."""

@@ -59,6 +59,8 @@ def save_memory(bank: MemoryBank, path: str | Path) -> Path:
         tensors |= {f"recent.{name}": value for name, value in recent.state().items()}
     if bank.token_log is not None:
         tensors |= {"token_log.ids": bank.token_log.ids, "token_log.end": bank.token_log.end}
+        if bank.token_log.keys is not None:
+            tensors["token_log.keys"] = bank.token_log.keys
     data_name = f"memory-{uuid.uuid4().hex[:12]}.safetensors"
     data = path / data_name
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(data))
@@ -179,9 +181,14 @@ def load_memory(
     if span:
         if tuple(tensors.get("token_log.ids", torch.empty(0)).shape) != (rows, span):
             raise LongMemError(f"memory {path}: token ids do not fit its manifest")
-        bank.token_log = TokenLog(rows, span)
+        keys = tensors.get("token_log.keys")
+        if keys is not None and (keys.dim() != 4 or tuple(keys.shape[:1]) + tuple(keys.shape[2:3]) != (rows, span)):
+            raise LongMemError(f"memory {path}: token match keys do not fit its manifest")
+        bank.token_log = TokenLog(rows, span, *(keys.shape[1], keys.shape[3]) if keys is not None else ())
         bank.token_log.ids.copy_(tensors["token_log.ids"])
         bank.token_log.end.copy_(tensors["token_log.end"])
+        if keys is not None:
+            bank.token_log.keys.copy_(keys)
     return bank
 
 

@@ -1,10 +1,13 @@
-"""Token ids of the text a memory has read, by absolute position (for the copy head).
+"""What a copy head needs of the text a memory has read: token ids and match keys, by position.
 
-The bank stores keys/values and positions; the copy head (``pointer: true``) also needs
-to know *which token* sits at a retrieved position and which one follows it. A ring of
-the last ``span`` token ids per row answers that: ``lookup(positions)`` gives the id at
-each position, or -1 where it is unknown (older than the ring, not yet read, or a memory
-restored without its ids).
+The bank stores keys/values and positions for attention; the copy head (``pointer: true``)
+also needs to know *which token* sits at an earlier position and which one follows it, and
+to find the earlier positions whose context looks like the current one. A ring of the last
+``span`` tokens per row keeps both: their ids, and their memory-layer keys (pre-rotary,
+unit length, bf16) — in a copied passage a token's key is nearly identical to its source's,
+because the frozen layer sees the same local context (a duplicate detector that needs no
+training). ``lookup(positions)`` gives the id at each position, or -1 where it is unknown
+(older than the ring, not yet read, or a memory restored without its log).
 """
 
 from __future__ import annotations
@@ -15,23 +18,42 @@ UNKNOWN = -1
 
 
 class TokenLog:
-    """Per-row ring of the last ``span`` token ids read, indexed by absolute position."""
+    """Per-row ring of the last ``span`` token ids (and match keys) read, indexed by absolute position."""
 
-    def __init__(self, batch_size: int, span: int):
+    def __init__(self, batch_size: int, span: int, num_kv_heads: int = 0, head_dim: int = 0):
         self.span = span
         self.ids = torch.full((batch_size, span), UNKNOWN, dtype=torch.int32)  # [B,S] id at pos % S
         self.end = torch.zeros(batch_size, dtype=torch.long)  # [B] position after the last id noted
+        self.keys = (torch.zeros(batch_size, num_kv_heads, span, head_dim, dtype=torch.bfloat16)
+                     if num_kv_heads else None)  # [B,Hkv,S,Dh] unit-length match keys
 
-    def note(self, ids: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor | None = None) -> None:
-        """Record ids [B,T] at absolute positions [B,T] (valid [B,T] bool: which to record)."""
+    def note(self, ids: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor | None = None,
+             keys: torch.Tensor | None = None) -> None:
+        """Record ids [B,T] (and keys [B,Hkv,T,Dh]) at absolute positions [B,T] (valid [B,T]: which)."""
         for row in range(ids.shape[0]):
-            keep = slice(None) if valid is None else valid[row]
-            pos, tok = positions[row][keep], ids[row][keep]
+            keep = torch.ones(ids.shape[1], dtype=torch.bool) if valid is None else valid[row]
+            pos, tok = positions[row][keep][-self.span :], ids[row][keep][-self.span :]
             if pos.numel() == 0:
                 continue
-            pos, tok = pos[-self.span :], tok[-self.span :]
             self.ids[row, pos % self.span] = tok.to(torch.int32)
+            if self.keys is not None and keys is not None:
+                k = keys[row][:, keep][:, -self.span :].float()  # [Hkv,n,Dh]
+                self.keys[row][:, pos % self.span] = (k / k.norm(dim=-1, keepdim=True).clamp_min(1e-6)).to(
+                    self.keys.dtype)
             self.end[row] = max(int(self.end[row]), int(pos.max()) + 1)
+
+    def note_row(self, row: int, ids: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor | None) -> None:
+        """Record one row: ids [n], positions [n], keys [Hkv,n,Dh] (e.g. replayed from disk)."""
+        ids, positions = ids[-self.span :], positions[-self.span :]  # only the last span can stay
+        b, n = self.ids.shape[0], ids.shape[0]
+        valid = torch.zeros(b, n, dtype=torch.bool)
+        valid[row] = True
+        full_keys = None if keys is None else keys[:, -self.span :][None].expand(b, -1, -1, -1)
+        self.note(ids[None].expand(b, n), positions[None].expand(b, n), valid, full_keys)
+
+    @property
+    def is_empty(self) -> bool:
+        return not bool((self.end > 0).any())
 
     def lookup(self, positions: torch.Tensor) -> torch.Tensor:
         """positions [B,...] -> token ids [B,...] (int64; -1 where unknown)."""
@@ -42,11 +64,49 @@ class TokenLog:
         known = (flat >= 0) & (flat < end) & (flat >= end - self.span)
         return torch.where(known, ids, torch.full_like(ids, UNKNOWN)).view(positions.shape)
 
+    def match(self, queries: torch.Tensor, k: int, block: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+        """queries [B,Hkv,T,Dh] -> the k most similar logged keys per head: cosine [B,Hkv,T,k] (fp32,
+        best first, -inf where fewer are known) and their absolute positions [B,Hkv,T,k] (-1 there).
+
+        Candidates are scored in bf16 (AMX), ``block`` queries at a time, and the k chosen are
+        re-scored in fp32 (bf16 cannot tell 0.98 from 0.99 apart reliably).
+        """
+        b, h, t, d = queries.shape
+        k = min(k, self.span)
+        q = queries.float()
+        q = q / q.norm(dim=-1, keepdim=True).clamp_min(1e-6)  # [B,Hkv,T,Dh]
+        slots = torch.arange(self.span)
+        sims = torch.full((b, h, t, k), float("-inf"))
+        positions = torch.full((b, h, t, k), UNKNOWN, dtype=torch.long)
+        for row in range(b):
+            end = int(self.end[row])
+            base = end - end % self.span  # absolute position of slot 0 in the current lap
+            pos = torch.where(slots < end % self.span, base + slots, base - self.span + slots)  # [S]
+            known = (pos >= 0) & (pos >= end - self.span)
+            if not known.any():
+                continue
+            keys = self.keys[row]  # [Hkv,S,Dh]
+            for a in range(0, t, block):
+                qb = q[row, :, a : a + block]  # [Hkv,tb,Dh]
+                score = torch.matmul(qb.to(keys.dtype), keys.transpose(-1, -2))  # [Hkv,tb,S] bf16
+                idx = score.masked_fill(~known, float("-inf")).topk(k, dim=-1).indices  # [Hkv,tb,k]
+                chosen = keys.gather(1, idx.flatten(1)[..., None].expand(-1, -1, d)).view(h, -1, k, d)
+                exact = torch.einsum("htd,htkd->htk", qb, chosen.float())  # [Hkv,tb,k]
+                exact = exact.masked_fill(~known[idx], float("-inf"))
+                order = exact.sort(dim=-1, descending=True)
+                sims[row, :, a : a + block] = order.values
+                got = pos[idx.gather(-1, order.indices)]
+                positions[row, :, a : a + block] = torch.where(order.values > float("-inf"), got, UNKNOWN)
+        return sims, positions
+
     def reset(self, rows: list[int] | None = None) -> None:
         rows = range(self.ids.shape[0]) if rows is None else rows
         for row in rows:
             self.ids[row] = UNKNOWN
             self.end[row] = 0
+            if self.keys is not None:
+                self.keys[row] = 0
 
     def nbytes(self) -> int:
-        return self.ids.numel() * self.ids.element_size()
+        keys = self.keys.numel() * self.keys.element_size() if self.keys is not None else 0
+        return self.ids.numel() * self.ids.element_size() + keys
