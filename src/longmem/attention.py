@@ -74,10 +74,10 @@ def _flash_lse(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, past: Past | None
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The CPU flash kernel with its log-sum-exp (no autograd), or None where it refuses."""
-    h = q.shape[1]
-    mask = None
     if _all_visible(past):  # two unmasked calls beat one masked call over P+T keys
         return split_past_attention(q, past[0], past[1], k, v, scale)
+    h = q.shape[1]
+    mask = None
     if past is not None:
         k, v, allowed = _with_past(k, v, past)  # allowed [B,1,T,P+T]
         mask = torch.zeros(allowed.shape, dtype=q.dtype).masked_fill_(~allowed, float("-inf"))

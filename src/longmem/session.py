@@ -122,8 +122,8 @@ class Recorder:
                  dtype: torch.dtype, end_position: int, recent=None, token_span: int = 0):
         self.bank, self.csz, self.capacity, self.dtype, self.recent = bank, chunk_size, capacity_tokens, dtype, recent
         # token ids by position (a copy head's): the bank's own log, or one kept here to store them
-        own = TokenLog(1, token_span) if token_span and (bank is None or bank.token_log is None) else None
-        self.token_log = bank.token_log if bank is not None and bank.token_log is not None else own
+        log = bank.token_log if bank is not None else None
+        self.token_log = log if log is not None else TokenLog(1, token_span) if token_span else None
         self.first = self.stream = stream_tokens  # stream offsets of the first kept / next token
         self.pieces: list[Tokens] = []
         self.end_position = torch.tensor([end_position])

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
-from .data.recall import insert_recall_spans
+from .data.recall import RecallSpans, insert_recall_spans
 from .data.stream import Batch, DocumentStream
 from .data.tokens import tokenize_corpus
 from .errors import LongMemError
@@ -128,7 +128,7 @@ class Trainer:
         progress = min(1.0, (step - cfg.warmup_steps) / span)
         return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
-    def next_batch(self) -> tuple[Batch, torch.Tensor | None]:
+    def next_batch(self) -> tuple[Batch, RecallSpans | None]:
         """The stream's next batch, with synthetic recall spans when configured."""
         batch = next(self.stream)
         cfg = self.config
@@ -146,7 +146,7 @@ class Trainer:
             self._overwritten[row].append((start, end))
         return batch, spans
 
-    def train_step(self, batch: Batch | tuple[Batch, torch.Tensor | None]) -> dict:
+    def train_step(self, batch: Batch | tuple[Batch, RecallSpans | None]) -> dict:
         """One optimizer step on one batch; the batch's K/V are written to memory after it."""
         cfg = self.config
         batch, spans = batch if isinstance(batch, tuple) else (batch, None)

@@ -182,7 +182,7 @@ def load_memory(
         if tuple(tensors.get("token_log.ids", torch.empty(0)).shape) != (rows, span):
             raise LongMemError(f"memory {path}: token ids do not fit its manifest")
         keys = tensors.get("token_log.keys")
-        if keys is not None and (keys.dim() != 4 or tuple(keys.shape[:1]) + tuple(keys.shape[2:3]) != (rows, span)):
+        if keys is not None and (keys.dim() != 4 or (keys.shape[0], keys.shape[2]) != (rows, span)):
             raise LongMemError(f"memory {path}: token match keys do not fit its manifest")
         bank.token_log = TokenLog(rows, span, *(keys.shape[1], keys.shape[3]) if keys is not None else ())
         bank.token_log.ids.copy_(tensors["token_log.ids"])

@@ -17,6 +17,12 @@ import torch
 UNKNOWN = -1
 
 
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    """x [...,Dh] -> fp32 vectors of unit length (cosine similarity is then a dot product)."""
+    x = x.float()
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+
+
 class TokenLog:
     """Per-row ring of the last ``span`` token ids (and match keys) read, indexed by absolute position."""
 
@@ -37,9 +43,8 @@ class TokenLog:
                 continue
             self.ids[row, pos % self.span] = tok.to(torch.int32)
             if self.keys is not None and keys is not None:
-                k = keys[row][:, keep][:, -self.span :].float()  # [Hkv,n,Dh]
-                self.keys[row][:, pos % self.span] = (k / k.norm(dim=-1, keepdim=True).clamp_min(1e-6)).to(
-                    self.keys.dtype)
+                k = keys[row][:, keep][:, -self.span :]  # [Hkv,n,Dh]
+                self.keys[row][:, pos % self.span] = _unit(k).to(self.keys.dtype)
             self.end[row] = max(int(self.end[row]), int(pos.max()) + 1)
 
     def note_row(self, row: int, ids: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor | None) -> None:
@@ -73,16 +78,15 @@ class TokenLog:
         """
         b, h, t, d = queries.shape
         k = min(k, self.span)
-        q = queries.float()
-        q = q / q.norm(dim=-1, keepdim=True).clamp_min(1e-6)  # [B,Hkv,T,Dh]
+        q = _unit(queries)  # [B,Hkv,T,Dh]
         slots = torch.arange(self.span)
         sims = torch.full((b, h, t, k), float("-inf"))
         positions = torch.full((b, h, t, k), UNKNOWN, dtype=torch.long)
         for row in range(b):
             end = int(self.end[row])
             base = end - end % self.span  # absolute position of slot 0 in the current lap
-            pos = torch.where(slots < end % self.span, base + slots, base - self.span + slots)  # [S]
-            known = (pos >= 0) & (pos >= end - self.span)
+            pos = torch.where(slots < end % self.span, base + slots, base - self.span + slots)  # [S] >= end - S
+            known = pos >= 0
             if not known.any():
                 continue
             keys = self.keys[row]  # [Hkv,S,Dh]
