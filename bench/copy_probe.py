@@ -43,8 +43,7 @@ def layer_keys(model: LongMemModel, ids: torch.Tensor, layers: list[int]) -> dic
         seg = ids[a : a + t][None]
         frozen = bb(seg, past=memory.recent)
         for layer in layers:
-            norm, attn, _, _ = bb.family.parts(bb.layers[layer])
-            k, _ = bb.family.keys_values(attn, norm(frozen.hidden[layer]), bb.attn_shape)  # [1,Hkv,T,Dh]
+            k = bb.keys_at(frozen.hidden[layer], layer)  # [1,Hkv,T,Dh]
             keys[layer].append(k[0].float())
         positions = a + torch.arange(seg.shape[1])[None]
         model.write_memory(memory, LongMemOutput(None, None, frozen.mem_keys, frozen.mem_values, positions,

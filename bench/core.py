@@ -60,7 +60,7 @@ def patched(obj, name, timer):
 
 
 def fill(model: LongMemModel, ids: torch.Tensor, memory_size: int, t: int):
-    """Fill a bank to capacity with the backbone's own K/V of real text."""
+    """Fill a bank to capacity with the backbone's own K/V of real text (and a copy head's token log)."""
     mem = model.new_memory(1)
     pos = 0
     while mem.num_tokens() < memory_size:
@@ -68,6 +68,8 @@ def fill(model: LongMemModel, ids: torch.Tensor, memory_size: int, t: int):
         out = model.backbone(seg)
         positions = torch.arange(pos, pos + t)[None, :]
         mem.write(out.mem_keys, out.mem_values, positions)
+        if mem.token_log is not None:  # the copy head matches against everything read
+            mem.token_log.note(seg, positions, keys=model.match_keys(out.hidden))
         pos += t
     return mem, pos
 

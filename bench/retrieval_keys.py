@@ -63,7 +63,7 @@ def collect(model: LongMemModel, texts: list[Path], n_mem: int, tail: int, cache
     chunks, kept = [], {"keys": [], "values": [], "search": []}
     start = time.perf_counter()
     for a in range(0, n_mem, t):
-        keys, values = model.backbone.memory_kv(ids[a : a + t][None])  # [1,Hkv,T,Dh] pre-rotary
+        keys, values, _ = model.backbone.memory_kv(ids[a : a + t][None])  # [1,Hkv,T,Dh] pre-rotary
         cos, sin = model.backbone.family.rope_exact(model.backbone.model, torch.arange(a, a + t)[None], torch.float32)
         search = apply_rope(keys.float(), cos[:, None], sin[:, None])[0]  # [Hkv,T,Dh] at absolute positions
         h, _, d = search.shape

@@ -14,5 +14,6 @@ longmem ppl "${BOOKS[@]}" --sidenet "$SIDENET" --compare --foreign-memory data/b
 longmem ppl "${BOOKS[@]}" --sidenet "$SIDENET" --foreign-memory data/books/train/kjv-bible.txt \
   --max-tokens 24576 --json --quiet > "$OUT/heldout-kjv.json.tmp" && mv "$OUT/heldout-kjv.json.tmp" "$OUT/heldout-kjv.json"
 # passkey: a 5-digit key once in 4k-32k tokens of held-out prose, read with memory vs the same local window
-longmem eval passkey --sidenet "$SIDENET" --lengths 4096,8192,16384,32768 --depths 0.1,0.5,0.9 --trials 3 \
+longmem eval passkey --sidenet "$SIDENET" --lengths 4096,8192,16384,32768 --depths 0,0.25,0.5,0.75,1 --trials 2 \
+  --memory-size 65536 \
   --modes memory,no-memory --quiet --out "$OUT/passkey.json"

@@ -142,7 +142,8 @@ def test_memory_kv_equals_the_full_backbone_pass(family):
     model = make_model(family)
     ids = torch.randint(0, 256, (2, 16))
     out = model.backbone(ids)
-    keys, values = model.backbone.memory_kv(ids)
+    keys, values, match = model.backbone.memory_kv(ids, 1)
+    torch.testing.assert_close(match, model.backbone.keys_at(out.hidden[1], 1))
     assert torch.equal(keys, out.mem_keys) and torch.equal(values, out.mem_values)
 
 

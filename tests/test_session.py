@@ -176,7 +176,7 @@ def test_a_copy_head_memory_keeps_its_token_ids_on_disk(tmp_path):
     ids = torch.tensor(list(TEXT_B[:16].encode()))[None]
     reloaded = load_named(model, "m", tmp_path)[0]
     assert not reloaded.token_log.is_empty  # the copy head reads a reloaded memory too
-    ptr, best = model.sidenet.pointer.pointer(model(ids, memory=reloaded).mem_keys, reloaded.token_log, 256)
+    ptr, best = model.sidenet.pointer.pointer(model(ids, memory=reloaded).match_keys, reloaded.token_log, 256)
     assert ptr.sum(-1).mean() > 0.5 and best.max() > 0.95  # matches found, most successors known
 
 

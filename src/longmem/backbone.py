@@ -171,31 +171,45 @@ class FrozenBackbone(nn.Module):
         values = torch.stack([layer.values[:, :, -t:] for layer in cache.layers])
         return keys, values
 
-    @torch.no_grad()
-    def memory_kv(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """input_ids [B,T] -> memory-layer K/V [B,H_kv,T,Dh], as ``forward`` gives them.
+    def keys_at(self, hidden: torch.Tensor, layer: int) -> torch.Tensor:
+        """H_layer [B,T,D] (layer ``layer``'s input) -> that layer's pre-rotary keys [B,H_kv,T,Dh]."""
+        norm, attn, _, _ = self.family.parts(self.layers[layer])
+        return self.family.keys_values(attn, norm(hidden), self.attn_shape)[0]  # every layer has one shape
 
-        Runs only the layers below the memory layer (what reading into memory needs).
+    @torch.no_grad()
+    def memory_kv(self, input_ids: torch.Tensor, match_layer: int | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """input_ids [B,T] -> memory-layer K/V [B,H_kv,T,Dh], as ``forward`` gives them, and the
+        pre-rotary keys [B,H_kv,T,Dh] of layer ``match_layer`` (None if not asked for).
+
+        Runs only the layers up to the memory layer (what reading into memory needs).
         """
         if input_ids.shape[1] > self.native_context:
             raise LongMemError(
                 f"segment of {input_ids.shape[1]} tokens exceeds the backbone's native context of {self.native_context}"
             )
-        grabbed: list[torch.Tensor] = []
+        wanted = {self.memory_layer} | ({match_layer} if match_layer is not None else set())
+        grabbed: dict[int, torch.Tensor] = {}
 
-        def grab_and_stop(_module, args, kwargs):
-            grabbed.append(args[0] if args else kwargs["hidden_states"])
-            raise _StopForward
+        def grab(layer: int):
+            def hook(_module, args, kwargs):
+                grabbed[layer] = args[0] if args else kwargs["hidden_states"]
+                if len(grabbed) == len(wanted):
+                    raise _StopForward
+            return hook
 
-        hook = self.layers[self.memory_layer].register_forward_pre_hook(grab_and_stop, with_kwargs=True)
+        hooks = [self.layers[i].register_forward_pre_hook(grab(i), with_kwargs=True) for i in wanted]
         try:
             self.family.base(self.model)(input_ids=input_ids, use_cache=False)
         except _StopForward:
             pass
         finally:
-            hook.remove()
+            for hook in hooks:
+                hook.remove()
         norm, attn, _, _ = self.family.parts(self.layers[self.memory_layer])
-        return self.family.keys_values(attn, norm(grabbed[0]), self.attn_shape)
+        keys, values = self.family.keys_values(attn, norm(grabbed[self.memory_layer]), self.attn_shape)
+        match = self.keys_at(grabbed[match_layer], match_layer) if match_layer is not None else None
+        return keys, values, match
 
     @torch.no_grad()
     def logits(self, h_last: torch.Tensor) -> torch.Tensor:

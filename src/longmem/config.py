@@ -15,7 +15,7 @@ from .errors import LongMemError
 DEFAULT_BACKBONE = "smollm2-135m"
 FORMAT_VERSION = 1
 
-INITS = ("identity", "paper", "delta")
+INITS = ("identity", "paper", "delta", "upper")
 FUSIONS = ("gated", "joint")
 POSITION_SCHEMES = ("auto", "pre_rotary", "fixed", "true")
 RETRIEVAL_BACKENDS = ("torch", "faiss", "ivf", "hnsw")
@@ -46,7 +46,8 @@ class LongMemConfig:
     segment_length: int = 1024
     """T: tokens per segment when reading long text."""
     init: str = "identity"
-    """SideNet: 'identity' (zeroed outputs), 'paper' (plain copies) or 'delta' (memory-delta)."""
+    """SideNet: 'identity' (zeroed outputs), 'paper' (plain copies), 'delta' (memory-delta) or 'upper'
+    (no SideNet: the backbone's layers from the memory layer on, fine-tuned; the MemTRM baseline, r = 1)."""
     fusion: str = "gated"
     """How memory joins local attention: 'gated' (paper, two softmaxes) or 'joint'."""
     position_scheme: str = "auto"
@@ -55,8 +56,14 @@ class LongMemConfig:
     """For 'fixed': the distance every memory key is placed at."""
     max_distance: int | None = None
     """For 'true': distances are clamped here (None: the backbone's native context)."""
+    coupled: bool = False
+    """Memory written by the trainable memory layer itself, not the frozen backbone (the MemTRM
+    baseline: entries written before a weight update go stale)."""
     pointer: bool = False
-    """Copy head: mix in a pointer to the tokens that followed earlier look-alikes (memory-layer key match)."""
+    """Copy head: mix in a pointer to the tokens that followed earlier look-alikes (key match)."""
+    pointer_layer: int | None = None
+    """Backbone layer (0-based) whose pre-rotary keys the copy head matches (None: num_layers / 15,
+    2 on SmolLM2: early layers tell exact repeats apart best, bench/copy_probe.py)."""
     search_positions: str = "absolute"
     """Chunk search on rotary backbones: 'absolute' (keys, queries rotated) or 'none' (pre-rotary)."""
     sink_tokens: int = 1
@@ -90,6 +97,11 @@ class LongMemConfig:
         _positive("memory_size", self.memory_size)
         _positive("segment_length", self.segment_length)
         _positive("fixed_distance", self.fixed_distance)
+        if self.coupled and self.init not in ("delta", "upper"):
+            raise LongMemError(f"coupled memory needs init 'upper' or 'delta' (the memory layer reads H_m), "
+                               f"not {self.init!r}")
+        if self.init == "upper" and self.reduction != 1:
+            raise LongMemError(f"init 'upper' fine-tunes every upper layer: it needs reduction 1, not {self.reduction}")
         if self.topk <= 0 or self.topk % self.chunk_size:
             raise LongMemError(
                 f"topk={self.topk} must be a positive multiple of chunk_size={self.chunk_size}"

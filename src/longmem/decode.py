@@ -24,6 +24,7 @@ from .errors import LongMemError
 from .families import apply_rope
 from .memory import MemoryBank
 from .model import LongMemModel
+from .pointer import RUN
 from .sidenet import MemoryBlock, MemoryContext, SideBlock, SideNet
 
 FUSIONS = ("gated", "joint")
@@ -42,7 +43,7 @@ class KVBuffer:
         b, h, t, d = k.shape
         if self.keys is None:
             self.keys = k.new_empty(b, h, self.capacity, d)
-            self.values = v.new_empty(b, h, self.capacity, d)
+            self.values = v.new_empty(b, h, self.capacity, v.shape[-1])
         end = self.length + t
         if end > self.capacity:
             raise LongMemError(f"decode window overflow: {end} tokens > capacity {self.capacity}")
@@ -66,6 +67,7 @@ class DecodeCache:
     past: int  # short-term tier entries ahead of the window in every attention
     rope: tuple[torch.Tensor, torch.Tensor] | None  # cos/sin [capacity,Dh] of the window's positions
     memory_state: tuple | None = None  # what the memory looked like when the cache was made
+    match_keys: KVBuffer | None = None  # a copy head's match keys [B,H_kv,n,Dh] of the window (no values)
 
     @property
     def length(self) -> int:
@@ -90,6 +92,8 @@ def new_cache(model: LongMemModel, batch_size: int, start: torch.Tensor | int, c
     every attention, as a segment read with that memory does.
     """
     capacity = capacity or model.config.segment_length
+    if model.config.coupled or model.config.init == "upper":
+        raise LongMemError("incremental decoding does not support the MemTRM layout (init 'upper', coupled memory)")
     sidenet: SideNet = model.sidenet
     if sidenet.memory_block.fusion not in FUSIONS:
         raise LongMemError(f"incremental decoding does not support fusion {sidenet.memory_block.fusion!r}")
@@ -116,7 +120,7 @@ def new_cache(model: LongMemModel, batch_size: int, start: torch.Tensor | int, c
     return DecodeCache(
         backbone=hf, blocks=buffers, memory_kv=KVBuffer(capacity), ids=torch.zeros(batch_size, 0, dtype=torch.long),
         start=start, capacity=capacity, offset=offset, past=past[0][0].shape[2] if past else 0, rope=rope,
-        memory_state=_memory_state(memory),
+        memory_state=_memory_state(memory), match_keys=KVBuffer(capacity) if sidenet.pointer is not None else None,
     )
 
 
@@ -162,9 +166,13 @@ def decode(model: LongMemModel, cache: DecodeCache, input_ids: torch.Tensor, mem
     cache.memory_kv.append(frozen.mem_keys, frozen.mem_values)
     cache.ids = torch.cat([cache.ids, input_ids], 1)
     logits = model.backbone.head(h)
-    if model.sidenet.pointer is not None and memory is not None and memory.token_log is not None \
-            and not memory.token_log.is_empty:
-        logits = model.sidenet.pointer(logits, h, frozen.mem_keys, memory.token_log)  # copy head: log-probs
+    match = model.match_keys(frozen.hidden)
+    if match is not None:
+        buf = cache.match_keys  # the window's earlier match keys: the copy head counts runs over them
+        history = None if buf.keys is None else buf.keys[:, :, max(0, buf.length - RUN) : buf.length]  # type: ignore
+        buf.append(match, match[..., :0])  # type: ignore[union-attr]
+        if memory is not None and memory.token_log is not None and not memory.token_log.is_empty:
+            logits = model.sidenet.pointer(logits, match, memory.token_log, history)  # copy head: log-probs
     return logits
 
 

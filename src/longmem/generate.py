@@ -119,7 +119,8 @@ class Decoder:
         if self.copy_on_write:
             self.memory, self.copy_on_write = copy_memory(self.memory), False
         keys, values = cache.memory_kv.keys, cache.memory_kv.values
-        out = LongMemOutput(None, None, keys, values, cache.window_positions(), input_ids=cache.ids)
+        out = LongMemOutput(None, None, keys, values, cache.window_positions(), input_ids=cache.ids,
+                            match_keys=None if cache.match_keys is None else cache.match_keys.keys[:, :, :cache.length])
         if self.memory.recent is not None:
             out.layer_keys, out.layer_values = cache.layer_kv()  # [L,B,H_kv,n,Dh] for the short-term tier
         self.model.write_memory(self.memory, oldest(out, e))
@@ -172,6 +173,8 @@ def oldest(out: LongMemOutput, e: int) -> LongMemOutput:
         head.layer_keys, head.layer_values = out.layer_keys[:, :, :, :e], out.layer_values[:, :, :, :e]
     if out.input_ids is not None:  # token ids, for a copy head's memory
         head.input_ids = out.input_ids[:, :e]
+    if out.match_keys is not None:  # and its match keys
+        head.match_keys = out.match_keys[:, :, :e]
     return head
 
 

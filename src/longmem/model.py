@@ -48,6 +48,7 @@ class LongMemOutput:
     layer_keys: torch.Tensor | None = None  # [L,B,H_kv,T,Dh] every layer's keys, when a short-term tier is read
     layer_values: torch.Tensor | None = None  # [L,B,H_kv,T,Dh]
     input_ids: torch.Tensor | None = None  # [B,T] the segment's tokens (a copy head's memory notes them)
+    match_keys: torch.Tensor | None = None  # [B,H_kv,T,Dh] pre-rotary keys of the copy head's match layer
 
 
 class LongMemModel(nn.Module):
@@ -65,6 +66,7 @@ class LongMemModel(nn.Module):
         self.config = dataclasses.replace(
             config,
             memory_layer=backbone.memory_layer,
+            pointer_layer=_pointer_layer(config, backbone.num_layers),
             backbone_fingerprint=config.backbone_fingerprint or backbone.fingerprint,
         )
         self.sidenet = SideNet(backbone, self.config).to(backbone.dtype)
@@ -208,7 +210,9 @@ class LongMemModel(nn.Module):
         keep = valid.clone()
         log = getattr(memory, "token_log", None)  # a stand-in bank (named memories) keeps no ids
         if log is not None and out.input_ids is not None and to_bank:  # (the tier-only ablation: no copying)
-            log.note(out.input_ids, out.positions, valid, keys=out.mem_keys)
+            if out.match_keys is None:
+                raise LongMemError("this segment was read without the copy head's match keys; cannot write it")
+            log.note(out.input_ids, out.positions, valid, keys=out.match_keys)
         search = None
         if self.search_rotated:
             cos, sin = self._rope_absolute(out.positions)  # [B,T,Dh]
@@ -267,15 +271,27 @@ class LongMemModel(nn.Module):
         ctx = self._context(memory, positions)
         h, stats = self.sidenet(frozen.hidden, rope, ctx)  # [B,T,D]
         logits = self.backbone.head(h)  # [B,T,V]
-        if self.sidenet.pointer is not None and memory is not None and memory.token_log is not None \
+        match = self.match_keys(frozen.hidden)
+        if match is not None and memory is not None and memory.token_log is not None \
                 and not memory.token_log.is_empty:
-            logits = self.sidenet.pointer(logits, h, frozen.mem_keys, memory.token_log)  # log-probs [B,T,V] fp32
+            logits = self.sidenet.pointer(logits, match, memory.token_log)  # log-probs [B,T,V] fp32
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
         base = self.backbone.logits(frozen.hidden[-1]) if backbone_logits else None
-        return LongMemOutput(logits, loss, frozen.mem_keys, frozen.mem_values, positions, base, stats,
-                             frozen.layer_keys, frozen.layer_values, input_ids)
+        mem_keys, mem_values = frozen.mem_keys, frozen.mem_values  # [B,H_kv,T,Dh] what the memory gets
+        if self.config.coupled:  # MemTRM: the trainable memory layer writes its own (soon stale) K/V
+            with torch.no_grad():
+                _, mem_keys, mem_values = self.sidenet.memory_block.project(frozen.hidden[self.backbone.memory_layer])
+        return LongMemOutput(logits, loss, mem_keys, mem_values, positions, base, stats,
+                             frozen.layer_keys, frozen.layer_values, input_ids, match)
+
+    def match_keys(self, hidden: list[torch.Tensor]) -> torch.Tensor | None:
+        """The copy head's match keys [B,H_kv,T,Dh] from the frozen hidden states (None without a head)."""
+        if self.sidenet.pointer is None:
+            return None
+        layer = self.config.pointer_layer
+        return self.backbone.keys_at(hidden[layer], layer)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """SideNet parameters only (the backbone is frozen)."""
@@ -339,3 +355,13 @@ def read_config(path: Path) -> LongMemConfig:
     """The LongMemConfig of a saved SideNet directory, with clear errors."""
     meta = load_versioned(path, "config.json", KIND, "SideNet", FORMAT_VERSION)
     return from_dict(LongMemConfig, meta.get("config", {}))
+
+
+def _pointer_layer(config: LongMemConfig, num_layers: int) -> int | None:
+    """The copy head's match layer: as configured, else num_layers / 15 (2 of SmolLM2's 30; None without a head)."""
+    if not config.pointer:
+        return config.pointer_layer
+    layer = max(1, round(num_layers / 15)) if config.pointer_layer is None else config.pointer_layer
+    if not 0 <= layer < num_layers:
+        raise LongMemError(f"pointer_layer={layer} is outside the backbone's {num_layers} layers")
+    return layer

@@ -29,7 +29,7 @@ from .memory.tokens import TokenLog
 from .model import LongMemModel, LongMemOutput
 
 CHECKED = ("backbone_fingerprint", "sidenet_fingerprint", "memory_layer", "chunk_size", "num_kv_heads",
-           "head_dim", "dtype", "search_positions", "recent_tokens")
+           "head_dim", "dtype", "search_positions", "recent_tokens", "pointer_layer")
 
 
 def memory_root(root: str | Path | None = None) -> Path:
@@ -64,6 +64,7 @@ def memory_header(model: LongMemModel, capacity_tokens: int | None = None) -> di
         "dtype": model.config.memory_dtype,
         "search_positions": "absolute" if model.search_rotated else "none",
         "recent_tokens": model.recent_tokens,  # the short-term tier's size (0: none)
+        "pointer_layer": model.config.pointer_layer if model.config.pointer else None,  # a copy head's match keys
         "capacity_tokens": capacity_tokens or model.config.memory_size,
     }
 
@@ -116,14 +117,16 @@ class Recorder:
     Forwards every write to ``bank`` too (if given). Stream offsets continue at
     ``stream_tokens``; tokens the bank can no longer keep are dropped from the front.
     ``recent`` is the memory's short-term tier, if it has one (``write_memory`` fills it).
+    ``token_span``/``key_shape`` (H_kv, Dh): a copy head's token log, kept here if ``bank`` has none.
     """
 
     def __init__(self, bank: MemoryBank | None, stream_tokens: int, chunk_size: int, capacity_tokens: int,
-                 dtype: torch.dtype, end_position: int, recent=None, token_span: int = 0):
+                 dtype: torch.dtype, end_position: int, recent=None, token_span: int = 0,
+                 key_shape: tuple[int, int] | None = None):
         self.bank, self.csz, self.capacity, self.dtype, self.recent = bank, chunk_size, capacity_tokens, dtype, recent
         # token ids by position (a copy head's): the bank's own log, or one kept here to store them
         log = bank.token_log if bank is not None else None
-        self.token_log = log if log is not None else TokenLog(1, token_span) if token_span else None
+        self.token_log = log if log is not None else TokenLog(1, token_span, *(key_shape or ())) if token_span else None
         self.first = self.stream = stream_tokens  # stream offsets of the first kept / next token
         self.pieces: list[Tokens] = []
         self.end_position = torch.tensor([end_position])
@@ -146,8 +149,13 @@ class Recorder:
         search = keys if search_keys is None else search_keys
         sel = slice(None) if keep is None else keep[0].nonzero().squeeze(1)
         d = self.dtype
-        ids = None if self.token_log is None else self.token_log.lookup(positions[:1])[0][sel].to(torch.int32)
-        piece = Tokens(keys[0][:, sel].to(d), values[0][:, sel].to(d), search[0][:, sel].to(d), positions[0][sel], ids)
+        ids = match = None
+        if self.token_log is not None:  # a copy head's token ids and match keys, as the log noted them
+            ids = self.token_log.lookup(positions[:1])[0][sel].to(torch.int32)
+            match = self.token_log.keys_at(positions[:1])
+            match = None if match is None else match[0][:, sel]
+        piece = Tokens(keys[0][:, sel].to(d), values[0][:, sel].to(d), search[0][:, sel].to(d), positions[0][sel], ids,
+                       match)
         self.pieces.append(piece)
         self.stream += piece.count
         if positions.shape[1]:
@@ -181,6 +189,9 @@ def read_into(model: LongMemModel, ids: torch.Tensor, memory, start: int, segmen
     memory layer, unless the memory's short-term tier needs every layer's keys/values.
     ``lock`` is held around each segment's computation.
     """
+    if model.config.coupled:
+        raise LongMemError("a coupled-memory model (the MemTRM baseline) writes its memory from its own "
+                           "trainable layer: read text through the model (longmem ppl / eval), not remember")
     t = segment_length or model.config.segment_length
     recent = memory.recent
     for a in range(0, ids.shape[0], t):
@@ -188,12 +199,14 @@ def read_into(model: LongMemModel, ids: torch.Tensor, memory, start: int, segmen
         positions = start + a + torch.arange(seg.shape[1])[None, :]  # [1,T]
         with lock or contextlib.nullcontext():
             if recent is None:
-                keys, values = model.backbone.memory_kv(seg)  # [1,H_kv,T,Dh]
-                out = LongMemOutput(None, None, keys, values, positions, input_ids=seg)
+                keys, values, match = model.backbone.memory_kv(seg, model.config.pointer_layer
+                                                               if model.sidenet.pointer is not None else None)
+                out = LongMemOutput(None, None, keys, values, positions, input_ids=seg, match_keys=match)
             else:
                 frozen = model.backbone(seg, past=recent)  # every layer's K/V [L,1,H_kv,T,Dh] too
                 out = LongMemOutput(None, None, frozen.mem_keys, frozen.mem_values, positions,
-                                    layer_keys=frozen.layer_keys, layer_values=frozen.layer_values, input_ids=seg)
+                                    layer_keys=frozen.layer_keys, layer_values=frozen.layer_values, input_ids=seg,
+                                    match_keys=model.match_keys(frozen.hidden))
             model.write_memory(memory, out)
 
 
@@ -237,7 +250,8 @@ def _remember(model: LongMemModel, store: NamedMemory, ids: torch.Tensor, source
         capacity = int(manifest["capacity_tokens"])
         rec = Recorder(bank, int(manifest["stream_tokens"]), int(manifest["chunk_size"]), capacity,
                        float_dtype(manifest["dtype"]), end, recent,
-                       token_span=model.token_span(capacity) if model.config.pointer else 0)
+                       token_span=model.token_span(capacity) if model.config.pointer else 0,
+                       key_shape=(model.backbone.attn_shape.num_kv_heads, model.backbone.attn_shape.head_dim))
         read_into(model, ids, rec, end, lock=lock)
         manifest = store.append(rec.tokens(), rec.first, int(ids.shape[0]), int(rec.end_position[0]), source,
                                 state=recent.state() if recent is not None else None)

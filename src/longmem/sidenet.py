@@ -4,6 +4,10 @@ Block j (0-based) copies backbone layer r*(j+1)-1 and runs the same computation 
 layer (pre-norm attention + MLP) through the family adapter. The memory block (the copy
 of the memory layer) also attends to the K entries retrieved for every token and fuses
 them with its local attention. ``x_0 = H_0``, ``x_j = f_j(x_{j-1}) + (H_{r(j+1)} - H_{rj})``.
+
+Two other layouts share the blocks: the memory-delta SideNet (``init: delta``, see
+``_forward_delta``) and, for the MemTRM baseline, no side network at all (``init: upper``):
+the backbone's own layers from the memory layer on, run on H_m and fine-tuned.
 """
 
 from __future__ import annotations
@@ -180,8 +184,8 @@ class SideNet(nn.Module):
             )
         self.reduction, self.num_backbone_layers = r, num
         self.memory_index = (m + 1) // r - 1
-        self.delta = config.init == "delta"
-        self.first = self.memory_index if self.delta else 0  # delta SideNets need no blocks below memory
+        self.delta, self.upper = config.init == "delta", config.init == "upper"
+        self.first = self.memory_index if self.delta or self.upper else 0  # no blocks below memory
         blocks = []
         for j in range(self.first, num // r):
             layer = backbone.layers[r * (j + 1) - 1]
@@ -192,8 +196,7 @@ class SideNet(nn.Module):
                 blocks.append(SideBlock(layer, family, shape))
         self.blocks = nn.ModuleList(blocks)
         self.norm = copy.deepcopy(family.final_norm(backbone.model))
-        hidden, kv_heads = backbone.model.config.hidden_size, self.memory_block.shape.num_kv_heads
-        self.pointer = CopyHead(hidden, kv_heads) if config.pointer else None
+        self.pointer = CopyHead(self.memory_block.shape.num_kv_heads) if config.pointer else None
         self.requires_grad_(True)  # the copies come from a frozen backbone
         if config.init == "identity":
             for block in self.blocks:
@@ -211,6 +214,8 @@ class SideNet(nn.Module):
         """hidden L+1 x [B,T,D] -> normed final state [B,T,D] and memory diagnostics."""
         if self.delta:
             return self._forward_delta(hidden, rope, ctx)
+        if self.upper:
+            return self._forward_upper(hidden, rope, ctx)
         r, last = self.reduction, len(self.blocks) - 1
         x, stats = hidden[0], None
         for j, block in enumerate(self.blocks):
@@ -220,6 +225,16 @@ class SideNet(nn.Module):
             else:
                 x = block(x, rope, ctx.past(r * (j + 1) - 1))
             x = x + (hidden[end] - hidden[r * j])  # cross-network residual
+        return self.norm(x), stats
+
+    def _forward_upper(self, hidden, rope, ctx):
+        """MemTRM layout (r = 1): the backbone's layers m..L-1, trainable, on the frozen H_m."""
+        x, stats = hidden[self.first], None
+        for j, block in enumerate(self.blocks, start=self.first):
+            if j == self.memory_index:
+                x, stats = block(x, rope, ctx)
+            else:
+                x = block(x, rope, ctx.past(j))
         return self.norm(x), stats
 
     def _forward_delta(self, hidden, rope, ctx):

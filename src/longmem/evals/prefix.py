@@ -50,6 +50,6 @@ class SharedPrefix:
             return
         cache = self.cache
         cache.backbone.crop(-q)
-        for buf in [*cache.blocks, cache.memory_kv]:
+        for buf in [*cache.blocks, cache.memory_kv, *([cache.match_keys] if cache.match_keys is not None else [])]:
             buf.length -= q
         cache.ids = cache.ids[:, : self.n]

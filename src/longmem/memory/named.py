@@ -40,6 +40,7 @@ MANIFEST = "manifest.json"
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 MAX_SOURCES = 1000  # the manifest keeps the newest entries of its log of what was read
 TENSORS = ("keys", "values", "search", "positions")
+OPTIONAL = ("ids", "match")  # a copy head's token ids and match keys
 
 
 def check_name(name: str) -> str:
@@ -59,6 +60,7 @@ class Tokens:
     search: torch.Tensor  # [H_kv,n,Dh] what chunk keys average (e.g. keys rotated to their positions)
     positions: torch.Tensor  # [n] absolute positions
     ids: torch.Tensor | None = None  # [n] int32 token ids (-1 unknown), kept for a copy head
+    match: torch.Tensor | None = None  # [H_kv,n,Dh] the copy head's unit match keys (bf16)
 
     @property
     def count(self) -> int:
@@ -67,7 +69,8 @@ class Tokens:
     def slice(self, a: int) -> "Tokens":
         """The tokens from index a on."""
         ids = None if self.ids is None else self.ids[a:]
-        return Tokens(self.keys[:, a:], self.values[:, a:], self.search[:, a:], self.positions[a:], ids)
+        match = None if self.match is None else self.match[:, a:]
+        return Tokens(self.keys[:, a:], self.values[:, a:], self.search[:, a:], self.positions[a:], ids, match)
 
     @staticmethod
     def cat(parts: list["Tokens"]) -> "Tokens":
@@ -77,7 +80,13 @@ class Tokens:
         if any(p.ids is not None for p in parts):
             ids = torch.cat([p.ids if p.ids is not None else torch.full((p.count,), -1, dtype=torch.int32)
                              for p in parts])
-        return Tokens(*tensors, ids)
+        match = None
+        shaped = next((p.match for p in parts if p.match is not None), None)
+        if shaped is not None:  # parts without keys never match (zero keys)
+            match = torch.cat([p.match if p.match is not None else shaped.new_zeros(shaped.shape[0], p.count,
+                                                                                      shaped.shape[2])
+                               for p in parts], dim=1)
+        return Tokens(*tensors, ids, match)
 
 
 def alive_start(stream_tokens: int, chunk_size: int, capacity_tokens: int) -> int:
@@ -111,7 +120,7 @@ class NamedMemory:
                 tokens = self._read_part(part, manifest)
                 bank.write_row(row, tokens.keys, tokens.values, tokens.positions, tokens.search)
                 if bank.token_log is not None and tokens.ids is not None:  # a copy head's ids and match keys
-                    bank.token_log.note_row(row, tokens.ids, tokens.positions, tokens.keys)
+                    bank.token_log.note_row(row, tokens.ids, tokens.positions, tokens.match)
             bank.end_position[row] = int(manifest["end_position"])
             return manifest, self.read_state(manifest)
 
@@ -130,9 +139,12 @@ class NamedMemory:
         shapes = {"keys": (h, n, d), "values": (h, n, d), "search": (h, n, d), "positions": (n,)}
         if "ids" in data:
             shapes["ids"] = (n,)
-        if set(data) - {"ids"} != set(TENSORS) or any(tuple(data[k].shape) != s for k, s in shapes.items()):
+        if "match" in data:
+            shapes["match"] = (h, n, d)
+        if set(data) - set(OPTIONAL) != set(TENSORS) or any(tuple(data[k].shape) != s for k, s in shapes.items()):
             raise LongMemError(f"memory {self.name!r} part {path.name} does not match its manifest")
-        return Tokens(data["keys"], data["values"], data["search"], data["positions"], data.get("ids"))
+        return Tokens(data["keys"], data["values"], data["search"], data["positions"], data.get("ids"),
+                      data.get("match"))
 
     # ------------------------------------------------------------------ writing
     @contextmanager
@@ -204,7 +216,7 @@ class NamedMemory:
         return manifest
 
     def _write_part(self, tokens: Tokens) -> dict:
-        tensors = {k: getattr(tokens, k) for k in TENSORS} | ({"ids": tokens.ids} if tokens.ids is not None else {})
+        tensors = {k: getattr(tokens, k) for k in TENSORS + OPTIONAL if getattr(tokens, k) is not None}
         return self._write_file("part", tensors) | {"tokens": tokens.count}
 
     def _write_file(self, kind: str, tensors: dict[str, torch.Tensor]) -> dict:

@@ -69,6 +69,15 @@ class TokenLog:
         known = (flat >= 0) & (flat < end) & (flat >= end - self.span)
         return torch.where(known, ids, torch.full_like(ids, UNKNOWN)).view(positions.shape)
 
+    def keys_at(self, positions: torch.Tensor) -> torch.Tensor | None:
+        """positions [B,N] -> the logged match keys [B,Hkv,N,Dh] (zero where unknown; None if no keys)."""
+        if self.keys is None:
+            return None
+        known = self.lookup(positions) >= 0  # [B,N]
+        slots = (positions % self.span).clamp_min(0)  # [B,N]
+        keys = torch.stack([self.keys[row][:, slots[row]] for row in range(positions.shape[0])])  # [B,Hkv,N,Dh]
+        return keys * known[:, None, :, None]
+
     def match(self, queries: torch.Tensor, k: int, block: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
         """queries [B,Hkv,T,Dh] -> the k most similar logged keys per head: cosine [B,Hkv,T,k] (fp32,
         best first, -inf where fewer are known) and their absolute positions [B,Hkv,T,k] (-1 there).
