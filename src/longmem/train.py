@@ -173,7 +173,7 @@ class Trainer:
         stats = out.stats
         row = {"loss": float(out.loss.detach()), "grad_norm": float(norm), "tokens": tokens,
                "memory_share": stats.memory_share if stats else 0.0,
-               "gate_mean": float(stats.gate.mean()) if stats else float("nan")}
+               "gate_mean": float(stats.gate.mean()) if stats else None}  # None: JSON null (empty memory)
         if spans is not None and spans.mask.any():
             with torch.no_grad():
                 nll = torch.nn.functional.cross_entropy(out.logits.detach()[spans.mask].float(),
