@@ -167,13 +167,12 @@ def decode(model: LongMemModel, cache: DecodeCache, input_ids: torch.Tensor, mem
     cache.ids = torch.cat([cache.ids, input_ids], 1)
     logits = model.backbone.head(h)
     match = model.match_keys(frozen.hidden)
+    history = None
     if match is not None:
         buf = cache.match_keys  # the window's earlier match keys: the copy head counts runs over them
         history = None if buf.keys is None else buf.keys[:, :, max(0, buf.length - RUN) : buf.length]  # type: ignore
         buf.append(match, match[..., :0])  # type: ignore[union-attr]
-        if memory is not None and memory.token_log is not None and not memory.token_log.is_empty:
-            logits = model.sidenet.pointer(logits, match, memory.token_log, history)  # copy head: log-probs
-    return logits
+    return model.copy_head_logits(logits, match, memory, history)  # copy head: log-probs
 
 
 def _memory_state(memory: MemoryBank | None) -> tuple | None:

@@ -169,13 +169,17 @@ class LongMemModel(nn.Module):
             index=index or self.config.index_config(),
             meta=self.memory_meta(),
             recent=recent,
-            token_log=TokenLog(batch_size, self.token_span(capacity), shape.num_kv_heads, shape.head_dim)
-            if self.config.pointer else None,
+            token_log=self.new_token_log(batch_size, capacity),
         )
 
-    def token_span(self, capacity: int | None = None) -> int:
-        """Token ids a copy head's memory keeps: everything the bank, the tier and a segment can hold."""
-        return (capacity or self.config.memory_size) + (self.recent_tokens or 0) + 2 * self.config.segment_length
+    def new_token_log(self, batch_size: int, capacity: int | None = None) -> TokenLog | None:
+        """A copy head's token log for a bank of ``capacity`` tokens (None without a head): it keeps
+        everything the bank, the tier and two segments can hold."""
+        if not self.config.pointer:
+            return None
+        span = (capacity or self.config.memory_size) + (self.recent_tokens or 0) + 2 * self.config.segment_length
+        shape = self.backbone.attn_shape
+        return TokenLog(batch_size, span, shape.num_kv_heads, shape.head_dim)
 
     def memory_meta(self) -> dict:
         """What a memory must match to be read by this model."""
@@ -272,9 +276,7 @@ class LongMemModel(nn.Module):
         h, stats = self.sidenet(frozen.hidden, rope, ctx)  # [B,T,D]
         logits = self.backbone.head(h)  # [B,T,V]
         match = self.match_keys(frozen.hidden)
-        if match is not None and memory is not None and memory.token_log is not None \
-                and not memory.token_log.is_empty:
-            logits = self.sidenet.pointer(logits, match, memory.token_log)  # log-probs [B,T,V] fp32
+        logits = self.copy_head_logits(logits, match, memory)  # [B,T,V]: log-probs once the copy head reads
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
@@ -285,6 +287,16 @@ class LongMemModel(nn.Module):
                 _, mem_keys, mem_values = self.sidenet.memory_block.project(frozen.hidden[self.backbone.memory_layer])
         return LongMemOutput(logits, loss, mem_keys, mem_values, positions, base, stats,
                              frozen.layer_keys, frozen.layer_values, input_ids, match)
+
+    def copy_head_logits(self, logits: torch.Tensor, match: torch.Tensor | None, memory: MemoryBank | None,
+                         history: torch.Tensor | None = None) -> torch.Tensor:
+        """logits [B,T,V] -> the copy head's mixture (log-probabilities, fp32), or the logits unchanged
+        without a head or while the memory's token log is empty. match [B,H_kv,T,Dh] and history
+        as ``CopyHead.forward`` takes them."""
+        log = getattr(memory, "token_log", None)
+        if match is None or log is None or log.is_empty:
+            return logits
+        return self.sidenet.pointer(logits, match, log, history)
 
     def match_keys(self, hidden: list[torch.Tensor]) -> torch.Tensor | None:
         """The copy head's match keys [B,H_kv,T,Dh] from the frozen hidden states (None without a head)."""
@@ -360,7 +372,7 @@ def read_config(path: Path) -> LongMemConfig:
 def _pointer_layer(config: LongMemConfig, num_layers: int) -> int | None:
     """The copy head's match layer: as configured, else num_layers / 15 (2 of SmolLM2's 30; None without a head)."""
     if not config.pointer:
-        return config.pointer_layer
+        return None
     layer = max(1, round(num_layers / 15)) if config.pointer_layer is None else config.pointer_layer
     if not 0 <= layer < num_layers:
         raise LongMemError(f"pointer_layer={layer} is outside the backbone's {num_layers} layers")

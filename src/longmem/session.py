@@ -64,7 +64,7 @@ def memory_header(model: LongMemModel, capacity_tokens: int | None = None) -> di
         "dtype": model.config.memory_dtype,
         "search_positions": "absolute" if model.search_rotated else "none",
         "recent_tokens": model.recent_tokens,  # the short-term tier's size (0: none)
-        "pointer_layer": model.config.pointer_layer if model.config.pointer else None,  # a copy head's match keys
+        "pointer_layer": model.config.pointer_layer,  # a copy head's match keys (None without one)
         "capacity_tokens": capacity_tokens or model.config.memory_size,
     }
 
@@ -117,16 +117,15 @@ class Recorder:
     Forwards every write to ``bank`` too (if given). Stream offsets continue at
     ``stream_tokens``; tokens the bank can no longer keep are dropped from the front.
     ``recent`` is the memory's short-term tier, if it has one (``write_memory`` fills it).
-    ``token_span``/``key_shape`` (H_kv, Dh): a copy head's token log, kept here if ``bank`` has none.
+    ``token_log``: a copy head's token log, kept here if ``bank`` has none (``model.new_token_log``).
     """
 
     def __init__(self, bank: MemoryBank | None, stream_tokens: int, chunk_size: int, capacity_tokens: int,
-                 dtype: torch.dtype, end_position: int, recent=None, token_span: int = 0,
-                 key_shape: tuple[int, int] | None = None):
+                 dtype: torch.dtype, end_position: int, recent=None, token_log: TokenLog | None = None):
         self.bank, self.csz, self.capacity, self.dtype, self.recent = bank, chunk_size, capacity_tokens, dtype, recent
         # token ids by position (a copy head's): the bank's own log, or one kept here to store them
         log = bank.token_log if bank is not None else None
-        self.token_log = log if log is not None else TokenLog(1, token_span, *(key_shape or ())) if token_span else None
+        self.token_log = log if log is not None else token_log
         self.first = self.stream = stream_tokens  # stream offsets of the first kept / next token
         self.pieces: list[Tokens] = []
         self.end_position = torch.tensor([end_position])
@@ -199,8 +198,7 @@ def read_into(model: LongMemModel, ids: torch.Tensor, memory, start: int, segmen
         positions = start + a + torch.arange(seg.shape[1])[None, :]  # [1,T]
         with lock or contextlib.nullcontext():
             if recent is None:
-                keys, values, match = model.backbone.memory_kv(seg, model.config.pointer_layer
-                                                               if model.sidenet.pointer is not None else None)
+                keys, values, match = model.backbone.memory_kv(seg, model.config.pointer_layer)
                 out = LongMemOutput(None, None, keys, values, positions, input_ids=seg, match_keys=match)
             else:
                 frozen = model.backbone(seg, past=recent)  # every layer's K/V [L,1,H_kv,T,Dh] too
@@ -250,8 +248,7 @@ def _remember(model: LongMemModel, store: NamedMemory, ids: torch.Tensor, source
         capacity = int(manifest["capacity_tokens"])
         rec = Recorder(bank, int(manifest["stream_tokens"]), int(manifest["chunk_size"]), capacity,
                        float_dtype(manifest["dtype"]), end, recent,
-                       token_span=model.token_span(capacity) if model.config.pointer else 0,
-                       key_shape=(model.backbone.attn_shape.num_kv_heads, model.backbone.attn_shape.head_dim))
+                       token_log=model.new_token_log(1, capacity))
         read_into(model, ids, rec, end, lock=lock)
         manifest = store.append(rec.tokens(), rec.first, int(ids.shape[0]), int(rec.end_position[0]), source,
                                 state=recent.state() if recent is not None else None)

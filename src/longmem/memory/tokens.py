@@ -3,11 +3,12 @@
 The bank stores keys/values and positions for attention; the copy head (``pointer: true``)
 also needs to know *which token* sits at an earlier position and which one follows it, and
 to find the earlier positions whose context looks like the current one. A ring of the last
-``span`` tokens per row keeps both: their ids, and their memory-layer keys (pre-rotary,
-unit length, bf16) — in a copied passage a token's key is nearly identical to its source's,
-because the frozen layer sees the same local context (a duplicate detector that needs no
-training). ``lookup(positions)`` gives the id at each position, or -1 where it is unknown
-(older than the ring, not yet read, or a memory restored without its log).
+``span`` tokens per row keeps both: their ids, and their match keys (pre-rotary keys of the
+copy head's early ``pointer_layer``, unit length, bf16) — in a copied passage a token's key is
+nearly identical to its source's, because the frozen layer sees the same local context (a
+duplicate detector that needs no training). ``lookup(positions)`` gives the id at each
+position, or -1 where it is unknown (older than the ring, not yet read, or a memory restored
+without its log).
 """
 
 from __future__ import annotations
