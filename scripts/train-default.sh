@@ -1,25 +1,25 @@
 #!/usr/bin/env bash
-# The packaged default SideNet (stage 1, ~65 min on a 2-core CPU here) and, with
-# --copy-head, the opt-in stage 2 on top of it (~10 min more). Needs `longmem data books`.
+# The packaged default SideNet from scratch: stage 1 (the memory-delta SideNet, ~65 min on a 2-core
+# CPU here) and stage 2 (the copy head with exact matches on top of it, ~10 min). Needs `longmem data books`.
 # Run it again after an interruption: each stage resumes from its latest checkpoint.
-#   bash scripts/train-default.sh [--copy-head] [--install]
+#   bash scripts/train-default.sh [--stage1-only] [--install]
 # --install copies the result over the packaged default (src/longmem/sidenets/smollm2-135m/).
 set -euo pipefail
-copy_head=0 install=0
+stage2=1 install=0
 for arg in "$@"; do
   case "$arg" in
-    --copy-head) copy_head=1 ;;
+    --stage1-only) stage2=0 ;;
     --install) install=1 ;;
-    *) echo "train-default.sh: unknown option $arg (use --copy-head, --install)" >&2; exit 2 ;;
+    *) echo "train-default.sh: unknown option $arg (use --stage1-only, --install)" >&2; exit 2 ;;
   esac
 done
 resume() { if [ -f "$1/checkpoints/latest.json" ]; then echo --resume; fi; }
 # stage 1: the memory-delta SideNet with the short-term tier and the long-term bank
 longmem train configs/longmem-default.yaml $(resume runs/longmem-default)
 out=runs/longmem-default/sidenet
-if [ "$copy_head" = 1 ]; then  # stage 2: the copy head on top of it (only the head's weights train)
-  longmem train configs/longmem-copy.yaml --set init_from=runs/longmem-default/sidenet $(resume runs/longmem-copy)
-  out=runs/longmem-copy/sidenet
+if [ "$stage2" = 1 ]; then  # stage 2: the copy head on top of it (only the head's scalars train)
+  longmem train configs/longmem-copy.yaml --set init_from=runs/longmem-default/sidenet $(resume runs/longmem-copy-local)
+  out=runs/longmem-copy-local/sidenet
 fi
 if [ "$install" = 1 ]; then
   cp "$out/config.json" "$out/model.safetensors" src/longmem/sidenets/smollm2-135m/

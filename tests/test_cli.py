@@ -28,8 +28,9 @@ def test_ppl_json_has_the_promised_fields(tmp_path, capsys, backbone_dir):
 def test_ppl_compare_modes_agree_for_identity_init(tmp_path, capsys, backbone_dir):
     book = tmp_path / "book.txt"
     book.write_text(TEXT)
-    code, out, _ = run(capsys, "ppl", book, *base(backbone_dir), "--compare", "--json")
+    code, out, _ = run(capsys, "ppl", book, *base(backbone_dir), "--compare", "--json", "--plot", tmp_path / "loss.png")
     assert code == 0
+    assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"  # per-position loss curves
     rows = {r["mode"]: r for r in json.loads(out)["results"]}
     assert set(rows) == {"memory", "no-memory", "backbone", "short-term-only"}  # a rotary backbone has a tier
     assert abs(rows["no-memory"]["nll"] - rows["backbone"]["nll"]) < 1e-4  # identity SideNet == backbone

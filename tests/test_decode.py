@@ -85,9 +85,11 @@ def test_sliding_window_matches_re_running_the_window(family, init, fusion):
     torch.testing.assert_close(a.memory.row_chunk_keys(0), b.memory.row_chunk_keys(0), atol=1e-5, rtol=1e-5)
 
 
-def test_sliding_window_with_a_copy_head_matches_re_running_the_window():
-    """The copy head reads the ids and keys of evicted tokens exactly as the slow twin writes them."""
-    model = trained("llama", "delta", "joint", pointer=True)
+@pytest.mark.parametrize("ngram, local", [(0, False), (2, False), (2, True)])
+def test_sliding_window_with_a_copy_head_matches_re_running_the_window(ngram, local):
+    """The copy head reads the ids and keys of evicted tokens exactly as the slow twin writes them
+    (and, with exact matches, the window's ids before each new token)."""
+    model = trained("llama", "delta", "joint", pointer=True, pointer_ngram=ngram, pointer_local=local)
     (fast, a), (slow, b) = fast_and_slow(model)
     torch.testing.assert_close(fast, slow, atol=1e-4, rtol=1e-4)
     assert torch.equal(a.memory.token_log.ids, b.memory.token_log.ids)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from conftest import make_model
+from longmem.errors import LongMemError
 from longmem.memory import load_memory, save_memory
 from longmem.memory.tokens import TokenLog
 
@@ -129,9 +130,9 @@ def test_sparse_mixing_equals_the_dense_mixture():
     with torch.no_grad():
         head.offset.fill_(1.0)
         out = model(text[:, 8:24], memory=mem)
-        ids, mass, known, best, run = head.candidates(out.match_keys, mem.token_log)
+        ids, w, best, run = head.candidates(out.match_keys, mem.token_log)
         ptr, _ = head.pointer(out.match_keys, mem.token_log, 256)
-        torch.testing.assert_close(ptr.sum(-1), known)
+        torch.testing.assert_close(ptr.sum(-1), w.sum(-1))
         logits = torch.randn(1, 16, 256)
         lam = torch.sigmoid(head.slope * (best - 0.95) / 0.05 + head.agree * ptr.amax(-1) + head.run * run
                             + head.offset)[..., None]
@@ -149,8 +150,8 @@ def test_a_match_that_continues_the_previous_one_wins():
     head = CopyHead(1, topk=2)
     with torch.no_grad():
         head.sharpness.fill_(0.0)  # similarity alone cannot choose between 3 and 9
-        ids, mass, *_ = head.candidates(keys[:, :, 3:4], log, history=keys[:, :, 2:3])  # after position 2's twin
-    assert ids[0, 0, mass[0, 0].argmax()].item() == 104  # the successor of 3, which follows 2
+        ids, w, *_ = head.candidates(keys[:, :, 3:4], log, history=keys[:, :, 2:3])  # after position 2's twin
+    assert ids[0, 0, w[0, 0].argmax()].item() == 104  # the successor of 3, which follows 2
 
 
 def test_runs_count_consecutive_matches_up_to_the_cap():
@@ -158,3 +159,110 @@ def test_runs_count_consecutive_matches_up_to_the_cap():
     top = torch.tensor([[[10, 11, 12, 13, 14, 15, 3, 4, -1, 0, 1]]])
     assert _runs(top)[0, 0].tolist() == [0, 1, 2, 3, 4, 4, 0, 1, 0, 0, 1]
     assert RUN == 4
+
+
+def _brute_matches(seq, end, lo, q, n, m, long, local=False):
+    """Reference: the m most recent log positions p (p + 1 < end; with ``local``: context positions
+    end <= p < q) whose suffix equals q's for >= n (and >= long) tokens, lengths capped at MAX_LEN."""
+    from longmem.memory.suffix import MAX_LEN
+
+    def length(p):
+        k = 0
+        while k < MAX_LEN and p - k >= lo and q - k >= 0 and seq[p - k] == seq[q - k]:
+            k += 1
+        return k
+
+    found = {}
+    for need in (n, long):
+        span = range(q - 1, end - 1, -1) if local else range(end - 2, lo - 1, -1)
+        hits = [p for p in span if length(p) >= need][:m]
+        found.update({p: length(p) for p in hits})
+    return found
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_suffix_matches_equal_a_brute_force_search(seed):
+    from longmem.memory.suffix import suffix_matches
+
+    g = torch.Generator().manual_seed(seed)
+    seq = torch.randint(0, 3, (120,), generator=g)  # 3 symbols: many matches of every length
+    seq[90:110] = seq[20:40]  # and one long repeat
+    other = torch.randint(0, 3, (120,), generator=g)  # a second row reads another text
+    both = torch.stack([seq, other])
+    log = TokenLog(2, span=64)
+    log.note(both[:, :80], torch.arange(80)[None].repeat(2, 1))  # the ring keeps 16..79
+    pos, length, nxt, local = suffix_matches(log, both[:, 80:], torch.arange(80, 120)[None].repeat(2, 1), 40,
+                                             n=2, m=3)
+    for row, text in enumerate((seq, other)):
+        for i, q in enumerate(range(80, 120)):
+            for in_context in (False, True):
+                sel = local[row, i] == in_context
+                got = {int(p): int(k) for p, k in zip(pos[row, i][sel], length[row, i][sel]) if p >= 0}
+                assert got == _brute_matches(text.tolist(), 80, 16, q, 2, 3, 8, in_context), (row, q, in_context)
+            hit = pos[row, i] >= 0
+            assert torch.equal(nxt[row, i][hit], text[pos[row, i][hit] + 1])  # the id after each match
+    assert length[0, 39 - 10].max() >= 10  # position 109 copies 39: a match of 20 tokens
+
+
+def test_exact_matches_copy_a_passage_the_keys_do_not_recognise():
+    torch.manual_seed(6)
+    model = make_model("llama", init="delta", fusion="joint", pointer=True, pointer_ngram=3)
+    text = torch.randint(0, 256, (1, 64))
+    mem = read_text(model, text)
+    again = torch.cat([torch.randint(0, 256, (1, 8)), text[:, 20:36]], 1)  # new context, then a repeat
+    with torch.no_grad():
+        model.sidenet.pointer.offset.fill_(-30.0)  # the key match is switched off
+        model.sidenet.pointer.length_bias.fill_(30.0)  # exact matches are trusted fully
+        out = model(again, memory=mem)
+    pred = out.logits[0].argmax(-1)
+    assert torch.equal(pred[10:], text[0, 23:37])  # from the third copied token on: the source's successor
+    assert not torch.equal(pred[:8], text[0, 1:9])
+    logp = out.logits.logsumexp(-1)
+    torch.testing.assert_close(logp, torch.zeros_like(logp), atol=1e-4, rtol=0)
+
+
+def test_exact_match_gate_trains_and_decoding_agrees():
+    from longmem.decode import decode, new_cache
+
+    torch.manual_seed(7)
+    model = make_model("llama", init="delta", fusion="joint", pointer=True, pointer_ngram=2)
+    text = torch.randint(0, 32, (1, 64))
+    mem = read_text(model, text)
+    ids = torch.cat([text[:, 5:15], torch.randint(0, 32, (1, 6))], 1)
+    out = model(ids, memory=mem, labels=ids)
+    out.loss.backward()
+    head = model.sidenet.pointer
+    assert head.length_bias.grad.abs().sum() > 0 and head.length_sharp.grad is not None
+    with torch.no_grad():
+        full = model(ids, memory=mem).logits
+        cache = new_cache(model, 1, mem.end_position, memory=mem)
+        steps = torch.cat([decode(model, cache, ids[:, i : i + 1], mem) for i in range(ids.shape[1])], 1)
+    torch.testing.assert_close(steps, full, atol=2e-3, rtol=1e-3)
+
+
+def test_a_copy_head_without_exact_matches_loads_with_fresh_ones(tmp_path):
+    from dataclasses import replace
+
+    from longmem.model import LongMemModel
+
+    keys_only = make_model("llama", init="delta", fusion="joint", pointer=True)
+    with torch.no_grad():
+        keys_only.sidenet.pointer.offset.fill_(-3.0)  # a trained value must survive the upgrade
+    keys_only.save_pretrained(tmp_path / "k")
+    model = LongMemModel.from_backbone(tmp_path / "k", keys_only.backbone, keys_only.tokenizer,
+                                       config=replace(keys_only.config, pointer_ngram=3))
+    assert model.sidenet.pointer.ngram == 3 and model.sidenet.pointer.offset.item() == -3.0
+    with pytest.raises(LongMemError, match="at least 2"):
+        make_model("llama", init="delta", fusion="joint", pointer=True, pointer_ngram=1)
+
+
+def test_local_exact_matches_copy_inside_the_context_without_a_memory():
+    torch.manual_seed(8)
+    model = make_model("llama", init="delta", fusion="joint", pointer=True, pointer_ngram=3, pointer_local=True)
+    part = torch.randint(0, 256, (1, 8))
+    ids = torch.cat([part, torch.randint(0, 256, (1, 2)), part], 1)  # [1,18]: 8 tokens said twice
+    with torch.no_grad():
+        model.sidenet.pointer.length_bias.fill_(30.0)
+        for memory in (None, model.new_memory(1)):
+            pred = model(ids, memory=memory).logits[0].argmax(-1)
+            assert torch.equal(pred[12:17], ids[0, 13:18])  # from the third repeated token on

@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(ppl)
     ppl.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     ppl.add_argument("--quiet", action="store_true", help="no progress bar")
+    ppl.add_argument("--plot", type=Path, metavar="PNG", help="also draw each mode's loss by distance from the start")
     ppl.set_defaults(func=cmd_ppl)
 
     data = sub.add_parser("data", help="prepare corpora")
@@ -163,6 +164,10 @@ def cmd_ppl(args: argparse.Namespace) -> int:
             if not args.json:
                 print(f"{path}  {res.mode:>14}  ppl {res.perplexity:8.3f}  tokens {res.tokens:>8}  "
                       f"{res.tokens_per_s:7.1f} tok/s")
+    if args.plot:
+        from .plots import position_loss
+
+        position_loss(results, args.plot)
     if args.json:
         main_rows = [r for r in results if r["mode"] == modes[0]]
         tokens = sum(r["tokens"] for r in main_rows)

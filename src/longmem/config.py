@@ -64,6 +64,12 @@ class LongMemConfig:
     pointer_layer: int | None = None
     """Backbone layer (0-based) whose pre-rotary keys the copy head matches (None: num_layers / 15,
     2 on SmolLM2: early layers tell exact repeats apart best, bench/copy_probe.py)."""
+    pointer_ngram: int = 0
+    """Copy head's second source: exact token-id suffix matches of at least this many tokens
+    (0: off; 3 in the shipped stage 2). Finds repeats whatever the frozen layers make of them."""
+    pointer_local: bool = False
+    """Exact matches are also searched in the context being read (segment / decoding window), with
+    or without a memory (a memory is then not credited with copies the context alone allows)."""
     search_positions: str = "absolute"
     """Chunk search on rotary backbones: 'absolute' (keys, queries rotated) or 'none' (pre-rotary)."""
     sink_tokens: int = 1
@@ -114,6 +120,11 @@ class LongMemConfig:
             raise LongMemError(f"recent_tokens={self.recent_tokens} must be >= 0 (0 turns the short-term tier off)")
         if self.sink_tokens < 0:
             raise LongMemError(f"sink_tokens={self.sink_tokens} must be >= 0")
+        if self.pointer_local and not self.pointer_ngram:
+            raise LongMemError("pointer_local searches exact matches in the context: it needs pointer_ngram > 0")
+        if self.pointer_ngram and not (self.pointer and 2 <= self.pointer_ngram <= 8):
+            raise LongMemError(f"pointer_ngram={self.pointer_ngram}: exact matches need a copy head (pointer: true) "
+                               "and an n-gram of at least 2 and at most 8 tokens (0 turns them off)")
         self.index_config()  # validates the retrieval knobs
 
     def index_config(self):

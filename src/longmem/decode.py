@@ -172,7 +172,8 @@ def decode(model: LongMemModel, cache: DecodeCache, input_ids: torch.Tensor, mem
         buf = cache.match_keys  # the window's earlier match keys: the copy head counts runs over them
         history = None if buf.keys is None else buf.keys[:, :, max(0, buf.length - RUN) : buf.length]  # type: ignore
         buf.append(match, match[..., :0])  # type: ignore[union-attr]
-    return model.copy_head_logits(logits, match, memory, history)  # copy head: log-probs
+    context = (cache.ids, cache.window_positions())  # the window so far, for exact matches
+    return model.copy_head_logits(logits, match, memory, history, context)  # copy head: log-probs
 
 
 def _memory_state(memory: MemoryBank | None) -> tuple | None:

@@ -26,6 +26,7 @@ from .memory.bank import float_dtype
 from .memory.index import IndexConfig
 from .memory.recent import RecentCache
 from .memory.tokens import TokenLog
+from .pointer import EXACT_PARAMS
 from .sidenet import MemoryContext, MemoryStats, SideNet
 
 KIND = "longmem-sidenet"
@@ -130,6 +131,9 @@ class LongMemModel(nn.Module):
         missing, unexpected = model.sidenet.load_state_dict(state, strict=False)
         if config.pointer and not any(k.startswith("pointer.") for k in state):
             missing = [k for k in missing if not k.startswith("pointer.")]  # adding a fresh copy head
+        if config.pointer_ngram:  # adding fresh exact matches to a copy head; the newer scalars start neutral (0)
+            fresh = EXACT_PARAMS if "pointer.length_bias" not in state else ("pointer.uncertain", "pointer.local_bias")
+            missing = [k for k in missing if k not in fresh]
         if missing or unexpected:
             raise LongMemError(f"SideNet weights {weights} do not fit this architecture "
                                f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
@@ -276,7 +280,8 @@ class LongMemModel(nn.Module):
         h, stats = self.sidenet(frozen.hidden, rope, ctx)  # [B,T,D]
         logits = self.backbone.head(h)  # [B,T,V]
         match = self.match_keys(frozen.hidden)
-        logits = self.copy_head_logits(logits, match, memory)  # [B,T,V]: log-probs once the copy head reads
+        # [B,T,V]: log-probs once the copy head reads
+        logits = self.copy_head_logits(logits, match, memory, context=(input_ids, positions))
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
@@ -289,14 +294,22 @@ class LongMemModel(nn.Module):
                              frozen.layer_keys, frozen.layer_values, input_ids, match)
 
     def copy_head_logits(self, logits: torch.Tensor, match: torch.Tensor | None, memory: MemoryBank | None,
-                         history: torch.Tensor | None = None) -> torch.Tensor:
+                         history: torch.Tensor | None = None,
+                         context: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """logits [B,T,V] -> the copy head's mixture (log-probabilities, fp32), or the logits unchanged
-        without a head or while the memory's token log is empty. match [B,H_kv,T,Dh] and history
-        as ``CopyHead.forward`` takes them."""
+        without a head or while the memory's token log is empty (unless the head also matches the
+        context itself, ``pointer_local``). match [B,H_kv,T,Dh], history and
+        context (ids, positions [B,C] of the window ending with these T tokens) as ``CopyHead.forward``
+        takes them."""
         log = getattr(memory, "token_log", None)
-        if match is None or log is None or log.is_empty:
+        if match is None:
             return logits
-        return self.sidenet.pointer(logits, match, log, history)
+        if log is None or log.is_empty:
+            if not self.config.pointer_local:
+                return logits
+            b, h, _, d = match.shape  # exact matches in the context work without any memory
+            log = TokenLog(b, 1, h, d)
+        return self.sidenet.pointer(logits, match, log, history, context)
 
     def match_keys(self, hidden: list[torch.Tensor]) -> torch.Tensor | None:
         """The copy head's match keys [B,H_kv,T,Dh] from the frozen hidden states (None without a head)."""

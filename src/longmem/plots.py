@@ -33,3 +33,29 @@ def training_curve(metrics: Path, out: Path) -> Path:
     plt.close(fig)
     tmp.replace(out)
     return out
+
+
+def position_loss(results: list[dict], out: Path) -> Path:
+    """Per-position loss curves: each mode's mean NLL per segment against the segment's distance
+    from the document start, one panel per file (rows as ``longmem ppl --json`` writes them)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = list(dict.fromkeys(r["file"] for r in results))
+    fig, axes = plt.subplots(1, len(files), figsize=(6 * len(files), 4), squeeze=False)
+    for ax, name in zip(axes[0], files):
+        for row in (r for r in results if r["file"] == name and r.get("segment_nll")):
+            seg = row["segment_length"]
+            ax.plot([i * seg for i in range(len(row["segment_nll"]))], row["segment_nll"], label=row["mode"])
+        ax.set_title(Path(name).stem)
+        ax.set_xlabel("segment start (tokens from the document start)")
+        ax.set_ylabel("mean NLL (nats)")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = out.with_name(out.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(out)
+    return out

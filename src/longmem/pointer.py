@@ -24,38 +24,66 @@ state learned, on book text, to suppress copying in unfamiliar contexts such as 
 30% passkey accuracy against 100% without it; removed.) Only the <= H_kv * k candidate ids
 change from the model's log-probabilities (no dense [B,T,V] pointer is built). With an
 empty memory nothing is mixed: the logits are the SideNet's own.
+
+With ``ngram`` > 0 a second source mixes in on top: exact token-id suffix matches in the
+log (``memory.suffix``; at least ``ngram`` tokens, extended up to 32). Its candidates are
+weighted by softmax(kappa * length) and it is trusted by lam_n = sigmoid(u[bucket(longest
+length)] + g_n * agree_n): a long verbatim match is strong evidence whatever the frozen layers
+make of the text (e.g. a passkey stated at the very start of a document, where early-layer
+keys are atypical, or a question that repeats the wording of a fact):
+
+    p = (1 - lam_n) * p_keys + lam_n * sum_i w_i * [id(pos_i + 1) == v]
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
+from .memory.suffix import suffix_matches
 from .memory.tokens import TokenLog
 
 SIM_ORIGIN, SIM_SCALE = 0.95, 0.05  # f = 0 at cosine 0.95, 1 at an exact match
 RUN = 4  # previous tokens a copied run is counted over (decoding passes their match keys as history)
+LENGTH_EDGES = (3, 4, 5, 6, 8, 11, 16, 23, 32)  # exact-match length buckets: <3, 3, 4, 5, 6-7, ..., 32
+EXACT_PARAMS = ("pointer.length_bias", "pointer.length_sharp", "pointer.ngram_agree", "pointer.uncertain",
+                "pointer.local_bias")  # the exact source's
+LENGTH_REP = (2.0, 3.0, 4.0, 5.0, 6.5, 9.0, 13.0, 19.0, 27.0, 32.0)  # a typical length in each bucket
 
 
 class CopyHead(nn.Module):
     """Learned mixing of a key-match pointer into the next-token distribution."""
 
-    def __init__(self, num_kv_heads: int, topk: int = 4):
+    def __init__(self, num_kv_heads: int, topk: int = 4, ngram: int = 0, local: bool = False):
         super().__init__()
         self.topk = topk
+        self.ngram = ngram  # exact suffix source: shortest n-gram that counts (0: off)
+        self.local = local  # exact matches in the context being read too (not only in memory)
         self.sharpness = nn.Parameter(torch.ones(num_kv_heads))  # b_h: nats per 0.01 of cosine
         self.slope = nn.Parameter(torch.tensor(6.0))  # a
         self.agree = nn.Parameter(torch.tensor(2.0))  # g
         self.run = nn.Parameter(torch.tensor(4.0))  # e
         self.follow = nn.Parameter(torch.tensor(3.0))  # s: nats for a match that continues the previous one
         self.offset = nn.Parameter(torch.tensor(-8.0))  # c: lam = 0.98 at an exact, unanimous run; 0.5 without run
+        if ngram:
+            if ngram < 2:
+                raise ValueError(f"pointer_ngram={ngram}: an exact match needs at least 2 tokens")
+            rep = torch.tensor(LENGTH_REP)
+            self.length_bias = nn.Parameter(-4.0 + 1.6 * rep.log2())  # [NB] u(l): trust by match-length bucket
+            self.length_sharp = nn.Parameter(torch.tensor(1.0))  # kappa: nats per matched token among hits
+            self.ngram_agree = nn.Parameter(torch.tensor(2.0))  # g_n
+            self.uncertain = nn.Parameter(torch.tensor(0.0))  # h: trust per unit of the model's normalised entropy
+            if local:
+                self.local_bias = nn.Parameter(torch.tensor(0.0))  # added when the longest match is in the context
 
     def candidates(self, keys: torch.Tensor, log: TokenLog, history: torch.Tensor | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """keys [B,Hkv,T,Dh] (after ``history`` [B,Hkv,P,Dh], the previous tokens' keys, if any) ->
-        candidate ids [B,T,N] (N = Hkv * k; 0 where unknown), the pointer's mass on each
-        candidate's id [B,T,N] (fp32; equal for repeated ids), its known mass [B,T], the mean
-        best similarity [B,T] and the copied-run feature [B,T] in [0, 1]."""
+        candidate ids [B,T,N] (N = Hkv * k; 0 where unknown), each candidate's pointer weight
+        [B,T,N] (fp32; 0 where unknown), the mean best similarity [B,T] and the copied-run
+        feature [B,T] in [0, 1]."""
         p = 0 if history is None else history.shape[2]
         if p:
             keys = torch.cat([history.to(keys.dtype), keys], 2)  # [B,Hkv,P+T,Dh]
@@ -73,33 +101,69 @@ class CopyHead(nn.Module):
         w = torch.softmax(logits, -1) / h * (found & (nxt >= 0))  # [B,Hkv,T,k]
         w = w.permute(0, 2, 1, 3).reshape(b, t, h * k)  # [B,T,N]
         ids = nxt.clamp_min(0).permute(0, 2, 1, 3).reshape(b, t, h * k)  # [B,T,N]
-        same = ids[..., :, None] == ids[..., None, :]  # [B,T,N,N]
-        mass = (same * w[..., None, :]).sum(-1)  # [B,T,N]
         best = sims[..., 0].clamp_min(0).mean(1)  # [B,T]
-        return ids, mass, w.sum(-1), best, run
+        return ids, w, best, run
+
+    def exact(self, log: TokenLog, context: tuple[torch.Tensor, torch.Tensor], logp: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Exact suffix matches for the last T tokens of context (ids [B,C], absolute positions [B,C]);
+        logp [B,T,V] the model's log-probabilities -> candidate ids [B,T,M], their weights [B,T,M]
+        (fp32, sum 1 where any match; softmax of kappa * length) and lam_n [B,T] (0 without a match)."""
+        pos, length, nxt, local = suffix_matches(log, *context, logp.shape[1], self.ngram, local=self.local)
+        found = (pos >= 0) & (nxt >= 0)  # [B,T,M]
+        score = torch.where(found, self.length_sharp * length.float(), torch.full_like(length, -1e4, dtype=torch.float))
+        w = torch.softmax(score, -1) * found  # [B,T,M]
+        ids = nxt.clamp_min(0)
+        longest = torch.where(found, length, -1).amax(-1, keepdim=True)  # [B,T,1]
+        bucket = torch.bucketize(longest[..., 0].clamp_min(0), torch.tensor(LENGTH_EDGES), right=True)  # [B,T]
+        entropy = -(logp.exp() * logp).sum(-1).detach() / math.log(logp.shape[-1])  # [B,T] in [0, 1]
+        u = self.length_bias[bucket] + self.ngram_agree * _id_mass(ids, w).amax(-1) + self.uncertain * entropy
+        if self.local:
+            from_context = (local & found & (length == longest)).any(-1)  # [B,T] the longest match is local
+            u = u + self.local_bias * from_context
+        return ids, w, torch.sigmoid(u) * found.any(-1)
 
     def pointer(self, keys: torch.Tensor, log: TokenLog, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """keys [B,Hkv,T,Dh] -> the dense pointer distribution [B,T,V] (fp32; mass < 1 where the next
-        id is unknown) and the mean best similarity [B,T] (for analysis and tests)."""
-        ids, mass, _, best, _ = self.candidates(keys, log)
+        """keys [B,Hkv,T,Dh] -> the key-match pointer as a dense distribution [B,T,V] (fp32; mass < 1
+        where the next id is unknown) and the mean best similarity [B,T] (for analysis and tests)."""
+        ids, w, best, _ = self.candidates(keys, log)
         b, t, _ = ids.shape
-        return torch.zeros(b, t, vocab, dtype=torch.float32).scatter(-1, ids, mass), best
+        return torch.zeros(b, t, vocab, dtype=torch.float32).scatter(-1, ids, _id_mass(ids, w)), best
 
     def weight(self, mass: torch.Tensor, best: torch.Tensor, run: torch.Tensor) -> torch.Tensor:
         """Candidate masses [B,T,N], mean best similarity [B,T], run feature [B,T] -> lam [B,T]."""
         f = (best - SIM_ORIGIN) / SIM_SCALE
         return torch.sigmoid(self.slope * f + self.agree * mass.amax(-1) + self.run * run + self.offset)
 
-    def forward(self, logits: torch.Tensor, keys: torch.Tensor, log: TokenLog,
-                history: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, logits: torch.Tensor, keys: torch.Tensor, log: TokenLog, history: torch.Tensor | None = None,
+                context: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """logits [B,T,V], match keys [B,Hkv,T,Dh] (history [B,Hkv,P,Dh]: the previous tokens' keys
-        in the same window, P <= RUN) -> log-probabilities [B,T,V] (fp32)."""
-        ids, mass, known, best, run = self.candidates(keys, log, history)  # [B,T,N] x2, [B,T] x3
-        lam = self.weight(mass, best, run)  # [B,T]
-        kept = (1 - lam * known).clamp_min(1e-30)[..., None]  # [B,T,1] the mass of unknown ids stays with the model
+        in the same window, P <= RUN; context: ids [B,C] and absolute positions [B,C] of the
+        window whose last T tokens these are, for exact matches) -> log-probabilities [B,T,V] (fp32).
+
+        p = (1 - lam_n) * [(1 - lam * m) * p_model + lam * pointer] + lam_n * exact pointer."""
+        ids, w, best, run = self.candidates(keys, log, history)  # [B,T,N] x2, [B,T] x2
+        lam = self.weight(_id_mass(ids, w), best, run)  # [B,T]
+        kept = 1 - lam * w.sum(-1)  # [B,T] the model's share (the mass of unknown ids stays with it)
+        w = lam[..., None] * w
         logp = torch.log_softmax(logits.float(), -1)  # [B,T,V]
-        mixed = torch.log((kept * logp.gather(-1, ids).exp() + lam[..., None] * mass).clamp_min(1e-30))  # [B,T,N]
+        if self.ngram:
+            if context is None:
+                raise ValueError("a copy head with exact matches needs the context ids")
+            ids_n, w_n, lam_n = self.exact(log, context, logp)  # [B,T,M] x2, [B,T]
+            kept = (1 - lam_n) * kept
+            ids = torch.cat([ids, ids_n], -1)
+            w = torch.cat([(1 - lam_n)[..., None] * w, lam_n[..., None] * w_n], -1)
+        mass = _id_mass(ids, w)  # [B,T,N']
+        kept = kept.clamp_min(1e-30)[..., None]  # [B,T,1]
+        mixed = torch.log((kept * logp.gather(-1, ids).exp() + mass).clamp_min(1e-30))  # [B,T,N']
         return (logp + kept.log()).scatter(-1, ids, mixed)
+
+
+def _id_mass(ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Candidate ids [...,N] and weights [...,N] -> the total weight on each candidate's id [...,N]."""
+    same = ids[..., :, None] == ids[..., None, :]  # [...,N,N]
+    return (same * w[..., None, :]).sum(-1)
 
 
 def _runs(top: torch.Tensor) -> torch.Tensor:

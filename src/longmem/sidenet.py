@@ -196,7 +196,8 @@ class SideNet(nn.Module):
                 blocks.append(SideBlock(layer, family, shape))
         self.blocks = nn.ModuleList(blocks)
         self.norm = copy.deepcopy(family.final_norm(backbone.model))
-        self.pointer = CopyHead(self.memory_block.shape.num_kv_heads) if config.pointer else None
+        self.pointer = CopyHead(self.memory_block.shape.num_kv_heads, ngram=config.pointer_ngram,
+                                local=config.pointer_local) if config.pointer else None
         self.requires_grad_(True)  # the copies come from a frozen backbone
         if config.init == "identity":
             for block in self.blocks:

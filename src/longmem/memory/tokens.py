@@ -31,12 +31,14 @@ class TokenLog:
         self.span = span
         self.ids = torch.full((batch_size, span), UNKNOWN, dtype=torch.int32)  # [B,S] id at pos % S
         self.end = torch.zeros(batch_size, dtype=torch.long)  # [B] position after the last id noted
+        self.version = 0  # changes with every write (derived indexes are cached per version)
         self.keys = (torch.zeros(batch_size, num_kv_heads, span, head_dim, dtype=torch.bfloat16)
                      if num_kv_heads else None)  # [B,Hkv,S,Dh] unit-length match keys
 
     def note(self, ids: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor | None = None,
              keys: torch.Tensor | None = None) -> None:
         """Record ids [B,T] (and keys [B,Hkv,T,Dh]) at absolute positions [B,T] (valid [B,T]: which)."""
+        self.version += 1
         for row in range(ids.shape[0]):
             keep = torch.ones(ids.shape[1], dtype=torch.bool) if valid is None else valid[row]
             pos, tok = positions[row][keep][-self.span :], ids[row][keep][-self.span :]
@@ -69,6 +71,13 @@ class TokenLog:
         end = self.end[:, None]
         known = (flat >= 0) & (flat < end) & (flat >= end - self.span)
         return torch.where(known, ids, torch.full_like(ids, UNKNOWN)).view(positions.shape)
+
+    def lookup_row(self, row: int, positions: torch.Tensor) -> torch.Tensor:
+        """One row's ids at positions [N] (int64; -1 where unknown)."""
+        end = int(self.end[row])
+        ids = self.ids[row, (positions % self.span).clamp_min(0)].long()
+        known = (positions >= 0) & (positions < end) & (positions >= end - self.span)
+        return torch.where(known, ids, torch.full_like(ids, UNKNOWN))
 
     def keys_at(self, positions: torch.Tensor) -> torch.Tensor | None:
         """positions [B,N] -> the logged match keys [B,Hkv,N,Dh] (zero where unknown; None if no keys)."""
@@ -115,6 +124,7 @@ class TokenLog:
 
     def reset(self, rows: list[int] | None = None) -> None:
         rows = range(self.ids.shape[0]) if rows is None else rows
+        self.version += 1
         for row in rows:
             self.ids[row] = UNKNOWN
             self.end[row] = 0
