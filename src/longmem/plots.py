@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .evals.plots import _pyplot, _save  # headless pyplot, atomic PNG writes
+
 
 def training_curve(metrics: Path, out: Path) -> Path:
     """Training loss and validation perplexities against step, from a metrics.jsonl."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
     train = [r for r in rows if "loss" in r]
@@ -28,20 +27,13 @@ def training_curve(metrics: Path, out: Path) -> Path:
     ax2.set_ylabel("validation perplexity")
     ax2.legend()
     fig.tight_layout()
-    tmp = out.with_name(out.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(out)
-    return out
+    return _save(fig, out)
 
 
 def position_loss(results: list[dict], out: Path) -> Path:
     """Per-position loss curves: each mode's mean NLL per segment against the segment's distance
     from the document start, one panel per file (rows as ``longmem ppl --json`` writes them)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     files = list(dict.fromkeys(r["file"] for r in results))
     fig, axes = plt.subplots(1, len(files), figsize=(6 * len(files), 4), squeeze=False)
@@ -54,8 +46,4 @@ def position_loss(results: list[dict], out: Path) -> Path:
         ax.set_ylabel("mean NLL (nats)")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = out.with_name(out.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(out)
-    return out
+    return _save(fig, out)
