@@ -20,13 +20,13 @@ import argparse
 import json
 import platform
 import statistics
-import subprocess
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
+from longmem.evals.results import git_commit
 from longmem.model import LongMemModel
 from longmem.reader import tokenize
 
@@ -152,8 +152,7 @@ def write_report(args: argparse.Namespace, name: str, body: dict) -> None:
         "benchmark": name,
         "command": f"python bench/{name}.py " + " ".join(
             f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
-        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                 text=True).stdout.strip(),
+        "commit": git_commit(),  # '+dirty' when measured with local changes
     } | body
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")

@@ -75,3 +75,23 @@ def test_bad_memory_layer_and_unsupported_family():
 def test_segment_longer_than_native_context_is_refused():
     with pytest.raises(LongMemError, match="native context"):
         make_model("gpt2", segment_length=512)
+
+
+def test_one_decoded_token_takes_the_unmasked_gqa_call_with_the_same_logits(monkeypatch):
+    import longmem.backbone as backbone
+
+    shapes = []
+    real = backbone.F.scaled_dot_product_attention
+    monkeypatch.setattr(backbone.F, "scaled_dot_product_attention",
+                        lambda q, *a, **k: shapes.append(q.shape) or real(q, *a, **k))
+    hf = tiny_llama()
+    wrapped = FrozenBackbone(hf, None, 2)  # routes the model's attention through longmem's function
+    ids = torch.randint(0, 256, (1, 12))
+    with torch.no_grad():
+        full = hf(input_ids=ids).logits[:, -1]
+        cache = wrapped.new_cache()
+        hf(input_ids=ids[:, :-1], past_key_values=cache, use_cache=True)
+        shapes.clear()
+        step = hf(input_ids=ids[:, -1:], past_key_values=cache, use_cache=True).logits[:, -1]
+    assert len(shapes) == 4 and all(s[1:3] == (2, 2) for s in shapes)  # per layer [B, KV heads, G, Dh]
+    torch.testing.assert_close(step, full, atol=1e-5, rtol=1e-5)

@@ -90,19 +90,23 @@ def suffix_matches(log: TokenLog, ids: torch.Tensor, positions: torch.Tensor, qu
     in_context[..., 2 * m :] = True
     for row in range(b):
         end = int(log.end[row])
-        lo = max(0, end - log.span)
         first = int(positions[row, 0])
         if first < end:
             raise ValueError(f"context starts at position {first}, inside the log (which ends at {end})")
-        seq = torch.full((first + c - lo,), UNKNOWN, dtype=torch.long)  # ids by absolute position - lo
-        if end:
-            seq[: end - lo] = log.lookup_row(row, torch.arange(lo, end))
-        seq[first - lo :] = ids[row].long()
+        context = ids[row].long()  # [C] at absolute positions first..first+C-1
+
+        def fetch(at: torch.Tensor) -> torch.Tensor:
+            """ids at absolute positions (any shape; -1 unknown): the context's, else the log's."""
+            inside = (at >= first) & (at < first + c)
+            return torch.where(inside, context[(at - first).clamp(0, c - 1)], log.lookup_row(row, at))
+
+        ws = max(0, first - LONG * n + 1)  # hashes need the LONG * n - 1 ids before the context, no more
+        window = fetch(torch.arange(ws, first + c))  # [W]
         qpos = positions[row, c - queries :].long()  # [Q] absolute
         cand = []
-        hashes = {order: ngram_hashes(seq, order) for order in (n, LONG * n)}
+        hashes = {order: ngram_hashes(window, order) for order in (n, LONG * n)}
         for order in (n, LONG * n):  # the log's hits: every end is before every query
-            qh, qok = hashes[order][0][qpos - lo], hashes[order][1][qpos - lo]  # [Q]
+            qh, qok = hashes[order][0][qpos - ws], hashes[order][1][qpos - ws]  # [Q]
             if end:
                 keys, ends = _sorted_ends(log, row, order)
                 hits = _recent_hits(keys, ends, qh, qh, m)
@@ -112,26 +116,24 @@ def suffix_matches(log: TokenLog, ids: torch.Tensor, positions: torch.Tensor, qu
         for order in (n, LONG * n) if local else ():  # the context's hits: ends before the query (key hash | pos)
             h, ok = hashes[order]
             ends = torch.arange(first, first + c - 1)  # the last context id has no successor yet
-            ok = ok[ends - lo]
-            keys = (h[ends - lo] << 32) | (ends - lo)
+            ok = ok[ends - ws]
+            keys = (h[ends - ws] << 32) | (ends - ws)
             order_idx = torch.sort(keys[ok]).indices
             keys, ends = keys[ok][order_idx], ends[ok][order_idx]
-            qh, qok = h[qpos - lo], hashes[order][1][qpos - lo]
-            hits = _recent_hits(keys, ends, qh << 32, (qh << 32) | (qpos - 1 - lo).clamp_min(0), m)
+            qh, qok = h[qpos - ws], hashes[order][1][qpos - ws]
+            hits = _recent_hits(keys, ends, qh << 32, (qh << 32) | (qpos - 1 - ws).clamp_min(0), m)
             cand.append(torch.where(qok[:, None] & (hits < qpos[:, None]), hits, UNKNOWN))
         pos = torch.cat(cand + [torch.full((queries, 2 * m), UNKNOWN)] * (not local), 1)  # [Q,4m]
         earlier = torch.ones(slots, slots, dtype=torch.bool).tril(-1)  # [4m,4m] slot j before slot i
         dup = ((pos[:, :, None] == pos[:, None, :]) & earlier).any(-1)
         pos = torch.where(dup, UNKNOWN, pos)
         back = torch.arange(MAX_LEN)  # [L]
-        qi = (qpos[:, None, None] - lo - back).clamp_min(-1)  # [Q,1,L]
-        pi = (pos[:, :, None] - lo - back).clamp_min(-1)  # [Q,4m,L]
-        pad = torch.cat([seq, seq.new_full((1,), UNKNOWN)])  # index -1 -> the unknown pad
-        qv, pv = pad[qi], pad[pi]
-        same = (qv == pv) & (qv >= 0) & (pos[:, :, None] >= 0)
+        qv = fetch(qpos[:, None, None] - back)  # [Q,1,L]
+        pv = torch.where(pos[:, :, None] >= 0, fetch(pos[:, :, None] - back), UNKNOWN)  # [Q,4m,L]
+        same = (qv == pv) & (qv >= 0)
         length = same.long().cumprod(-1).sum(-1)  # [Q,4m]
         good = length >= n  # (hash collisions fail here)
         out_pos[row] = torch.where(good, pos, UNKNOWN)
         out_len[row] = torch.where(good, length, 0)
-        out_next[row] = torch.where(good, pad[(pos + 1 - lo).clamp_min(-1)], UNKNOWN)
+        out_next[row] = torch.where(good, fetch(pos + 1), UNKNOWN)
     return out_pos, out_len, out_next, in_context
