@@ -30,6 +30,8 @@ from longmem.evals.results import git_commit
 from longmem.model import LongMemModel
 from longmem.reader import tokenize
 
+git_commit()  # read when a bench starts: its report names the code it ran (memoised)
+
 DEFAULT_TEXT = Path("data/books/train/austen-mansfieldpark.txt")
 
 

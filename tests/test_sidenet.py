@@ -180,3 +180,25 @@ def test_split_past_kernel_equals_one_masked_softmax():
     torch.testing.assert_close(out, scores.softmax(-1) @ values, atol=1e-5, rtol=1e-5)
     with torch.no_grad():
         torch.testing.assert_close(local_attention(q, k, v, 0.25, past), out, atol=1e-5, rtol=1e-5)
+
+
+def test_delta_streams_in_one_batch_equal_two_separate_calls():
+    model = make_model("llama", init="delta", fusion="joint", recent_tokens=16)
+    mem = fill(model, 3)
+    sn, seen = model.sidenet, {}
+    batched = sn._forward_delta
+    sn._forward_delta = lambda hidden, rope, ctx: seen.update(args=(hidden, rope, ctx)) or batched(hidden, rope, ctx)
+    model(torch.randint(0, 256, (1, model.config.segment_length)), memory=mem)
+    hidden, rope, ctx = seen["args"]
+    assert ctx.past(1) is not None  # the later blocks read the short-term tier
+    r = sn.reduction
+    x = hidden[r * (sn.memory_index + 1) - 1]
+    with torch.no_grad():
+        local, fused, _ = sn.memory_block._attend(x, rope, ctx)
+        delta = sn.memory_block.finish(x, fused) - sn.memory_block.finish(x, local)
+        for j, block in enumerate(sn.blocks[1:], start=sn.first + 1):  # the two streams one after the other
+            h, past = hidden[r * (j + 1) - 1], ctx.past(r * (j + 1) - 1)
+            delta = block(h + delta, rope, past) - block(h, rope, past)
+        got, _ = batched(hidden, rope, ctx)
+    assert delta.abs().max() > 1e-3  # the memory changes the later blocks' output
+    torch.testing.assert_close(got, sn.norm(hidden[-1] + delta), atol=1e-5, rtol=1e-5)

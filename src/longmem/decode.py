@@ -25,7 +25,7 @@ from .families import apply_rope
 from .memory import MemoryBank
 from .model import LongMemModel
 from .pointer import RUN
-from .sidenet import MemoryBlock, MemoryContext, SideBlock, SideNet
+from .sidenet import MemoryBlock, MemoryContext, SideBlock, SideNet, paired_difference
 
 FUSIONS = ("gated", "joint")
 
@@ -58,7 +58,7 @@ class DecodeCache:
     """Explicit decoding state of one window; see the module docstring."""
 
     backbone: object  # the frozen HF model's key/value cache (a short-term tier's entries first)
-    blocks: list[KVBuffer]  # SideNet attentions (delta SideNets: memory block, then 2 per later block)
+    blocks: list[KVBuffer]  # SideNet attentions (delta SideNets: later blocks hold rows [B; B], two streams)
     memory_kv: KVBuffer  # backbone memory-layer K/V [B,H_kv,n,Dh] of the window (pre-rotary)
     ids: torch.Tensor  # [B,n] token ids of the window
     start: torch.Tensor  # [B] absolute position of the window's first token
@@ -109,8 +109,11 @@ def new_cache(model: LongMemModel, batch_size: int, start: torch.Tensor | int, c
     if past:
         for i, (k, v) in enumerate(past):
             hf.update(k.to(model.backbone.dtype), v.to(model.backbone.dtype), i)
-        for buf, layer in zip(buffers, layers):
-            buf.append(past[layer][0].to(model.backbone.dtype), past[layer][1].to(model.backbone.dtype))
+        for i, (buf, layer) in enumerate(zip(buffers, layers)):
+            k, v = past[layer][0].to(model.backbone.dtype), past[layer][1].to(model.backbone.dtype)
+            if sidenet.delta and i:  # the two streams of a later block
+                k, v = torch.cat([k, k]), torch.cat([v, v])
+            buf.append(k, v)
     rope = None
     if model.backbone.family.rotary:
         cos, sin = model.backbone.family.rope_cos_sin(model.backbone.model, torch.arange(offset, offset + capacity),
@@ -128,9 +131,7 @@ def _attention_layers(sidenet: SideNet) -> list[int]:
     """The backbone layer each SideNet attention copies, in cache order."""
     r = sidenet.reduction
     copied = [r * (j + 1) - 1 for j in range(sidenet.first, sidenet.first + len(sidenet.blocks))]
-    if not sidenet.delta:
-        return copied
-    return [copied[0]] + [layer for layer in copied[1:] for _ in range(2)]  # (h + delta) and h streams
+    return copied  # a delta SideNet's later blocks keep both streams (h + delta, h) as rows [B; B] of one cache
 
 
 def _tier_entries(recent, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -206,10 +207,10 @@ def _delta_step(sidenet: SideNet, hidden, rope, ctx: MemoryContext, caches: list
     local, fused = _memory_attend(block, h_m, rope, ctx, caches[0])
     if fused is None:
         return sidenet.norm(hidden[-1])
-    delta = block.finish(h_m, fused) - block.finish(h_m, local)
+    delta = paired_difference(lambda both: block.finish(torch.cat([h_m, h_m]), both), fused, local)
     for i, (j, later) in enumerate(enumerate(sidenet.blocks[1:], start=sidenet.first + 1)):
-        h = hidden[r * (j + 1) - 1]
-        delta = _block_step(later, h + delta, rope, caches[1 + 2 * i]) - _block_step(later, h, rope, caches[2 + 2 * i])
+        h = hidden[r * (j + 1) - 1]  # both streams in one call; their window keys are rows [B; B] of one cache
+        delta = paired_difference(lambda both: _block_step(later, both, rope, caches[1 + i]), h + delta, h)
     return sidenet.norm(hidden[-1] + delta)
 
 

@@ -119,7 +119,7 @@ class MemoryBlock(SideBlock):
         local, fused, stats = self._attend(x, rope, ctx)
         if fused is None:
             return None, None
-        return self.finish(x, fused) - self.finish(x, local), stats
+        return paired_difference(lambda both: self.finish(torch.cat([x, x]), both), fused, local), stats
 
     def _attend(self, x, rope, ctx: MemoryContext):
         """(local-only output [B,H,T,Dh], memory-fused output or None, stats or None)."""
@@ -252,5 +252,13 @@ class SideNet(nn.Module):
         for j, block in enumerate(self.blocks[1:], start=self.first + 1):
             h = hidden[r * (j + 1) - 1]  # the copied layer's input in the backbone
             past = ctx.past(r * (j + 1) - 1)
-            delta = block(h + delta, rope, past) - block(h, rope, past)
+            past = None if past is None else tuple(torch.cat([t, t]) for t in past)  # both streams read it
+            delta = paired_difference(lambda both: block(both, rope, past), h + delta, h)  # type: ignore[arg-type]
         return self.norm(hidden[-1] + delta), stats
+
+
+def paired_difference(f, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """f(a) - f(b) for a row-wise f, computed as one batch f([a; b]) (a, b [B,...]): the two streams of
+    the memory-delta SideNet share every weight load and call (twice the rows, half the calls)."""
+    both = f(torch.cat([a, b]))  # [2B,...]
+    return both[: a.shape[0]] - both[a.shape[0] :]

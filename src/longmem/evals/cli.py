@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import LongMemError
-from .results import EvalRecord, check_out_path, write_record
+from .results import EvalRecord, check_out_path, git_commit, write_record
 
 
 def load_longmem(args: argparse.Namespace, overrides: dict) -> Any:
@@ -133,6 +133,7 @@ def _config(cls: type, **fields) -> Any:
 
 
 def _load(args: argparse.Namespace, **overrides) -> Any:
+    git_commit()  # the code this run uses, read before it starts (results name it)
     for name in ("memory_size", "chunk_size", "segment"):
         value = getattr(args, name, None)
         if value is not None and value <= 0:

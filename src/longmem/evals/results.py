@@ -3,6 +3,7 @@ numbers) plus PNG plots, written so that a failed run leaves nothing half-writte
 
 from __future__ import annotations
 
+import functools
 import math
 import subprocess
 import time
@@ -27,8 +28,12 @@ def wilson(correct: int, n: int, z: float = Z95) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+@functools.cache
 def git_commit() -> str:
-    """The commit of the checkout holding this package ('+dirty' with local changes), or 'unknown'."""
+    """The commit of the checkout holding this package ('+dirty' with local changes), or 'unknown'.
+
+    Read once per process: a long run that calls it at its start reports the code it ran, even if
+    the checkout changes before it finishes."""
     here = Path(__file__).resolve().parent
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True,
