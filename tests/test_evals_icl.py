@@ -31,8 +31,13 @@ def data(tmp_path):
     return root
 
 
-def test_three_file_formats(data):
+def test_three_file_formats(data, tmp_path):
     assert read_examples(data / "SST-2" / "dev.tsv")[0] == ("nice", "1")
+    (tmp_path / "gap.csv").write_text('1,good\n0,\n0,"bad, really"\n')  # a label without text is skipped
+    assert read_examples(tmp_path / "gap.csv") == [("good", "1"), ("bad, really", "0")]
+    (tmp_path / "none.csv").write_text("1,\n")
+    with pytest.raises(LongMemError, match="no example has any text"):
+        read_examples(tmp_path / "none.csv")
     assert read_examples(data / "mr" / "train.csv")[0] == ("a fine film, really", "1")
     assert read_examples(data / "weather" / "test.txt") == [("bright day", "sunny"), ("grey day", "rainy")]
 

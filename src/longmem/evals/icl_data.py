@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import LongMemError
 from ..files import read_text
+
+log = logging.getLogger(__name__)
 
 REVIEW = "Review: {text} Sentiment:"
 INPUT = "Input: {text} Type:"
@@ -73,9 +76,14 @@ def read_examples(path: Path) -> list[tuple[str, str]]:
     else:
         pairs = [tuple(reversed(line.split(None, 1))) if len(line.split(None, 1)) == 2 else None for line in lines]
     for i, pair in enumerate(pairs):
-        if pair is None or not pair[0].strip() or not pair[1].strip():
+        if pair is None or not pair[1].strip():
             raise LongMemError(f"{path}: line {i + 1} is not 'label<sep>text'")
-    return [(text.strip(), label.strip()) for text, label in pairs]
+    kept = [(text.strip(), label.strip()) for text, label in pairs if text.strip()]  # type: ignore[misc]
+    if len(kept) < len(pairs):  # e.g. MPQA's train.csv has a "0," line: a label without text
+        log.warning("%s: %d example(s) with a label but no text skipped", path, len(pairs) - len(kept))
+    if not kept:
+        raise LongMemError(f"{path}: no example has any text")
+    return kept
 
 
 def _find(folder: Path, stem: str) -> Path | None:
