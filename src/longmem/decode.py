@@ -207,7 +207,7 @@ def _delta_step(sidenet: SideNet, hidden, rope, ctx: MemoryContext, caches: list
     local, fused = _memory_attend(block, h_m, rope, ctx, caches[0])
     if fused is None:
         return sidenet.norm(hidden[-1])
-    delta = paired_difference(lambda both: block.finish(torch.cat([h_m, h_m]), both), fused, local)
+    delta = block.memory_change(h_m, fused, local)
     for i, (j, later) in enumerate(enumerate(sidenet.blocks[1:], start=sidenet.first + 1)):
         h = hidden[r * (j + 1) - 1]  # both streams in one call; their window keys are rows [B; B] of one cache
         delta = paired_difference(lambda both: _block_step(later, both, rope, caches[1 + i]), h + delta, h)

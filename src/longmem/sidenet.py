@@ -119,7 +119,12 @@ class MemoryBlock(SideBlock):
         local, fused, stats = self._attend(x, rope, ctx)
         if fused is None:
             return None, None
-        return paired_difference(lambda both: self.finish(torch.cat([x, x]), both), fused, local), stats
+        return self.memory_change(x, fused, local), stats
+
+    def memory_change(self, x: torch.Tensor, fused: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+        """finish(x, fused) - finish(x, local) [B,T,D] for the attention outputs [B,H,T,Dh] with and
+        without memory, both in one batched call."""
+        return paired_difference(lambda both: self.finish(torch.cat([x, x]), both), fused, local)
 
     def _attend(self, x, rope, ctx: MemoryContext):
         """(local-only output [B,H,T,Dh], memory-fused output or None, stats or None)."""

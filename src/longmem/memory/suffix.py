@@ -105,8 +105,9 @@ def suffix_matches(log: TokenLog, ids: torch.Tensor, positions: torch.Tensor, qu
         qpos = positions[row, c - queries :].long()  # [Q] absolute
         cand = []
         hashes = {order: ngram_hashes(window, order) for order in (n, LONG * n)}
+        query = {order: (h[qpos - ws], ok[qpos - ws]) for order, (h, ok) in hashes.items()}  # [Q] each
         for order in (n, LONG * n):  # the log's hits: every end is before every query
-            qh, qok = hashes[order][0][qpos - ws], hashes[order][1][qpos - ws]  # [Q]
+            qh, qok = query[order]
             if end:
                 keys, ends = _sorted_ends(log, row, order)
                 hits = _recent_hits(keys, ends, qh, qh, m)
@@ -120,7 +121,7 @@ def suffix_matches(log: TokenLog, ids: torch.Tensor, positions: torch.Tensor, qu
             keys = (h[ends - ws] << 32) | (ends - ws)
             order_idx = torch.sort(keys[ok]).indices
             keys, ends = keys[ok][order_idx], ends[ok][order_idx]
-            qh, qok = h[qpos - ws], hashes[order][1][qpos - ws]
+            qh, qok = query[order]
             hits = _recent_hits(keys, ends, qh << 32, (qh << 32) | (qpos - 1 - ws).clamp_min(0), m)
             cand.append(torch.where(qok[:, None] & (hits < qpos[:, None]), hits, UNKNOWN))
         pos = torch.cat(cand + [torch.full((queries, 2 * m), UNKNOWN)] * (not local), 1)  # [Q,4m]

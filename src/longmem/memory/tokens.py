@@ -65,18 +65,17 @@ class TokenLog:
 
     def lookup(self, positions: torch.Tensor) -> torch.Tensor:
         """positions [B,...] -> token ids [B,...] (int64; -1 where unknown)."""
-        b = positions.shape[0]
-        flat = positions.reshape(b, -1)
-        ids = self.ids.gather(1, (flat % self.span).clamp_min(0)).long()  # [B,N]
-        end = self.end[:, None]
-        known = (flat >= 0) & (flat < end) & (flat >= end - self.span)
-        return torch.where(known, ids, torch.full_like(ids, UNKNOWN)).view(positions.shape)
+        return self._lookup(slice(None), positions.reshape(positions.shape[0], -1)).view(positions.shape)
 
     def lookup_row(self, row: int, positions: torch.Tensor) -> torch.Tensor:
-        """One row's ids at positions [N] (int64; -1 where unknown)."""
-        end = int(self.end[row])
-        ids = self.ids[row, (positions % self.span).clamp_min(0)].long()
-        known = (positions >= 0) & (positions < end) & (positions >= end - self.span)
+        """One row's ids at positions [...] (int64; -1 where unknown)."""
+        return self._lookup(slice(row, row + 1), positions.reshape(1, -1)).view(positions.shape)
+
+    def _lookup(self, rows: slice, flat: torch.Tensor) -> torch.Tensor:
+        """The ids of ``rows`` at positions flat [R,N] -> [R,N] (-1 where the ring does not hold them)."""
+        ids = self.ids[rows].gather(1, (flat % self.span).clamp_min(0)).long()  # [R,N]
+        end = self.end[rows, None]
+        known = (flat >= 0) & (flat < end) & (flat >= end - self.span)
         return torch.where(known, ids, torch.full_like(ids, UNKNOWN))
 
     def keys_at(self, positions: torch.Tensor) -> torch.Tensor | None:
