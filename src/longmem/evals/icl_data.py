@@ -79,10 +79,10 @@ def read_examples(path: Path) -> list[tuple[str, str]]:
         if pair is None or not pair[1].strip():
             raise LongMemError(f"{path}: line {i + 1} is not 'label<sep>text'")
     kept = [(text.strip(), label.strip()) for text, label in pairs if text.strip()]  # type: ignore[misc]
-    if len(kept) < len(pairs):  # e.g. MPQA's train.csv has a "0," line: a label without text
-        log.warning("%s: %d example(s) with a label but no text skipped", path, len(pairs) - len(kept))
     if not kept:
         raise LongMemError(f"{path}: no example has any text")
+    if len(kept) < len(pairs):  # e.g. MPQA's train.csv has a "0," line: a label without text
+        log.warning("%s: %d example(s) with a label but no text skipped", path, len(pairs) - len(kept))
     return kept
 
 
