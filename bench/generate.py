@@ -11,7 +11,7 @@ largely cancels):
     once with a short prompt and once with a prompt that fills the local window, so
     that tokens move into the memory during generation
 
-Run:  python bench/generate.py [--read-tokens 16384] [--fill text|random] [--new-tokens 128] [--repeats 3]
+Run:  python bench/generate.py [--sidenet default] [--read-tokens 16384] [--fill text|random] [--new-tokens 128] [--repeats 3]
 (``--fill random``: the 65,536 memory entries are random keys/values — the same search and
 attention cost — then two segments of text, to save reading a whole book first.)
 """
@@ -141,6 +141,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--text", type=Path, default=DEFAULT_TEXT, help="text read into the memory")
     parser.add_argument("--prompt-text", type=Path, default=DEFAULT_PROMPT, help="where prompts come from")
+    parser.add_argument("--sidenet", default="default", help="SideNet directory, 'default' (shipped) or 'fresh'")
     parser.add_argument("--memory-size", type=int, default=65536)
     parser.add_argument("--read-tokens", type=int, default=16384, help="tokens of timed reading")
     parser.add_argument("--chunk", type=int, default=4096, help="tokens per timed remember call")
@@ -155,7 +156,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     threads = torch.get_num_threads()
-    model = LongMemModel.from_pretrained(None, dtype="bfloat16", memory_size=args.memory_size)
+    model = LongMemModel.from_pretrained(args.sidenet, dtype="bfloat16", memory_size=args.memory_size)
     t = model.config.segment_length
     ids = tokenize(model, args.text.read_text(encoding="utf-8"))
     prompt_ids = tokenize(model, args.prompt_text.read_text(encoding="utf-8"))
@@ -169,6 +170,7 @@ def main() -> None:
     write_report(args, "generate", {
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": threads,
                     "load_average": os.getloadavg()},
+        "sidenet": args.sidenet,
         "backbone": model.config.backbone,
         "dtype": "bfloat16",
         "memory_tokens": args.memory_size,
