@@ -220,3 +220,22 @@ def test_fast_reading_with_a_tier_fills_the_same_memory():
     for name, x in fast.recent.state().items():
         torch.testing.assert_close(x, slow.recent.state()[name], atol=1e-6, rtol=1e-6)
     assert torch.equal(fast.end_position, slow.end_position)
+
+
+def test_growing_cache_layer_equals_hf_dynamic_layer_through_growth():
+    """The decode cache's layers hold what HF's concatenating DynamicLayer holds, after updates that
+    outgrow the first allocation, and the views they return are not overwritten by later updates."""
+    from transformers.cache_utils import DynamicLayer
+
+    from longmem.kv_cache import GrowingLayer
+
+    grow, ref = GrowingLayer(capacity=3), DynamicLayer()
+    gen = torch.Generator().manual_seed(0)
+    seen = []
+    for t in (2, 1, 1, 5, 1):
+        k, v = torch.randn(1, 2, t, 4, generator=gen), torch.randn(1, 2, t, 4, generator=gen)
+        got, want = grow.update(k, v), ref.update(k.clone(), v.clone())
+        seen.append((got, [x.clone() for x in want]))
+        assert grow.get_seq_length() == ref.get_seq_length()
+    for got, want in seen:
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])

@@ -130,7 +130,7 @@ def test_sparse_mixing_equals_the_dense_mixture():
     with torch.no_grad():
         head.offset.fill_(1.0)
         out = model(text[:, 8:24], memory=mem)
-        ids, w, best, run = head.candidates(out.match_keys, mem.token_log)
+        ids, w, best, run, _ = head.candidates(out.match_keys, mem.token_log)
         ptr, _ = head.pointer(out.match_keys, mem.token_log, 256)
         torch.testing.assert_close(ptr.sum(-1), w.sum(-1))
         logits = torch.randn(1, 16, 256)
@@ -150,7 +150,8 @@ def test_a_match_that_continues_the_previous_one_wins():
     head = CopyHead(1, topk=2)
     with torch.no_grad():
         head.sharpness.fill_(0.0)  # similarity alone cannot choose between 3 and 9
-        ids, w, *_ = head.candidates(keys[:, :, 3:4], log, history=keys[:, :, 2:3])  # after position 2's twin
+        before = head.candidates(keys[:, :, 2:3], log).positions  # position 2's matches
+        ids, w, *_ = head.candidates(keys[:, :, 3:4], log, history=before)  # after position 2's twin
     assert ids[0, 0, w[0, 0].argmax()].item() == 104  # the successor of 3, which follows 2
 
 

@@ -93,11 +93,12 @@ class FrozenBackbone(nn.Module):
             self._fingerprint = fingerprint(self.model)
         return self._fingerprint
 
-    def new_cache(self):
-        """An empty key/value cache of the frozen model, for incremental decoding."""
-        from transformers import DynamicCache
+    def new_cache(self, capacity: int = 0):
+        """An empty key/value cache of the frozen model, for incremental decoding (room for
+        ``capacity`` tokens per layer before it grows)."""
+        from .kv_cache import growing_cache
 
-        return DynamicCache(config=self.model.config)
+        return growing_cache(self.model.config, capacity)
 
     @torch.no_grad()
     def forward(

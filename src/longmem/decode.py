@@ -68,6 +68,7 @@ class DecodeCache:
     rope: tuple[torch.Tensor, torch.Tensor] | None  # cos/sin [capacity,Dh] of the window's positions
     memory_state: tuple | None = None  # what the memory looked like when the cache was made
     match_keys: KVBuffer | None = None  # a copy head's match keys [B,H_kv,n,Dh] of the window (no values)
+    match_history: torch.Tensor | None = None  # the copy head's match positions [B,H_kv,<=RUN,k] of the last tokens
 
     @property
     def length(self) -> int:
@@ -105,7 +106,7 @@ def new_cache(model: LongMemModel, batch_size: int, start: torch.Tensor | int, c
     layers = _attention_layers(sidenet)
     past = _tier_entries(recent, batch_size)  # per backbone layer: keys, values [B,H_kv,P',Dh]
     buffers = [KVBuffer(capacity + (past[0][0].shape[2] if past else 0)) for _ in layers]
-    hf = model.backbone.new_cache()
+    hf = model.backbone.new_cache(capacity + (past[0][0].shape[2] if past else 0))
     if past:
         for i, (k, v) in enumerate(past):
             hf.update(k.to(model.backbone.dtype), v.to(model.backbone.dtype), i)
@@ -168,13 +169,14 @@ def decode(model: LongMemModel, cache: DecodeCache, input_ids: torch.Tensor, mem
     cache.ids = torch.cat([cache.ids, input_ids], 1)
     logits = model.backbone.head(h)
     match = model.match_keys(frozen.hidden)
-    history = None
-    if match is not None:
-        buf = cache.match_keys  # the window's earlier match keys: the copy head counts runs over them
-        history = None if buf.keys is None else buf.keys[:, :, max(0, buf.length - RUN) : buf.length]  # type: ignore
-        buf.append(match, match[..., :0])  # type: ignore[union-attr]
+    if match is not None:  # the window's match keys: written to the memory's log when tokens move there
+        cache.match_keys.append(match, match[..., :0])  # type: ignore[union-attr]
     context = (cache.ids, cache.window_positions())  # the window so far, for exact matches
-    return model.copy_head_logits(logits, match, memory, history, context)  # copy head: log-probs
+    logp, matched = model.copy_head_step(logits, match, memory, cache.match_history, context)
+    if matched is not None:  # the copy head counts runs over the last RUN tokens' matches
+        both = matched if cache.match_history is None else torch.cat([cache.match_history, matched], 2)
+        cache.match_history = both[:, :, -RUN:]
+    return logp
 
 
 def _memory_state(memory: MemoryBank | None) -> tuple | None:

@@ -294,22 +294,30 @@ class LongMemModel(nn.Module):
                              frozen.layer_keys, frozen.layer_values, input_ids, match)
 
     def copy_head_logits(self, logits: torch.Tensor, match: torch.Tensor | None, memory: MemoryBank | None,
-                         history: torch.Tensor | None = None,
                          context: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """logits [B,T,V] -> the copy head's mixture (log-probabilities, fp32), or the logits unchanged
         without a head or while the memory's token log is empty (unless the head also matches the
-        context itself, ``pointer_local``). match [B,H_kv,T,Dh], history and
-        context (ids, positions [B,C] of the window ending with these T tokens) as ``CopyHead.forward``
-        takes them."""
+        context itself, ``pointer_local``). match [B,H_kv,T,Dh] and context (ids, positions [B,C]
+        of the window ending with these T tokens) as ``CopyHead.forward`` takes them."""
+        return self.copy_head_step(logits, match, memory, None, context)[0]
+
+    def copy_head_step(self, logits: torch.Tensor, match: torch.Tensor | None, memory: MemoryBank | None,
+                       history: torch.Tensor | None, context: tuple[torch.Tensor, torch.Tensor] | None
+                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``copy_head_logits`` for incremental decoding: history [B,H_kv,P,k] holds the match
+        positions of the previous tokens of the window -> (log-probabilities, these tokens' match
+        positions [B,H_kv,T,k]; None without a head at work)."""
         log = getattr(memory, "token_log", None)
         if match is None:
-            return logits
+            return logits, None
         if log is None or log.is_empty:
             if not self.config.pointer_local:
-                return logits
+                return logits, None
             b, h, _, d = match.shape  # exact matches in the context work without any memory
             log = TokenLog(b, 1, h, d)
-        return self.sidenet.pointer(logits, match, log, history, context)
+        head = self.sidenet.pointer
+        cand = head.candidates(match, log, history)
+        return head.mix(logits, cand, log, context), cand.positions
 
     def match_keys(self, hidden: list[torch.Tensor]) -> torch.Tensor | None:
         """The copy head's match keys [B,H_kv,T,Dh] from the frozen hidden states (None without a head)."""

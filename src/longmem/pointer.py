@@ -38,6 +38,7 @@ keys are atypical, or a question that repeats the wording of a fact):
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -51,6 +52,16 @@ LENGTH_EDGES = (3, 4, 5, 6, 8, 11, 16, 23, 32)  # exact-match length buckets: <3
 EXACT_PARAMS = ("pointer.length_bias", "pointer.length_sharp", "pointer.ngram_agree", "pointer.uncertain",
                 "pointer.local_bias")  # the exact source's
 LENGTH_REP = (2.0, 3.0, 4.0, 5.0, 6.5, 9.0, 13.0, 19.0, 27.0, 32.0)  # a typical length in each bucket
+
+
+class Candidates(NamedTuple):
+    """What the key matches of T tokens propose (N = Hkv * k candidates per token)."""
+
+    ids: torch.Tensor  # [B,T,N] the id after each match (0 where unknown)
+    weights: torch.Tensor  # [B,T,N] pointer weight (fp32; 0 where unknown; sums to <= 1)
+    best: torch.Tensor  # [B,T] mean over heads of the best cosine similarity
+    run: torch.Tensor  # [B,T] the copied-run feature in [0, 1]
+    positions: torch.Tensor  # [B,Hkv,T,k] the matches' absolute positions (-1: none): the next call's history
 
 
 class CopyHead(nn.Module):
@@ -78,21 +89,19 @@ class CopyHead(nn.Module):
             if local:
                 self.local_bias = nn.Parameter(torch.tensor(0.0))  # added when the longest match is in the context
 
-    def candidates(self, keys: torch.Tensor, log: TokenLog, history: torch.Tensor | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """keys [B,Hkv,T,Dh] (after ``history`` [B,Hkv,P,Dh], the previous tokens' keys, if any) ->
-        candidate ids [B,T,N] (N = Hkv * k; 0 where unknown), each candidate's pointer weight
-        [B,T,N] (fp32; 0 where unknown), the mean best similarity [B,T] and the copied-run
-        feature [B,T] in [0, 1]."""
+    def candidates(self, keys: torch.Tensor, log: TokenLog, history: torch.Tensor | None = None) -> Candidates:
+        """keys [B,Hkv,T,Dh] -> the key-match candidates (see ``Candidates``). ``history``
+        [B,Hkv,P,k]: the match positions of the P <= RUN tokens right before these (``Candidates.
+        positions`` of earlier calls on the same log; incremental decoding keeps them), for
+        runs and follows across calls."""
+        sims, pos = log.match(keys, self.topk)  # [B,Hkv,T,k]
         p = 0 if history is None else history.shape[2]
-        if p:
-            keys = torch.cat([history.to(keys.dtype), keys], 2)  # [B,Hkv,P+T,Dh]
-        sims, pos = log.match(keys, self.topk)  # [B,Hkv,P+T,k]
-        run = _runs(pos[..., 0])[:, :, p:].float().mean(1) / RUN  # [B,T]
-        follows = torch.zeros_like(pos, dtype=torch.bool)  # [B,Hkv,P+T,k] continues one of t-1's matches
-        follows[:, :, 1:] = ((pos[:, :, 1:, :, None] == pos[:, :, :-1, None, :] + 1)
-                             & (pos[:, :, :-1, None, :] >= 0)).any(-1)
-        sims, pos, follows = sims[:, :, p:], pos[:, :, p:], follows[:, :, p:]
+        both = pos if not p else torch.cat([history, pos], 2)  # [B,Hkv,P+T,k]
+        run = _runs(both[..., 0])[:, :, p:].float().mean(1) / RUN  # [B,T]
+        follows = torch.zeros_like(both, dtype=torch.bool)  # [B,Hkv,P+T,k] continues one of t-1's matches
+        follows[:, :, 1:] = ((both[:, :, 1:, :, None] == both[:, :, :-1, None, :] + 1)
+                             & (both[:, :, :-1, None, :] >= 0)).any(-1)
+        follows = follows[:, :, p:]
         b, h, t, k = sims.shape
         nxt = log.lookup(torch.where(pos >= 0, pos + 1, pos))  # [B,Hkv,T,k] the token after each match
         found = pos >= 0  # a row with an empty log has no matches at all: keep every number finite
@@ -102,7 +111,7 @@ class CopyHead(nn.Module):
         w = w.permute(0, 2, 1, 3).reshape(b, t, h * k)  # [B,T,N]
         ids = nxt.clamp_min(0).permute(0, 2, 1, 3).reshape(b, t, h * k)  # [B,T,N]
         best = sims[..., 0].clamp_min(0).mean(1)  # [B,T]
-        return ids, w, best, run
+        return Candidates(ids, w, best, run, pos)
 
     def exact(self, log: TokenLog, context: tuple[torch.Tensor, torch.Tensor], logp: torch.Tensor
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -126,7 +135,8 @@ class CopyHead(nn.Module):
     def pointer(self, keys: torch.Tensor, log: TokenLog, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
         """keys [B,Hkv,T,Dh] -> the key-match pointer as a dense distribution [B,T,V] (fp32; mass < 1
         where the next id is unknown) and the mean best similarity [B,T] (for analysis and tests)."""
-        ids, w, best, _ = self.candidates(keys, log)
+        c = self.candidates(keys, log)
+        ids, w, best = c.ids, c.weights, c.best
         b, t, _ = ids.shape
         return torch.zeros(b, t, vocab, dtype=torch.float32).scatter(-1, ids, _id_mass(ids, w)), best
 
@@ -137,13 +147,18 @@ class CopyHead(nn.Module):
 
     def forward(self, logits: torch.Tensor, keys: torch.Tensor, log: TokenLog, history: torch.Tensor | None = None,
                 context: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """logits [B,T,V], match keys [B,Hkv,T,Dh] (history [B,Hkv,P,Dh]: the previous tokens' keys
-        in the same window, P <= RUN; context: ids [B,C] and absolute positions [B,C] of the
-        window whose last T tokens these are, for exact matches) -> log-probabilities [B,T,V] (fp32).
+        """logits [B,T,V], match keys [B,Hkv,T,Dh] (history [B,Hkv,P,k]: the previous tokens' match
+        positions in the same window, P <= RUN; context: ids [B,C] and absolute positions [B,C] of the
+        window whose last T tokens these are, for exact matches) -> log-probabilities [B,T,V] (fp32)."""
+        return self.mix(logits, self.candidates(keys, log, history), log, context)
+
+    def mix(self, logits: torch.Tensor, cand: Candidates, log: TokenLog,
+            context: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """logits [B,T,V] and their key-match candidates -> log-probabilities [B,T,V] (fp32):
 
         p = (1 - lam_n) * [(1 - lam * m) * p_model + lam * pointer] + lam_n * exact pointer."""
-        ids, w, best, run = self.candidates(keys, log, history)  # [B,T,N] x2, [B,T] x2
-        lam = self.weight(_id_mass(ids, w), best, run)  # [B,T]
+        ids, w = cand.ids, cand.weights  # [B,T,N] x2
+        lam = self.weight(_id_mass(ids, w), cand.best, cand.run)  # [B,T]
         kept = 1 - lam * w.sum(-1)  # [B,T] the model's share (the mass of unknown ids stays with it)
         w = lam[..., None] * w
         logp = torch.log_softmax(logits.float(), -1)  # [B,T,V]
