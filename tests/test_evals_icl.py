@@ -105,6 +105,24 @@ def test_shared_prefix_equals_recomputing_the_window(family, mode):
         assert torch.allclose(shared.logits(query), want, atol=1e-4)
 
 
+def test_shared_prefix_with_a_copy_head_equals_recomputing_the_window():
+    """The copy head's match history rewinds with the caches: queries that restate text held in memory
+    get the same log-probabilities as recomputing prefix + query (without the rewind: off by 0.56)."""
+    torch.manual_seed(3)
+    model = make_model("llama", init="delta", fusion="joint", segment_length=48, recent_tokens=16, pointer=True,
+                       pointer_ngram=2, pointer_local=True)
+    with torch.no_grad():
+        model.sidenet.pointer.offset.fill_(2.0)  # trust key matches: runs and follows change the logits
+    text = torch.randint(0, 256, (60,))
+    ctx = prepare(model, parse_mode(model, "memory"), text[:40])
+    prefix = torch.cat([text[40:], text[:5]])
+    shared = SharedPrefix(model, ctx, prefix)
+    for a, q in ((5, 6), (20, 7), (11, 4)):  # the caches rewind after every query
+        query = text[a : a + q]
+        want = window_logits(model, ctx, torch.cat([prefix, query]))[-q:]
+        torch.testing.assert_close(shared.logits(query), want, atol=1e-3, rtol=1e-4)  # bf16 match-score ties
+
+
 def test_long_prompts_fall_back_and_are_cut_from_the_left():
     model = make_model("llama", segment_length=16)
     ctx = prepare(model, parse_mode(model, "no-memory"), torch.zeros(0, dtype=torch.long))
@@ -158,3 +176,14 @@ def test_bad_configs(data):
         IclConfig(modes=["window-64"])
     with pytest.raises(LongMemError, match="does not exist"):
         icl(make_model("llama"), IclConfig(data=str(data / "nowhere"), tasks=["sst-2"]))
+
+
+def test_icl_runs_the_memtrm_layout_without_incremental_decoding(data):
+    """MemTRM cannot decode incrementally: its LongMem modes recompute the window per sentence."""
+    model = make_model("llama", init="upper", reduction=1, memory_layer=2, coupled=True, fusion="gated",
+                       segment_length=256)
+    assert not model.decodes_incrementally and make_model("llama").decodes_incrementally
+    config = IclConfig(data=str(data), tasks=["sst-2"], demos=[3], memory_demos=8, seeds=1, max_test=2,
+                       modes=["memory", "no-memory"])
+    result = icl(model, config)
+    assert [s.mode for s in result.scores] == ["memory", "no-memory"] and result.scores[0].memory_tokens > 0

@@ -331,6 +331,13 @@ class LongMemModel(nn.Module):
         return [p for p in self.sidenet.parameters() if p.requires_grad]
 
     @property
+    def decodes_incrementally(self) -> bool:
+        """Whether ``longmem.decode`` can run this model (not the MemTRM layout: its memory is written
+        by its own forward pass)."""
+        return not (self.config.coupled or self.config.init == "upper") and \
+            self.sidenet.memory_block.fusion in ("gated", "joint")
+
+    @property
     def position_scheme(self) -> str:
         """The effective scheme: 'none' for non-rotary backbones, 'auto' -> 'true'."""
         if not self.backbone.family.rotary:

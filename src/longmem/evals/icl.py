@@ -28,7 +28,6 @@ from tqdm.auto import tqdm
 
 from ..errors import LongMemError
 from .icl_data import Task, load_task
-from ..model import LongMemModel
 from .prefix import SharedPrefix
 from .scoring import Context, Mode, Scorer, parse_modes, prepare, variant, window_logits
 
@@ -235,7 +234,7 @@ def run_seed(model: Scorer, ctx: Context, mode: Mode, task: Task, tests: list[tu
              label_ids: list[torch.Tensor], keys: list[str], s: int, config: IclConfig, progress: bool) -> SeedScore:
     keep = mode.window - (max(ids.shape[0] for ids in label_ids) - 1)  # prompt tokens that fit with a label
     prefix = encode(model, " ".join(context)) if context else torch.zeros(0, dtype=torch.long)
-    fast = config.shared_prefix and (mode.backbone_only or isinstance(model, LongMemModel))
+    fast = config.shared_prefix and (mode.backbone_only or getattr(model, "decodes_incrementally", False))
     shared = SharedPrefix(model, ctx, prefix) if fast and 0 < prefix.shape[0] < keep else None
     right = right_argmax = truncated = 0
     desc = f"{task.name} seed {s} k={len(context)} {mode.name}"

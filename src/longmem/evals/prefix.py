@@ -30,6 +30,7 @@ class SharedPrefix:
         else:
             self.cache = new_cache(model, 1, ctx.start, ctx.mode.window, memory=ctx.memory)
             decode(model, self.cache, prefix[None], ctx.memory)
+            self.history = self.cache.match_history  # the copy head's matches of the prefix's last tokens
 
     @torch.no_grad()
     def logits(self, query: torch.Tensor) -> torch.Tensor:
@@ -53,3 +54,4 @@ class SharedPrefix:
         for buf in [*cache.blocks, cache.memory_kv, *([cache.match_keys] if cache.match_keys is not None else [])]:
             buf.length -= q
         cache.ids = cache.ids[:, : self.n]
+        cache.match_history = self.history
