@@ -125,7 +125,8 @@ class CopyHead(nn.Module):
         ids = nxt.clamp_min(0)
         longest = torch.where(found, length, -1).amax(-1, keepdim=True)  # [B,T,1]
         bucket = torch.bucketize(longest[..., 0].clamp_min(0), torch.tensor(LENGTH_EDGES), right=True)  # [B,T]
-        entropy = -(logp.exp() * logp).sum(-1).detach() / math.log(logp.shape[-1])  # [B,T] in [0, 1]
+        with torch.no_grad():  # a feature, not a path for gradients; one product-sum pass over the vocabulary
+            entropy = -torch.einsum("btv,btv->bt", logp.exp(), logp) / math.log(logp.shape[-1])  # [B,T] in [0, 1]
         u = self.length_bias[bucket] + self.ngram_agree * _id_mass(ids, w).amax(-1) + self.uncertain * entropy
         if self.local:
             from_context = (local & found & (length == longest)).any(-1)  # [B,T] the longest match is local
@@ -172,7 +173,9 @@ class CopyHead(nn.Module):
         mass = _id_mass(ids, w)  # [B,T,N']
         kept = kept.clamp_min(1e-30)[..., None]  # [B,T,1]
         mixed = torch.log((kept * logp.gather(-1, ids).exp() + mass).clamp_min(1e-30))  # [B,T,N']
-        return (logp + kept.log()).scatter(-1, ids, mixed)
+        if torch.is_grad_enabled():  # log_softmax's backward needs its output as it was
+            return (logp + kept.log()).scatter(-1, ids, mixed)
+        return logp.add_(kept.log()).scatter_(-1, ids, mixed)  # no [B,T,V] copies when only reading
 
 
 def _id_mass(ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
