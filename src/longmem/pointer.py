@@ -47,7 +47,7 @@ from .memory.suffix import suffix_matches
 from .memory.tokens import TokenLog
 
 SIM_ORIGIN, SIM_SCALE = 0.95, 0.05  # f = 0 at cosine 0.95, 1 at an exact match
-RUN = 4  # previous tokens a copied run is counted over (decoding passes their match keys as history)
+RUN = 4  # previous tokens a copied run is counted over (decoding keeps their match positions as history)
 LENGTH_EDGES = (3, 4, 5, 6, 8, 11, 16, 23, 32)  # exact-match length buckets: <3, 3, 4, 5, 6-7, ..., 32
 EXACT_PARAMS = ("pointer.length_bias", "pointer.length_sharp", "pointer.ngram_agree", "pointer.uncertain",
                 "pointer.local_bias")  # the exact source's
