@@ -93,7 +93,7 @@ def new_cache(model: LongMemModel, batch_size: int, start: torch.Tensor | int, c
     every attention, as a segment read with that memory does.
     """
     capacity = capacity or model.config.segment_length
-    if model.config.coupled or model.config.init == "upper":
+    if not model.decodes_incrementally:
         raise LongMemError("incremental decoding does not support the MemTRM layout (init 'upper', coupled memory)")
     sidenet: SideNet = model.sidenet
     if sidenet.memory_block.fusion not in FUSIONS:
@@ -105,8 +105,9 @@ def new_cache(model: LongMemModel, batch_size: int, start: torch.Tensor | int, c
                            "(the backbone's native context, less any short-term tier)")
     layers = _attention_layers(sidenet)
     past = _tier_entries(recent, batch_size)  # per backbone layer: keys, values [B,H_kv,P',Dh]
-    buffers = [KVBuffer(capacity + (past[0][0].shape[2] if past else 0)) for _ in layers]
-    hf = model.backbone.new_cache(capacity + (past[0][0].shape[2] if past else 0))
+    entries = capacity + (past[0][0].shape[2] if past else 0)  # per attention: tier entries, then the window
+    buffers = [KVBuffer(entries) for _ in layers]
+    hf = model.backbone.new_cache(entries)
     if past:
         for i, (k, v) in enumerate(past):
             hf.update(k.to(model.backbone.dtype), v.to(model.backbone.dtype), i)

@@ -334,8 +334,7 @@ class LongMemModel(nn.Module):
     def decodes_incrementally(self) -> bool:
         """Whether ``longmem.decode`` can run this model (not the MemTRM layout: its memory is written
         by its own forward pass)."""
-        return not (self.config.coupled or self.config.init == "upper") and \
-            self.sidenet.memory_block.fusion in ("gated", "joint")
+        return not (self.config.coupled or self.config.init == "upper")
 
     @property
     def position_scheme(self) -> str:
