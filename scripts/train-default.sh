@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
 # The packaged default SideNet from scratch: stage 1 (the memory-delta SideNet, ~65 min on a 2-core
-# CPU here) and stage 2 (the copy head with exact matches on top of it, ~10 min). Needs `longmem data books`.
+# CPU here), stage 2 (the copy head with exact matches on top of it, ~10 min) and stage 3 (the copy
+# head learns to answer questions about synthetic stated facts, ~15 min). Needs `longmem data books`.
 # Run it again after an interruption: each stage resumes from its latest checkpoint.
-#   bash scripts/train-default.sh [--stage1-only] [--install]
+#   bash scripts/train-default.sh [--stage1-only] [--stage2-only] [--install]
 # --install copies the result over the packaged default (src/longmem/sidenets/smollm2-135m/).
 set -euo pipefail
-stage2=1 install=0
+stage2=1 stage3=1 install=0
 for arg in "$@"; do
   case "$arg" in
-    --stage1-only) stage2=0 ;;
+    --stage1-only) stage2=0 stage3=0 ;;
+    --stage2-only) stage3=0 ;;
     --install) install=1 ;;
-    *) echo "train-default.sh: unknown option $arg (use --stage1-only, --install)" >&2; exit 2 ;;
+    *) echo "train-default.sh: unknown option $arg (use --stage1-only, --stage2-only, --install)" >&2; exit 2 ;;
   esac
 done
 resume() { if [ -f "$1/checkpoints/latest.json" ]; then echo --resume; fi; }
@@ -20,6 +22,10 @@ out=runs/longmem-default/sidenet
 if [ "$stage2" = 1 ]; then  # stage 2: the copy head on top of it (only the head's scalars train)
   longmem train configs/longmem-copy.yaml --set init_from=runs/longmem-default/sidenet $(resume runs/longmem-copy-local)
   out=runs/longmem-copy-local/sidenet
+fi
+if [ "$stage3" = 1 ]; then  # stage 3: synthetic facts teach the head when a question restates one
+  longmem train configs/longmem-facts.yaml --set init_from=runs/longmem-copy-local/sidenet $(resume runs/longmem-facts)
+  out=runs/longmem-facts/sidenet
 fi
 if [ "$install" = 1 ]; then
   cp "$out/config.json" "$out/model.safetensors" src/longmem/sidenets/smollm2-135m/

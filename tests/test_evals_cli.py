@@ -42,6 +42,7 @@ def test_passkey_text_summary(tmp_path, capsys, backbone_dir):
     (["--modes", "window-100000"], "native context"),
     (["--lengths", "20"], "too short"),
     (["--memory-size", "0"], "--memory-size"),
+    (["--needle", "no key in it"], "must contain {key}"),
 ])
 def test_passkey_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, backbone_dir, extra, match):
     out = tmp_path / "pk.json"
@@ -50,6 +51,16 @@ def test_passkey_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, back
     code, _, err = run(capsys, *args, *extra)
     assert code == 2 and err.startswith("longmem: error:") and match in err and err.count("\n") == 1
     assert not list(tmp_path.iterdir())
+
+
+def test_passkey_in_another_wording(tmp_path, capsys, backbone_dir):
+    out = tmp_path / "pk.json"
+    code, _, _ = run(capsys, "eval", "passkey", *model_args(backbone_dir), "--lengths", "300", "--depths", "0.5",
+                     "--trials", 1, "--filler", "repeat", "--needle", "\\nThe vault opens with {key}.\\n",
+                     "--question", "\\nThe vault opens with", "--out", out)
+    record = json.loads(out.read_text())
+    assert code == 0 and record["config"]["needle"] == "\nThe vault opens with {key}.\n"
+    assert record["config"]["question"] == "\nThe vault opens with" and record["config"]["answer"] == " {key}"
 
 
 def test_out_must_be_a_json_file(tmp_path, capsys, backbone_dir):

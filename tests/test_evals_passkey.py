@@ -97,8 +97,19 @@ def test_variant_changes_memory_settings_without_touching_the_model():
         variant(model, colour="red")
 
 
+def test_another_wording_of_needle_question_and_answer():
+    config = PasskeyConfig(**SMALL | {"needle": "\nThe vault code is {key}.\n", "question": "\nThe vault code is",
+                                       "answer": " {key}."})
+    tok = byte_tokenizer()
+    prompt = PromptBuilder(tok, config).build(200, 0.5, random.Random(2))
+    text = tok.decode(prompt.ids)
+    assert f"The vault code is {prompt.passkey}." in text and "pass key" not in text
+    assert text.endswith("\nThe vault code is") and tok.decode(prompt.answer) == f" {prompt.passkey}."
+
+
 @pytest.mark.parametrize("bad, match", [
     (dict(lengths=[]), "lengths"), (dict(depths=[1.5]), "depths"), (dict(trials=0), "trials"),
+    (dict(needle="no key here"), "needle"), (dict(answer=" {key} {oops}"), "answer"), (dict(question=" "), "question"),
 ])
 def test_bad_configs_are_clear_errors(bad, match):
     with pytest.raises(LongMemError, match=match):

@@ -267,3 +267,35 @@ def test_local_exact_matches_copy_inside_the_context_without_a_memory():
         for memory in (None, model.new_memory(1)):
             pred = model(ids, memory=memory).logits[0].argmax(-1)
             assert torch.equal(pred[12:17], ids[0, 13:18])  # from the third repeated token on
+
+
+def test_context_gate_starts_neutral_trains_and_decoding_agrees(tmp_path):
+    from dataclasses import replace
+
+    from longmem.decode import decode, new_cache
+    from longmem.model import LongMemModel
+
+    torch.manual_seed(9)
+    plain = make_model("llama", init="delta", fusion="joint", pointer=True, pointer_ngram=2)
+    plain.save_pretrained(tmp_path / "p")  # a head without the gate gains a fresh (zero) one
+    model = LongMemModel.from_backbone(tmp_path / "p", plain.backbone, plain.tokenizer,
+                                       config=replace(plain.config, pointer_context=True))
+    model.float()
+    text = torch.randint(0, 32, (1, 64))
+    mem = read_text(model, text)
+    ids = torch.cat([text[:, 5:15], torch.randint(0, 32, (1, 6))], 1)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, memory=mem).logits, plain(ids, memory=read_text(plain, text)).logits)
+    out = model(ids, memory=mem, labels=ids)
+    out.loss.backward()
+    gate = model.sidenet.pointer.context.weight
+    assert gate.grad is not None and gate.grad.abs().sum() > 0
+    with torch.no_grad():
+        gate.normal_(0, 0.5)  # a trained gate moves the mixture, and decoding reads it the same way
+        full = model(ids, memory=mem).logits
+        assert (full - plain(ids, memory=read_text(plain, text)).logits).abs().max() > 1e-3
+        cache = new_cache(model, 1, mem.end_position, memory=mem)
+        steps = torch.cat([decode(model, cache, ids[:, i : i + 1], mem) for i in range(ids.shape[1])], 1)
+    torch.testing.assert_close(steps, full, atol=2e-3, rtol=1e-3)
+    with pytest.raises(LongMemError, match="pointer_context"):
+        make_model("llama", init="delta", fusion="joint", pointer=True, pointer_context=True)

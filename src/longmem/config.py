@@ -70,6 +70,9 @@ class LongMemConfig:
     pointer_local: bool = False
     """Exact matches are also searched in the context being read (segment / decoding window), with
     or without a memory (a memory is then not credited with copies the context alone allows)."""
+    pointer_context: bool = False
+    """The exact matches' trust also reads the SideNet's final hidden state (a learned linear cue,
+    zero at the start), e.g. to tell a question about a stated fact from a chance repeat."""
     search_positions: str = "absolute"
     """Chunk search on rotary backbones: 'absolute' (keys, queries rotated) or 'none' (pre-rotary)."""
     sink_tokens: int = 1
@@ -122,6 +125,8 @@ class LongMemConfig:
             raise LongMemError(f"sink_tokens={self.sink_tokens} must be >= 0")
         if self.pointer_local and not self.pointer_ngram:
             raise LongMemError("pointer_local searches exact matches in the context: it needs pointer_ngram > 0")
+        if self.pointer_context and not self.pointer_ngram:
+            raise LongMemError("pointer_context gates exact matches: it needs pointer_ngram > 0")
         if self.pointer_ngram and not (self.pointer and 2 <= self.pointer_ngram <= 8):
             raise LongMemError(f"pointer_ngram={self.pointer_ngram}: exact matches need a copy head (pointer: true) "
                                "and an n-gram of at least 2 and at most 8 tokens (0 turns them off)")

@@ -173,7 +173,7 @@ def decode(model: LongMemModel, cache: DecodeCache, input_ids: torch.Tensor, mem
     if match is not None:  # the window's match keys: written to the memory's log when tokens move there
         cache.match_keys.append(match, match[..., :0])  # type: ignore[union-attr]
     context = (cache.ids, cache.window_positions())  # the window so far, for exact matches
-    logp, matched = model.copy_head_step(logits, match, memory, cache.match_history, context)
+    logp, matched = model.copy_head_step(logits, match, memory, cache.match_history, context, h)
     if matched is not None:  # the copy head counts runs over the last RUN tokens' matches
         both = matched if cache.match_history is None else torch.cat([cache.match_history, matched], 2)
         cache.match_history = both[:, :, -RUN:]

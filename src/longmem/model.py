@@ -134,6 +134,8 @@ class LongMemModel(nn.Module):
         if config.pointer_ngram:  # adding fresh exact matches to a copy head; the newer scalars start neutral (0)
             fresh = EXACT_PARAMS if "pointer.length_bias" not in state else ("pointer.uncertain", "pointer.local_bias")
             missing = [k for k in missing if k not in fresh]
+        if config.pointer_context:  # adding a fresh context gate (zeros: the head's trust unchanged)
+            missing = [k for k in missing if k != "pointer.context.weight"]
         if missing or unexpected:
             raise LongMemError(f"SideNet weights {weights} do not fit this architecture "
                                f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
@@ -281,7 +283,7 @@ class LongMemModel(nn.Module):
         logits = self.backbone.head(h)  # [B,T,V]
         match = self.match_keys(frozen.hidden)
         # [B,T,V]: log-probs once the copy head reads
-        logits = self.copy_head_logits(logits, match, memory, context=(input_ids, positions))
+        logits = self.copy_head_logits(logits, match, memory, context=(input_ids, positions), hidden=h)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
@@ -294,16 +296,18 @@ class LongMemModel(nn.Module):
                              frozen.layer_keys, frozen.layer_values, input_ids, match)
 
     def copy_head_logits(self, logits: torch.Tensor, match: torch.Tensor | None, memory: MemoryBank | None,
-                         context: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                         context: tuple[torch.Tensor, torch.Tensor] | None = None,
+                         hidden: torch.Tensor | None = None) -> torch.Tensor:
         """logits [B,T,V] -> the copy head's mixture (log-probabilities, fp32), or the logits unchanged
         without a head or while the memory's token log is empty (unless the head also matches the
         context itself, ``pointer_local``). match [B,H_kv,T,Dh] and context (ids, positions [B,C]
-        of the window ending with these T tokens) as ``CopyHead.forward`` takes them."""
-        return self.copy_head_step(logits, match, memory, None, context)[0]
+        of the window ending with these T tokens) and hidden [B,T,D] (the SideNet's final states) as
+        ``CopyHead.forward`` takes them."""
+        return self.copy_head_step(logits, match, memory, None, context, hidden)[0]
 
     def copy_head_step(self, logits: torch.Tensor, match: torch.Tensor | None, memory: MemoryBank | None,
-                       history: torch.Tensor | None, context: tuple[torch.Tensor, torch.Tensor] | None
-                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                       history: torch.Tensor | None, context: tuple[torch.Tensor, torch.Tensor] | None,
+                       hidden: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``copy_head_logits`` for incremental decoding: history [B,H_kv,P,k] holds the match
         positions of the previous tokens of the window -> (log-probabilities, these tokens' match
         positions [B,H_kv,T,k]; None without a head at work)."""
@@ -317,7 +321,7 @@ class LongMemModel(nn.Module):
             log = TokenLog(b, 1, h, d)
         head = self.sidenet.pointer
         cand = head.candidates(match, log, history)
-        return head.mix(logits, cand, log, context), cand.positions
+        return head.mix(logits, cand, log, context, hidden), cand.positions
 
     def match_keys(self, hidden: list[torch.Tensor]) -> torch.Tensor | None:
         """The copy head's match keys [B,H_kv,T,Dh] from the frozen hidden states (None without a head)."""

@@ -202,7 +202,9 @@ class SideNet(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.norm = copy.deepcopy(family.final_norm(backbone.model))
         self.pointer = CopyHead(self.memory_block.shape.num_kv_heads, ngram=config.pointer_ngram,
-                                local=config.pointer_local) if config.pointer else None
+                                local=config.pointer_local,
+                                context_dim=backbone.model.config.hidden_size if config.pointer_context else 0
+                                ) if config.pointer else None
         self.requires_grad_(True)  # the copies come from a frozen backbone
         if config.init == "identity":
             for block in self.blocks:

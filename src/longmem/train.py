@@ -22,6 +22,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
+from .data.facts import FactPlanter, FactWords
 from .data.recall import RecallSpans, insert_recall_spans
 from .data.stream import Batch, DocumentStream
 from .data.tokens import tokenize_corpus
@@ -68,6 +69,8 @@ class Trainer:
                                      seed=cfg.seed, rank=self.rank, world_size=self.world)
         self.memory = self.model.new_memory(cfg.batch_size)
         self._overwritten: list[list[tuple[int, int]]] = [[] for _ in range(cfg.batch_size)]
+        self.facts = FactPlanter(FactWords(tok), cfg.batch_size, cfg.fact_prob, seed=cfg.seed + 7919 * self.rank) \
+            if cfg.fact_prob > 0 else None
         if self.resume:
             self._restore()
         elif self.rank == 0:
@@ -101,7 +104,9 @@ class Trainer:
         for name, param in self.model.sidenet.named_parameters():
             if not param.requires_grad:
                 continue
-            kind = "gate" if name.endswith(".gate") or name.startswith("pointer.") else "no_decay" if param.ndim < 2 else "decay"
+            scalar = param.ndim < 2  # gates and the copy head's scalars; its context gate [1,D] learns at lr
+            kind = "gate" if scalar and (name.endswith(".gate") or name.startswith("pointer.")) \
+                else "no_decay" if scalar else "decay"
             groups[kind].append(param)
         settings = {"gate": (cfg.gate_lr, 0.0), "decay": (cfg.lr, cfg.weight_decay), "no_decay": (cfg.lr, 0.0)}
         param_groups = [{"params": params, "lr": settings[k][0], "base_lr": settings[k][0],
@@ -132,7 +137,7 @@ class Trainer:
         """The stream's next batch, with synthetic recall spans when configured."""
         batch = next(self.stream)
         cfg = self.config
-        if cfg.recall_prob <= 0:
+        if cfg.recall_prob <= 0 and self.facts is None:
             return batch, None
         near = max(batch.input_ids.shape[1], self.model.recent_tokens)  # older than segment and tier
         reach = self.model.recent_tokens + self.model.config.memory_size  # still held by the bank
@@ -142,7 +147,14 @@ class Trainer:
             self._overwritten[row] = keep
         batch, spans = insert_recall_spans(batch, self.train_data, cfg.recall_prob, cfg.recall_min, cfg.recall_max,
                                            near=near, reach=reach, avoid=self._overwritten)
-        for row, start, end in spans.written:
+        written = spans.written
+        if self.facts is not None:  # written over whatever the spans left: a span's overwritten labels leave its mask
+            batch, spans.answers, planted = self.facts.plant(batch, near, reach)
+            for row, start, end in planted:
+                p0 = int(batch.positions[row, 0])
+                spans.mask[row, max(0, start - p0 - 1) : end - p0] = False
+            written = written + planted
+        for row, start, end in written:
             self._overwritten[row].append((start, end))
         return batch, spans
 
@@ -179,6 +191,11 @@ class Trainer:
                 nll = torch.nn.functional.cross_entropy(out.logits.detach()[spans.mask].float(),
                                                         batch.labels[spans.mask])
             row["recall_loss"] = float(nll)
+        if spans is not None and spans.answers is not None and spans.answers.any():
+            with torch.no_grad():
+                nll = torch.nn.functional.cross_entropy(out.logits.detach()[spans.answers].float(),
+                                                        batch.labels[spans.answers])
+            row["fact_loss"] = float(nll)
         return row
 
     def train(self) -> dict:
@@ -199,7 +216,7 @@ class Trainer:
                            "grad_norm": window[-1]["grad_norm"], "tokens_seen": self.tokens,
                            "tokens_per_s": sum(r["tokens"] for r in window) * self.world / elapsed,
                            "memory_share": window[-1]["memory_share"], "gate_mean": window[-1]["gate_mean"]}
-                          | _mean_of(window, "recall_loss"))
+                          | _mean_of(window, "recall_loss") | _mean_of(window, "fact_loss"))
                 window, start = [], time.perf_counter()
             if cfg.eval_every > 0 and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
                 last_eval = self.evaluate()
@@ -250,6 +267,8 @@ class Trainer:
             tmp.mkdir(parents=True, exist_ok=True)
         self._barrier()
         stream_state = self.stream.state_dict() | {"overwritten": self._overwritten}  # recall sources to avoid
+        if self.facts is not None:
+            stream_state["facts"] = self.facts.state_dict()
         ckpt.write_rank(tmp, self.rank, stream_state, [self.memory])
         if self.rank == 0:
             state = {"step": self.step, "tokens": self.tokens, "world_size": self.world,
@@ -269,6 +288,9 @@ class Trainer:
         self.model.sidenet.load_state_dict(trainable)
         stream_state, memories = ckpt.read_rank(path, self.rank, self.model.memory_meta(), self.model.config.retrieval)
         self._overwritten = [[tuple(r) for r in rows] for rows in stream_state.pop("overwritten", self._overwritten)]
+        facts = stream_state.pop("facts", None)
+        if self.facts is not None and facts is not None:
+            self.facts.load_state_dict(facts)
         self.stream.load_state_dict(stream_state)
         self.memory = memories[0]
         self.step, self.tokens = int(state["step"]), int(state["tokens"])

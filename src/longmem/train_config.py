@@ -69,6 +69,8 @@ class TrainConfig:
     """Shortest recall span, in tokens."""
     recall_max: int = 256
     """Longest recall span, in tokens."""
+    fact_prob: float = 0.0
+    """Probability that a row's segment gets a synthetic fact, asked about segments later (``data/facts.py``)."""
     eval_every: int = 100
     """Validate every this many steps (0 = only at the end)."""
     eval_tokens: int = 8192
@@ -94,6 +96,8 @@ class TrainConfig:
         for name in ("steps", "batch_size", "log_every", "lora_rank", "keep_checkpoints"):
             if getattr(self, name) <= 0:
                 raise LongMemError(f"{name}={getattr(self, name)} must be positive")
+        if not 0.0 <= self.fact_prob <= 1.0:
+            raise LongMemError(f"fact_prob={self.fact_prob} must be in [0, 1]")
         if not 0.0 <= self.recall_prob <= 1.0 or not 1 <= self.recall_min <= self.recall_max:
             raise LongMemError(
                 f"recall_prob={self.recall_prob} must be in [0, 1] and 1 <= recall_min <= recall_max")

@@ -31,6 +31,7 @@ class RecallSpans:
     sources: torch.Tensor  # [B,T] long: position of the earlier token each span input repeats, -1 elsewhere
     # (set where the label is a copied token too: the token after the source is the label)
     written: list[tuple[int, int, int]] = field(default_factory=list)  # (row, start, end) positions overwritten
+    answers: torch.Tensor | None = None  # [B,T] bool: label is a synthetic fact's answer token (``facts.py``)
 
 
 def insert_recall_spans(

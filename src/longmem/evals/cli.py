@@ -60,6 +60,11 @@ def add_eval_parser(sub: argparse._SubParsersAction, model_args: Callable[[argpa
     pk.add_argument("--trials", type=int, help="prompts per length and depth (default 5)")
     pk.add_argument("--filler", help="prose file for the filler (default data/books/test/austen-emma.txt) "
                                      "or 'repeat' for the repeated 'The grass is green...' sentences")
+    pk.add_argument("--needle", help="the hidden statement, with {key} for the key (default: 'The pass key is {key}. "
+                                     "Remember it. {key} is the pass key.' on its own line)")
+    pk.add_argument("--question", help="the text after the filler, ending right before the answer "
+                                       "(default: 'What is the pass key? The pass key is' on a new line)")
+    pk.add_argument("--answer", help="the expected continuation, with {key} (default: ' {key}')")
     pk.add_argument("--generate", action="store_true", help="also decode greedily and report the text")
     _common(pk, "passkey", model_args)
     pk.set_defaults(func=cmd_passkey)
@@ -132,6 +137,11 @@ def _config(cls: type, **fields) -> Any:
     return cls(**{k: v for k, v in fields.items() if v is not None})
 
 
+def _unescape(text: str | None) -> str | None:
+    """A command-line text with '\\n' for line breaks (None stays None)."""
+    return None if text is None else text.replace("\\n", "\n")
+
+
 def _load(args: argparse.Namespace, **overrides) -> Any:
     git_commit()  # the code this run uses, read before it starts (results name it)
     for name in ("memory_size", "chunk_size", "segment"):
@@ -161,7 +171,8 @@ def cmd_passkey(args: argparse.Namespace) -> int:
     from .plots import passkey_heatmap
 
     config = _config(PasskeyConfig, lengths=args.lengths, depths=args.depths, trials=args.trials,
-                     modes=args.modes, filler=args.filler, seed=args.seed, generate=args.generate or None)
+                     modes=args.modes, filler=args.filler, seed=args.seed, generate=args.generate or None,
+                     needle=_unescape(args.needle), question=_unescape(args.question), answer=_unescape(args.answer))
     check_filler(config)
     check_out_path(args.out)
     model = _load(args)

@@ -62,6 +62,13 @@ class PasskeyConfig:
     """Seeds keys and filler offsets; trials are identical across modes."""
     intro: str = INTRO
     """Text before the filler ('' for none)."""
+    needle: str = NEEDLE
+    """The statement hidden in the filler; ``{key}`` marks the key (another wording tests the
+    recall without the default's phrasing, which a model may have met in training)."""
+    question: str = QUESTION
+    """The text after the filler, ending right before the answer."""
+    answer: str = ANSWER
+    """The expected continuation; ``{key}`` marks the key."""
     generate: bool = False
     """Also decode greedily and report the generated text (one extra pass per answer token)."""
 
@@ -74,6 +81,12 @@ class PasskeyConfig:
             raise LongMemError(f"trials={self.trials} must be positive")
         if not 1 <= self.digits <= 18:
             raise LongMemError(f"digits={self.digits} must be between 1 and 18")
+        for name in ("needle", "answer"):
+            text = getattr(self, name)
+            if text.count("{key}") < 1 or text.replace("{key}", "").count("{") or text.replace("{key}", "").count("}"):
+                raise LongMemError(f"passkey {name} {text!r} must contain {{key}} and no other braces")
+        if not self.question.strip():
+            raise LongMemError("the passkey question is empty")
 
 
 @dataclass
@@ -140,7 +153,7 @@ class PromptBuilder:
         text = REPEAT_TEXT * 64 if config.filler == REPEAT else read_text(config.filler)
         self.filler = self.encode(text)
         self.intro = self.encode(config.intro)
-        self.question = self.encode(QUESTION)
+        self.question = self.encode(config.question)
         if self.filler.shape[0] < 16:
             raise LongMemError(f"filler {config.filler} has only {self.filler.shape[0]} tokens")
 
@@ -149,14 +162,14 @@ class PromptBuilder:
 
     def build(self, length: int, depth: float, rng: random.Random) -> Prompt:
         key = str(rng.randrange(10 ** (self.config.digits - 1), 10**self.config.digits))
-        needle = self.encode(NEEDLE.format(key=key))
+        needle = self.encode(self.config.needle.format(key=key))
         n_fill = length - self.intro.shape[0] - needle.shape[0] - self.question.shape[0]
         if n_fill < 1:
             raise LongMemError(f"length {length} is too short for the intro, needle and question")
         filler = self.stretch(n_fill, rng)
         cut = self.boundary(filler, round(depth * n_fill))
         ids = torch.cat([self.intro, filler[:cut], needle, filler[cut:], self.question])  # [N]
-        return Prompt(ids, self.encode(ANSWER.format(key=key)), key, self.intro.shape[0] + cut)
+        return Prompt(ids, self.encode(self.config.answer.format(key=key)), key, self.intro.shape[0] + cut)
 
     def stretch(self, n: int, rng: random.Random) -> torch.Tensor:
         """n consecutive filler tokens from a random offset (wrapping round only when the file is too short)."""
