@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from longmem import LongMemModel
+from longmem.evals.scoring import variant
 from longmem.reader import perplexity, tokenize
 
 TEXT = "data/books/validation/austen-northangerabbey.txt"
@@ -25,12 +26,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("results/position-schemes.json"))
     parser.add_argument("--tokens", type=int, default=8192)
     args = parser.parse_args()
+    model = LongMemModel.from_pretrained("default")
+    ids = tokenize(model, Path(TEXT).read_text(encoding="utf-8"))[: args.tokens]
     rows = []
     for scheme in ("true", "fixed", "pre_rotary"):
-        model = LongMemModel.from_pretrained("default", position_scheme=scheme)
-        ids = tokenize(model, Path(TEXT).read_text(encoding="utf-8"))[: args.tokens]
         start = time.perf_counter()
-        res = perplexity(model, ids, mode="memory")
+        res = perplexity(variant(model, position_scheme=scheme), ids, mode="memory")  # same weights, one setting
         rows.append({"position_scheme": scheme, "mode": "memory", "perplexity": res.perplexity,
                      "seconds": time.perf_counter() - start})
         print(json.dumps(rows[-1]), flush=True)

@@ -204,3 +204,20 @@ def test_copy_head_alone_trains_on_recall_spans_and_resumes(setup_dirs):
     assert resumed._overwritten == trainer._overwritten
     with pytest.raises(Exception, match="copy head"):
         Trainer(config(root, backbone, "bad", trainable="pointer"), progress=False).setup()
+
+
+def test_copy_head_trains_on_synthetic_facts_and_resumes_their_state(setup_dirs):
+    root, backbone = setup_dirs
+    model = dict(backbone=str(backbone), segment_length=128, memory_size=512, chunk_size=2, topk=8,
+                 memory_dtype="float32", init="delta", fusion="joint", pointer=True, pointer_ngram=3,
+                 pointer_context=True)
+    cfg = config(root, backbone, "facts", steps=20, eval_every=-1, save_every=10, fact_prob=1.0, batch_size=1,
+                 trainable="pointer", model=model, log_every=1)
+    trainer = Trainer(cfg, progress=False).setup()
+    gate = trainer.model.sidenet.pointer.context.weight.detach().clone()
+    trainer.train()
+    rows = [json.loads(line) for line in (root / "facts" / "metrics.jsonl").read_text().splitlines()]
+    assert any("fact_loss" in r for r in rows)  # questions were asked and scored
+    assert not torch.equal(gate, trainer.model.sidenet.pointer.context.weight)  # the context gate learned
+    resumed = Trainer(cfg, resume=True, progress=False).setup()
+    assert resumed.facts.state_dict() == trainer.facts.state_dict()

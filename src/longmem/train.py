@@ -186,16 +186,12 @@ class Trainer:
         row = {"loss": float(out.loss.detach()), "grad_norm": float(norm), "tokens": tokens,
                "memory_share": stats.memory_share if stats else 0.0,
                "gate_mean": float(stats.gate.mean()) if stats else None}  # None: JSON null (empty memory)
-        if spans is not None and spans.mask.any():
-            with torch.no_grad():
-                nll = torch.nn.functional.cross_entropy(out.logits.detach()[spans.mask].float(),
-                                                        batch.labels[spans.mask])
-            row["recall_loss"] = float(nll)
-        if spans is not None and spans.answers is not None and spans.answers.any():
-            with torch.no_grad():
-                nll = torch.nn.functional.cross_entropy(out.logits.detach()[spans.answers].float(),
-                                                        batch.labels[spans.answers])
-            row["fact_loss"] = float(nll)
+        if spans is not None:  # the loss on tokens only the memory can supply
+            for key, mask in (("recall_loss", spans.mask), ("fact_loss", spans.answers)):
+                if mask is not None and mask.any():
+                    with torch.no_grad():
+                        nll = torch.nn.functional.cross_entropy(out.logits.detach()[mask].float(), batch.labels[mask])
+                    row[key] = float(nll)
         return row
 
     def train(self) -> dict:

@@ -10,8 +10,8 @@ model's own " a" / " the".
 A :class:`FactPlanter` writes, with probability ``prob`` per row and segment, a statement such
 as "The lantern of Wilkins was 40213." over the book text, remembers it, and once the statement
 is older than the local segment and the short-term tier (``near`` tokens back) and still held
-by the bank (``reach``), writes a question whose last words restate the subject ("What about
-the lantern of Wilkins? The lantern of Wilkins was") followed by the answer. Only the memory
+by the bank (``reach``), writes a question whose last words restate the subject ("Tell me about
+the lantern of Wilkins. The lantern of Wilkins was") followed by the answer. Only the memory
 can supply the answer. Subjects are random words of the tokenizer's vocabulary, values random
 numbers (1-7 digits) or words; the wordings are drawn from a few templates each. Words used by
 the passkey evaluation's needle and question ("pass", "key", "remember") are never drawn, and
@@ -49,7 +49,7 @@ class Fact:
     doc: int  # the row's document index
     position: int  # absolute position of the statement's first token
     question: list[int]  # the question's ids, ending right before the answer
-    answer: list[int]  # the answer's ids (then " ." resumes nothing: the book text follows)
+    answer: list[int]  # the answer's ids, its closing "." included (the book text follows it)
 
     def to_list(self) -> list:
         return [self.doc, self.position, self.question, self.answer]
@@ -99,8 +99,9 @@ class FactPlanter:
         self.waiting: list[list[Fact]] = [[] for _ in range(batch_size)]
 
     def state_dict(self) -> dict:
-        return {"waiting": [[f.to_list() for f in row] for row in self.waiting], "rng": list(self.rng.getstate()[1]),
-                "rng_version": self.rng.getstate()[0]}
+        version, internal, _ = self.rng.getstate()
+        return {"waiting": [[f.to_list() for f in row] for row in self.waiting], "rng": list(internal),
+                "rng_version": version}
 
     def load_state_dict(self, state: dict) -> None:
         self.waiting = [[Fact(*f) for f in row] for row in state["waiting"]]
