@@ -126,12 +126,18 @@ def main() -> None:
     parser.add_argument("--segment", type=int, default=1024)
     parser.add_argument("--variants", default="torch/query,torch/kv,faiss/query")
     parser.add_argument("--sidenet", default="default", help="SideNet directory, 'default' (shipped) or 'fresh'")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="with --sidenet fresh: an architecture setting, e.g. --set init=paper "
+                             "--set recent_tokens=0 (the paper's design: no short-term tier, no copy head)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/core.json"))
     args = parser.parse_args()
     torch.manual_seed(0)
     threads = torch.get_num_threads()
+    overrides = parse_sets(args.set)
+    if overrides and args.sidenet != "fresh":
+        parser.error("--set changes the architecture: it needs --sidenet fresh")
     model = LongMemModel.from_pretrained(args.sidenet, dtype="bfloat16", memory_size=args.memory_size,
-                                         segment_length=args.segment)
+                                         segment_length=args.segment, **overrides)
     ids = tokenize(model, args.text.read_text(encoding="utf-8"))
     results = {}
     for variant in args.variants.split(","):
@@ -150,12 +156,26 @@ def main() -> None:
     })
 
 
+def parse_sets(items: list[str]) -> dict:
+    """["init=paper", "recent_tokens=0"] -> {"init": "paper", "recent_tokens": 0} (values read as YAML)."""
+    import yaml
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set {item!r}: expected KEY=VALUE")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
 def write_report(args: argparse.Namespace, name: str, body: dict) -> None:
     """Write a benchmark's JSON with the command that reproduces it and the commit."""
     report = {
         "benchmark": name,
         "command": f"python bench/{name}.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
+            f"--{k.replace('_', '-')} {x}" for k, v in vars(args).items()
+            for x in (v if isinstance(v, list) else [v])),
         "commit": git_commit(),  # '+dirty' when measured with local changes
     } | body
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,7 @@ for arg in "$@"; do
     *) echo "train-default.sh: unknown option $arg (use --stage1-only, --stage2-only, --install)" >&2; exit 2 ;;
   esac
 done
-resume() { if [ -f "$1/checkpoints/latest.json" ]; then echo --resume; fi; }
+resume() { if [ -f "$1/latest.json" ]; then echo --resume; fi; }
 # stage 1: the memory-delta SideNet with the short-term tier and the long-term bank
 longmem train configs/longmem-default.yaml $(resume runs/longmem-default)
 out=runs/longmem-default/sidenet
