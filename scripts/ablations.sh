@@ -2,6 +2,8 @@
 # Issue "make the memory matter", item 2: one-setting-at-a-time comparisons at a short, equal budget
 # (configs/ablation-base.yaml: 50 steps, 0.1M tokens, ~10-18 min each on a 2-core CPU here), then
 # results/ablations/summary.json + table.md (python scripts/ablation_table.py). Needs `longmem data books`.
+# (results/ablations/delta-temperature was run with a learned memory temperature, model.memory_temperature,
+# at commit 56037ff; it had no effect and was deleted.)
 # Run it again after an interruption: finished variants are skipped, a started one resumes.
 #   bash scripts/ablations.sh [NAME...]      (default: every variant, in this order)
 set -euo pipefail
@@ -11,13 +13,12 @@ declare -A SETS=(
   [identity-joint]="model.init=identity"
   [delta-gated]="model.fusion=gated"
   [delta-no-recall]="recall_prob=0"
-  [delta-temperature]="model.memory_temperature=true"
   [delta-memory-block]="trainable=memory_block"
   [delta-no-tier]="model.recent_tokens=0"
   [delta-lr1e-3]="lr=1.0e-3"
   [identity-gated]="model.init=identity model.fusion=gated"
 )
-ORDER=(delta-joint paper-gated identity-joint delta-gated delta-no-recall delta-temperature delta-memory-block
+ORDER=(delta-joint paper-gated identity-joint delta-gated delta-no-recall delta-memory-block
        delta-no-tier delta-lr1e-3 identity-gated)
 names=("$@")
 [ ${#names[@]} -gt 0 ] || names=("${ORDER[@]}")

@@ -240,15 +240,3 @@ def test_growing_cache_layer_equals_hf_dynamic_layer_through_growth():
     for got, want in seen:
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
-
-def test_incremental_logits_with_a_learned_temperature():
-    model = trained("llama", "delta", "joint", memory_temperature=True)
-    assert model.sidenet.memory_block.log_temp.abs().sum() > 0
-    memory = filled(model)
-    window = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(2))
-    start = int(memory.end_position[0])
-    full = model(window, memory=memory, positions=start + torch.arange(12)[None, :]).logits
-    cache = new_cache(model, 1, start, memory=memory)
-    pieces = [decode(model, cache, window[:, :4], memory)] + [decode(model, cache, window[:, i : i + 1], memory)
-                                                              for i in range(4, 12)]
-    torch.testing.assert_close(torch.cat(pieces, 1), full, atol=1e-4, rtol=1e-4)

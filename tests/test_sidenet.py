@@ -203,22 +203,3 @@ def test_delta_streams_in_one_batch_equal_two_separate_calls():
     assert delta.abs().max() > 1e-3  # the memory changes the later blocks' output
     torch.testing.assert_close(got, sn.norm(hidden[-1] + delta), atol=1e-5, rtol=1e-5)
 
-
-@pytest.mark.parametrize("fusion", ["gated", "joint"])
-def test_learned_temperature_starts_neutral_and_sharpens_memory_attention(fusion):
-    base = make_model("llama", init="paper", fusion=fusion)
-    temp = make_model("llama", init="paper", fusion=fusion, memory_temperature=True)
-    missing, unexpected = temp.sidenet.load_state_dict(base.sidenet.state_dict(), strict=False)
-    assert missing and all(k.endswith(".log_temp") for k in missing)
-    assert not unexpected
-    ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(4))
-    mem_a, mem_b = fill(base, 2), fill(temp, 2)
-    out_a, out_b = base(ids, memory=mem_a), temp(ids, memory=mem_b, labels=ids)
-    torch.testing.assert_close(out_b.logits, out_a.logits)  # exp(0) = 1: the layer's own scale
-    out_b.loss.backward()
-    assert temp.sidenet.memory_block.log_temp.grad.abs().sum() > 0
-    with torch.no_grad():
-        temp.sidenet.memory_block.log_temp.fill_(1.0)
-    sharp = temp(ids, memory=mem_b)
-    assert (sharp.logits - out_a.logits).abs().max() > 1e-4
-    assert sharp.stats.entropy < out_a.stats.entropy

@@ -50,8 +50,6 @@ class LongMemConfig:
     (no SideNet: the backbone's layers from the memory layer on, fine-tuned; the MemTRM baseline, r = 1)."""
     fusion: str = "gated"
     """How memory joins local attention: 'gated' (paper, two softmaxes) or 'joint'."""
-    memory_temperature: bool = False
-    """A learned per-head inverse temperature on memory scores (log scale, zero at the start)."""
     position_scheme: str = "auto"
     """Memory keys on rotary backbones: 'pre_rotary', 'fixed', 'true' ('auto': 'true')."""
     fixed_distance: int = 1024

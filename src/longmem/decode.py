@@ -240,8 +240,7 @@ def _memory_attend(block: MemoryBlock, x: torch.Tensor, rope, ctx: MemoryContext
     if found is None:
         return cached_attention(q_loc, k_all, v_all, scale), None
     mem_keys = block._place(found.keys, found.positions, ctx)  # [B,Hs,Tn,K,Dh]
-    mem, mem_lse, _ = memory_attention(block.memory_query(q), mem_keys.to(q.dtype), found.values.to(q.dtype),
-                                       found.mask, scale)
+    mem, mem_lse, _ = memory_attention(q, mem_keys.to(q.dtype), found.values.to(q.dtype), found.mask, scale)
     if block.fusion == "gated":
         local = cached_attention(q_loc, k_all, v_all, scale)
         return local, gated_fusion(local, mem, mem_lse, block.gate)

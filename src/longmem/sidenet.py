@@ -100,20 +100,11 @@ class SideBlock(nn.Module):
 class MemoryBlock(SideBlock):
     """The memory-augmented block: local causal attention fused with retrieved memory."""
 
-    def __init__(self, layer: nn.Module, family: Family, shape: AttnShape, fusion: str, layer_index: int,
-                 temperature: bool = False):
+    def __init__(self, layer: nn.Module, family: Family, shape: AttnShape, fusion: str, layer_index: int):
         super().__init__(layer, family, shape)
         self.fusion = fusion
         self.layer_index = layer_index  # the backbone layer this block copies
         self.gate = nn.Parameter(torch.zeros(shape.num_heads))  # g_h, sigmoid(0) = 0.5
-        # log inverse temperature of memory scores per head (exp(0) = 1: the layer's own scale)
-        self.log_temp = nn.Parameter(torch.zeros(shape.num_heads)) if temperature else None
-
-    def memory_query(self, q: torch.Tensor) -> torch.Tensor:
-        """q [B,H,T,Dh] scaled by the learned inverse temperature (unchanged without one)."""
-        if self.log_temp is None:
-            return q
-        return q * self.log_temp.exp().to(q.dtype).view(1, -1, 1, 1)
 
     def forward(self, x, rope, ctx: MemoryContext):  # type: ignore[override]
         """x [B,T,D] -> ([B,T,D], MemoryStats | None)."""
@@ -149,8 +140,7 @@ class MemoryBlock(SideBlock):
         if found is None:
             return local_attention(q_loc, k_loc, v, scale, past), None, None
         mem_keys = self._place(found.keys, found.positions, ctx)  # [B,Hs,T,K,Dh]
-        mem, mem_lse, probs = memory_attention(self.memory_query(q), mem_keys.to(q.dtype), found.values.to(q.dtype),
-                                               found.mask, scale)
+        mem, mem_lse, probs = memory_attention(q, mem_keys.to(q.dtype), found.values.to(q.dtype), found.mask, scale)
         if self.fusion == "gated":
             local = local_attention(q_loc, k_loc, v, scale, past)
             fused = gated_fusion(local, mem, mem_lse, self.gate)
@@ -206,8 +196,7 @@ class SideNet(nn.Module):
             layer = backbone.layers[r * (j + 1) - 1]
             shape = family.attn_shape(family.parts(layer)[1], backbone.model.config)
             if j == self.memory_index:
-                blocks.append(MemoryBlock(layer, family, shape, config.fusion, r * (j + 1) - 1,
-                                          config.memory_temperature))
+                blocks.append(MemoryBlock(layer, family, shape, config.fusion, r * (j + 1) - 1))
             else:
                 blocks.append(SideBlock(layer, family, shape))
         self.blocks = nn.ModuleList(blocks)

@@ -105,7 +105,7 @@ class Trainer:
             if not param.requires_grad:
                 continue
             scalar = param.ndim < 2  # gates and the copy head's scalars; its context gate [1,D] learns at lr
-            kind = "gate" if scalar and (name.endswith((".gate", ".log_temp")) or name.startswith("pointer.")) \
+            kind = "gate" if scalar and (name.endswith(".gate") or name.startswith("pointer.")) \
                 else "no_decay" if scalar else "decay"
             groups[kind].append(param)
         settings = {"gate": (cfg.gate_lr, 0.0), "decay": (cfg.lr, cfg.weight_decay), "no_decay": (cfg.lr, 0.0)}
