@@ -17,9 +17,14 @@ declare -A SETS=(
   [delta-no-tier]="model.recent_tokens=0"
   [delta-lr1e-3]="lr=1.0e-3"
   [identity-gated]="model.init=identity model.fusion=gated"
+  [delta-fixed]="model.position_scheme=fixed"
+  [delta-pre-rotary]="model.position_scheme=pre_rotary"
+  [delta-joint-seed1]="seed=1"
+  [delta-gated-seed1]="model.fusion=gated seed=1"
+  [delta-lr1e-3-seed1]="lr=1.0e-3 seed=1"
 )
 ORDER=(delta-joint paper-gated identity-joint delta-gated delta-no-recall delta-memory-block
-       delta-no-tier delta-lr1e-3 identity-gated)
+       delta-no-tier delta-lr1e-3 identity-gated delta-fixed delta-pre-rotary delta-joint-seed1 delta-gated-seed1 delta-lr1e-3-seed1)
 names=("$@")
 [ ${#names[@]} -gt 0 ] || names=("${ORDER[@]}")
 for name in "${names[@]}"; do
