@@ -1,0 +1,51 @@
+"""Control: another book's long-term bank under the document's own short-term tier.
+
+`longmem ppl --foreign-memory` freezes the whole foreign memory (bank *and* tier: the model then
+reads every segment after 1,024 tokens of the other book). This keeps the foreign bank frozen but
+lets the short-term tier hold the document's own previous segment, as in normal reading, so the
+comparison with 'short-term-only' (own tier, empty bank) isolates what a foreign bank adds.
+    python scripts/foreign_bank_control.py [--foreign FILE] [--max-tokens 24576]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from longmem import LongMemModel
+from longmem.evals.results import git_commit
+from longmem.files import read_text
+from longmem.reader import perplexity, read, tokenize
+
+BOOKS = ["data/books/test/austen-persuasion.txt", "data/books/test/austen-emma.txt"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--foreign", default="data/books/train/austen-mansfieldpark.txt")
+    parser.add_argument("--max-tokens", type=int, default=24576)
+    parser.add_argument("--out", type=Path, default=Path("results/longmem-facts/foreign-bank.json"))
+    args = parser.parse_args()
+    model = LongMemModel.from_pretrained("default")
+    foreign = tokenize(model, read_text(args.foreign))[: model.config.memory_size]
+    rows = []
+    for book in BOOKS:
+        ids = tokenize(model, read_text(book))[: args.max_tokens]
+        start = time.perf_counter()
+        memory = read(model, foreign, model.new_memory(1))  # bank + tier of the other book
+        # the tier then takes the document's own segments; the foreign bank is never written to
+        own_tier = perplexity(model, ids, mode="short-term-only", memory=memory)
+        tier_only = perplexity(model, ids, mode="short-term-only")
+        rows.append({"file": book, "foreign_bank_own_tier": own_tier.perplexity, "tier_only": tier_only.perplexity,
+                     "change": own_tier.perplexity / tier_only.perplexity - 1, "tokens": own_tier.tokens,
+                     "seconds": time.perf_counter() - start})
+        print(json.dumps(rows[-1]), flush=True)
+    report = {"command": "python scripts/foreign_bank_control.py", "commit": git_commit(), "foreign": args.foreign,
+              "memory_size": model.config.memory_size, "results": rows}
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
