@@ -26,9 +26,11 @@ from pathlib import Path
 
 import torch
 
+from longmem.errors import LongMemError
 from longmem.evals.results import git_commit
 from longmem.model import LongMemModel
 from longmem.reader import tokenize
+from longmem.train_config import parse_set
 
 git_commit()  # read when a bench starts: its report names the code it ran (memoised)
 
@@ -133,7 +135,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     threads = torch.get_num_threads()
-    overrides = parse_sets(args.set)
+    try:  # the trainer's --set syntax (values read as JSON, else strings)
+        overrides = {".".join(keys): value for keys, value in map(parse_set, args.set)}
+    except LongMemError as exc:
+        parser.error(str(exc))
     if overrides and args.sidenet != "fresh":
         parser.error("--set changes the architecture: it needs --sidenet fresh")
     model = LongMemModel.from_pretrained(args.sidenet, dtype="bfloat16", memory_size=args.memory_size,
@@ -154,19 +159,6 @@ def main() -> None:
         "config": model.config.to_dict(),
         "results": results,
     })
-
-
-def parse_sets(items: list[str]) -> dict:
-    """["init=paper", "recent_tokens=0"] -> {"init": "paper", "recent_tokens": 0} (values read as YAML)."""
-    import yaml
-
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"--set {item!r}: expected KEY=VALUE")
-        out[key] = yaml.safe_load(value)
-    return out
 
 
 def write_report(args: argparse.Namespace, name: str, body: dict) -> None:

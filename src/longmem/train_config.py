@@ -115,11 +115,16 @@ def load_train_config(path: str | Path | None, sets: list[str] | None = None) ->
     if path is not None:
         data = _read_mapping(Path(path))
     for item in sets or []:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise LongMemError(f"--set expects key=value, got {item!r}")
-        _assign(data, key.strip().split("."), _parse_value(raw))
+        _assign(data, *parse_set(item))
     return from_dict(TrainConfig, data)
+
+
+def parse_set(item: str) -> tuple[list[str], Any]:
+    """One ``--set`` override: 'model.memory_size=4096' -> (['model', 'memory_size'], 4096)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise LongMemError(f"--set expects key=value, got {item!r}")
+    return key.strip().split("."), _parse_value(raw)
 
 
 def _read_mapping(path: Path) -> dict[str, Any]:
