@@ -120,6 +120,24 @@ def measure(model: LongMemModel, ids: torch.Tensor, repeats: int, t: int) -> dic
     }
 
 
+def add_set_argument(parser: argparse.ArgumentParser) -> None:
+    """--set KEY=VALUE (repeatable): an architecture setting of a fresh SideNet."""
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="with --sidenet fresh: an architecture setting, e.g. --set init=paper "
+                             "--set recent_tokens=0 (the paper's design: no short-term tier, no copy head)")
+
+
+def architecture_overrides(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
+    """The --set settings as from_pretrained overrides (a usage error, exit 2, if malformed or not fresh)."""
+    try:  # the trainer's --set syntax (values read as JSON, else strings)
+        overrides = {".".join(keys): value for keys, value in map(parse_set, args.set)}
+    except LongMemError as exc:
+        parser.error(str(exc))
+    if overrides and args.sidenet != "fresh":
+        parser.error("--set changes the architecture: it needs --sidenet fresh")
+    return overrides
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--text", type=Path, default=DEFAULT_TEXT)
@@ -128,19 +146,12 @@ def main() -> None:
     parser.add_argument("--segment", type=int, default=1024)
     parser.add_argument("--variants", default="torch/query,torch/kv,faiss/query")
     parser.add_argument("--sidenet", default="default", help="SideNet directory, 'default' (shipped) or 'fresh'")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="with --sidenet fresh: an architecture setting, e.g. --set init=paper "
-                             "--set recent_tokens=0 (the paper's design: no short-term tier, no copy head)")
+    add_set_argument(parser)
     parser.add_argument("--out", type=Path, default=Path("bench/results/core.json"))
     args = parser.parse_args()
     torch.manual_seed(0)
     threads = torch.get_num_threads()
-    try:  # the trainer's --set syntax (values read as JSON, else strings)
-        overrides = {".".join(keys): value for keys, value in map(parse_set, args.set)}
-    except LongMemError as exc:
-        parser.error(str(exc))
-    if overrides and args.sidenet != "fresh":
-        parser.error("--set changes the architecture: it needs --sidenet fresh")
+    overrides = architecture_overrides(parser, args)
     model = LongMemModel.from_pretrained(args.sidenet, dtype="bfloat16", memory_size=args.memory_size,
                                          segment_length=args.segment, **overrides)
     ids = tokenize(model, args.text.read_text(encoding="utf-8"))

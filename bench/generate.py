@@ -12,6 +12,8 @@ largely cancels):
     that tokens move into the memory during generation
 
 Run:  python bench/generate.py [--sidenet default] [--read-tokens 16384] [--fill text|random] [--new-tokens 128] [--repeats 3]
+      python bench/generate.py --sidenet fresh --set init=paper --set fusion=gated --set recent_tokens=0
+          (the paper's design: no short-term tier, no copy head)
 (``--fill random``: the 65,536 memory entries are random keys/values — the same search and
 attention cost — then two segments of text, to save reading a whole book first.)
 """
@@ -29,7 +31,7 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
-from core import write_report
+from core import add_set_argument, architecture_overrides, write_report
 from longmem.generate import GenerationConfig
 from longmem.memory.named import NamedMemory
 from longmem.model import LongMemModel
@@ -150,13 +152,15 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    add_set_argument(parser)
     parser.add_argument("--out", type=Path, default=Path("bench/results/generate.json"))
     args = parser.parse_args()
+    overrides = architecture_overrides(parser, args)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     threads = torch.get_num_threads()
-    model = LongMemModel.from_pretrained(args.sidenet, dtype="bfloat16", memory_size=args.memory_size)
+    model = LongMemModel.from_pretrained(args.sidenet, dtype="bfloat16", memory_size=args.memory_size, **overrides)
     t = model.config.segment_length
     ids = tokenize(model, args.text.read_text(encoding="utf-8"))
     prompt_ids = tokenize(model, args.prompt_text.read_text(encoding="utf-8"))

@@ -52,8 +52,8 @@ def variants(args: argparse.Namespace) -> dict[str, IndexConfig]:
     """Backend name -> index config, from --backends, --nprobe and --ef-search."""
     out = {}
     for kind in args.backends.split(","):
-        if kind == "ivf":
-            out |= {f"ivf/nprobe={p}": IndexConfig(kind="ivf", nprobe=int(p), nlist=args.nlist)
+        if kind in ("ivf", "torch-ivf"):
+            out |= {f"{kind}/nprobe={p}": IndexConfig(kind=kind, nprobe=int(p), nlist=args.nlist)
                     for p in args.nprobe.split(",")}
         elif kind == "hnsw":
             out |= {f"hnsw/ef={e}": IndexConfig(kind="hnsw", ef_search=int(e)) for e in args.ef_search.split(",")}
@@ -102,7 +102,8 @@ def steady_update(bank: MemoryBank, chunk_keys: torch.Tensor, adds: int, segment
             write(bank, chunk_keys[:, i * adds : (i + 1) * adds], end + i * adds)
         times.append(timer.total)
     per_segment = statistics.median(times)
-    rebuild = {"hnsw": ("rebuild", config.rebuild_dead), "ivf": ("train", config.retrain_growth)}.get(config.kind)
+    rebuild = {"hnsw": ("rebuild", config.rebuild_dead), "ivf": ("train", config.retrain_growth),
+               "torch-ivf": ("train", config.retrain_growth)}.get(config.kind)
     if rebuild and rebuild[1]:
         start = time.perf_counter()
         getattr(index, rebuild[0])(0)

@@ -151,3 +151,13 @@ def test_data_folder_with_a_bad_file_fails_cleanly(tmp_path, capsys, backbone_di
     code, out, err = run(capsys, "data", "folder", "--src", src, "--out", tmp_path / "corpus", "--backbone", backbone_dir)
     assert code == 2 and "UTF-8" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "corpus").exists()
+
+
+def test_approximate_search_flags_reach_the_model(tmp_path, capsys, backbone_dir):
+    book = tmp_path / "book.txt"
+    book.write_text(TEXT * 4)
+    code, out, _ = run(capsys, "ppl", book, *base(backbone_dir), "--retrieval", "torch-ivf", "--nprobe", 3, "--json")
+    assert code == 0
+    assert json.loads(out)["results"][0]["memory_tokens"] > 0
+    code, _, err = run(capsys, "ppl", book, *base(backbone_dir), "--retrieval", "torch-ivf", "--nprobe", 0)
+    assert code != 0 and "nprobe" in err and "Traceback" not in err

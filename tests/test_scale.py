@@ -61,8 +61,9 @@ def queries(seed, t=32, heads=4):
 
 
 # ------------------------------------------------------------------ approximate search
-def test_ivf_with_every_list_probed_equals_exact_through_training_eviction_and_reset():
-    ivf = IndexConfig(kind="ivf", nlist=8, nprobe=8, train_chunks=64, retrain_growth=1.0, ivf_codes="float32")
+@pytest.mark.parametrize("kind", ["ivf", "torch-ivf"])
+def test_ivf_with_every_list_probed_equals_exact_through_training_eviction_and_reset(kind):
+    ivf = IndexConfig(kind=kind, nlist=8, nprobe=8, train_chunks=64, retrain_growth=1.0, ivf_codes="float32")
     exact, approx = bank(1024), bank(1024, ivf)
     fill([exact, approx], 128, seed=0)  # 32 chunks: not trained yet, exact search
     assert not approx.index.is_trained(0)
@@ -81,6 +82,18 @@ def test_ivf_with_every_list_probed_equals_exact_through_training_eviction_and_r
     assert torch.equal(a.chunk_slots.sort(-1).values, b.chunk_slots.sort(-1).values) and torch.equal(a.mask, b.mask)
 
 
+def test_torch_ivf_on_a_bf16_bank_with_every_list_probed_finds_the_exact_chunks():
+    # bf16 products rank groups with near-ties; the margin of groups and the fp32 rescoring recover them
+    config = IndexConfig(kind="torch-ivf", nlist=8, nprobe=8, train_chunks=64)
+    exact, approx = bank(2048, "torch", "bfloat16"), bank(2048, config, "bfloat16")
+    fill([exact, approx], 4000, seed=21)
+    q = queries(22, t=64)
+    a, b = exact.retrieve(q, 4), approx.retrieve(q, 4)
+    assert approx.index.is_trained(0) and recall(b, a) >= 0.98
+    live = set(exact.row_chunks(0)[2].flatten().tolist())
+    assert set(b.positions[b.mask].tolist()) <= live
+
+
 def test_ivf_float16_codes_are_lossless_for_bf16_keys():
     config = dict(kind="ivf", nlist=8, nprobe=8, train_chunks=64)
     half, full = bank(1024, IndexConfig(**config), "bfloat16"), bank(1024, IndexConfig(**config, ivf_codes="float32"),
@@ -92,6 +105,7 @@ def test_ivf_float16_codes_are_lossless_for_bf16_keys():
 
 
 @pytest.mark.parametrize("index", [IndexConfig(kind="ivf", nlist=16, nprobe=8, train_chunks=128),
+                                   IndexConfig(kind="torch-ivf", nlist=16, nprobe=8, train_chunks=128),
                                    IndexConfig(kind="hnsw", ef_search=64, rebuild_dead=0.25)])
 def test_approximate_recall_is_high_and_never_returns_evicted_chunks(index):
     exact, approx = bank(2048), bank(2048, index=index)
@@ -105,8 +119,9 @@ def test_approximate_recall_is_high_and_never_returns_evicted_chunks(index):
         assert approx.index.base[0] > 0  # evicted chunks were rebuilt away
 
 
-def test_approximate_indexes_save_and_load_their_config(tmp_path):
-    index = IndexConfig(kind="ivf", nlist=8, nprobe=8, train_chunks=32)
+@pytest.mark.parametrize("kind", ["ivf", "torch-ivf"])
+def test_approximate_indexes_save_and_load_their_config(tmp_path, kind):
+    index = IndexConfig(kind=kind, nlist=8, nprobe=8, train_chunks=32)
     mem = bank(512, index)
     fill([mem], 300, seed=6)
     save_memory(mem, tmp_path / "m")
@@ -117,12 +132,13 @@ def test_approximate_indexes_save_and_load_their_config(tmp_path):
     assert load_memory(tmp_path / "m", index="torch").index_name == "torch"
 
 
-def test_model_reads_with_an_approximate_memory():
+@pytest.mark.parametrize("kind", ["hnsw", "torch-ivf"])
+def test_model_reads_with_an_approximate_memory(kind):
     from conftest import make_model
 
-    model = make_model(retrieval="hnsw", init="paper")
+    model = make_model(retrieval=kind, init="paper")
     memory = model.new_memory(1)
-    assert memory.index_name == "hnsw"
+    assert memory.index_name == kind
     ids = torch.randint(0, 256, (1, 16))
     for _ in range(3):
         model.write_memory(memory, model(ids, memory=memory))

@@ -115,7 +115,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backbone", help=f"backbone name, HF id, directory or .gguf (default {DEFAULT_BACKBONE})")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="compute dtype")
     p.add_argument("--retrieval", choices=list(RETRIEVAL_BACKENDS),
-                   help="chunk search: torch/faiss exact, ivf/hnsw approximate")
+                   help="chunk search: torch/faiss exact; torch-ivf, ivf, hnsw approximate")
+    p.add_argument("--nprobe", type=int,
+                   help="torch-ivf/ivf: lists probed per query (default 32; 48 for recall >= 0.95 at 1M tokens)")
     p.add_argument("--memory-dtype", choices=["bfloat16", "float16", "float32", "int8"],
                    help="storage of cached keys/values (default bfloat16; int8: per-token scales)")
 
@@ -127,6 +129,8 @@ def load_model(args: argparse.Namespace, **overrides):
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if args.retrieval:
         overrides["retrieval"] = args.retrieval
+    if getattr(args, "nprobe", None) is not None:
+        overrides["retrieval_nprobe"] = args.nprobe
     if getattr(args, "memory_dtype", None):
         overrides["memory_dtype"] = args.memory_dtype
     return LongMemModel.from_pretrained(args.sidenet, backbone=args.backbone, dtype=args.dtype, **overrides)

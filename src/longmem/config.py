@@ -18,7 +18,7 @@ FORMAT_VERSION = 1
 INITS = ("identity", "paper", "delta", "upper")
 FUSIONS = ("gated", "joint")
 POSITION_SCHEMES = ("auto", "pre_rotary", "fixed", "true")
-RETRIEVAL_BACKENDS = ("torch", "faiss", "ivf", "hnsw")
+RETRIEVAL_BACKENDS = ("torch", "faiss", "ivf", "hnsw", "torch-ivf")
 RETRIEVAL_HEADS = ("query", "kv")
 SEARCH_POSITIONS = ("none", "absolute")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -78,11 +78,12 @@ class LongMemConfig:
     sink_tokens: int = 1
     """First tokens of every segment kept out of memory (attention sinks)."""
     retrieval: str = "torch"
-    """Chunk search: 'torch' (exact), 'faiss' (exact IndexFlatIP), 'ivf' or 'hnsw' (approximate, faiss)."""
+    """Chunk search: 'torch' (exact), 'faiss' (exact IndexFlatIP), 'ivf' or 'hnsw' (approximate, faiss),
+    'torch-ivf' (approximate: k-means lists searched with torch matrix products)."""
     retrieval_nlist: int = 0
-    """For 'ivf': inverted lists (0: a power of two near sqrt(memory_size / chunk_size))."""
+    """For 'ivf', 'torch-ivf': inverted lists (0: a power of two near sqrt(memory_size / chunk_size))."""
     retrieval_nprobe: int = 32
-    """For 'ivf': lists visited per query (more: higher recall, slower)."""
+    """For 'ivf', 'torch-ivf': lists visited per query (more: higher recall, slower)."""
     retrieval_ef_search: int = 128
     """For 'hnsw': candidates kept per query (more: higher recall, slower)."""
     retrieval_heads: str = "kv"

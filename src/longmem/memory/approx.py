@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ..errors import LongMemError
-from .index import IndexConfig, TorchIndex, _pad, one_thread
+from .index import IndexConfig, TorchIndex, _pad, one_thread, retrain_due
 
 MAX_TRAIN_PER_LIST = 64  # IVF: training sample per list (faiss warns below 39)
 
@@ -106,15 +106,13 @@ class IvfIndex(_Sequenced):
 
     def add(self, row: int, slots: torch.Tensor, keys: torch.Tensor) -> None:
         super().add(row, slots, keys)
-        live = self.end[row] - self.first[row]
-        if self.ivf[row] is None:
-            if live >= self.train_at:
-                self.train(row)
-            return
-        self.added_since[row] += len(slots)
-        growth = self.config.retrain_growth
-        if growth and self.added_since[row] >= growth * self.trained_on[row]:
+        trained = self.ivf[row] is not None
+        self.added_since[row] += len(slots) if trained else 0
+        if retrain_due(self.config, trained, self.end[row] - self.first[row], self.train_at,
+                       self.added_since[row], self.trained_on[row]):
             self.train(row)
+            return
+        if not trained:
             return
         ids = np.arange(self.end[row] - len(slots), self.end[row], dtype=np.int64)
         with one_thread(self._faiss):

@@ -4,8 +4,8 @@ Every index holds the chunk keys of a ring buffer with one slot per chunk. A sea
 returns, for every query, the ring slots of its best ``n`` chunks by inner product, and
 which of those are valid (a row holding fewer than ``n`` chunks pads with invalid slots).
 Grouped-query heads search their KV head's chunks: query head h uses KV head h // G.
-The approximate indexes (faiss IVF and HNSW) are in ``approx.py``; ``IndexConfig``
-chooses one per memory bank.
+The approximate indexes (faiss IVF and HNSW) are in ``approx.py``, torch's IVF in
+``torch_ivf.py``; ``IndexConfig`` chooses one per memory bank.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 from ..errors import LongMemError
 
 NEG_INF = float("-inf")
-KINDS = ("torch", "faiss", "ivf", "hnsw")
+KINDS = ("torch", "faiss", "ivf", "hnsw", "torch-ivf")
 IVF_CODES = ("float16", "float32")
 
 
@@ -29,7 +29,8 @@ class IndexConfig:
     """Which chunk search a memory bank uses, and the knobs of the approximate ones."""
 
     kind: str = "torch"
-    """'torch' (exact, the oracle), 'faiss' (exact IndexFlatIP), 'ivf' (faiss IVF) or 'hnsw' (faiss HNSW)."""
+    """'torch' (exact, the oracle), 'faiss' (exact IndexFlatIP), 'ivf' (faiss IVF), 'hnsw' (faiss HNSW) or
+    'torch-ivf' (k-means lists searched with torch matrix products; nlist, nprobe, train_chunks, retrain_growth)."""
     nlist: int = 0
     """IVF: inverted lists (0: a power of two near sqrt(capacity in chunks), at least 16)."""
     nprobe: int = 32
@@ -77,9 +78,22 @@ class IndexConfig:
         return asdict(self)
 
 
+def retrain_due(config: IndexConfig, trained: bool, live: int, train_at: int, added_since: int,
+                trained_on: int) -> bool:
+    """An IVF row's schedule: train once it holds ``train_at`` chunks, then again once
+    ``retrain_growth`` times the chunks of the last training were added since."""
+    if not trained:
+        return live >= train_at
+    return bool(config.retrain_growth) and added_since >= config.retrain_growth * trained_on
+
+
 def build_index(config: IndexConfig, batch: int, num_kv_heads: int, capacity: int, head_dim: int,
                 dtype: torch.dtype):
     """The index ``config`` names for a bank of [batch, num_kv_heads] rings of ``capacity`` chunks."""
+    if config.kind == "torch-ivf":
+        from .torch_ivf import TorchIvfIndex
+
+        return TorchIvfIndex(batch, num_kv_heads, capacity, head_dim, dtype, config)
     if config.kind in ("ivf", "hnsw"):
         from .approx import HnswIndex, IvfIndex
 
