@@ -5,6 +5,9 @@ reads every segment after 1,024 tokens of the other book). This keeps the foreig
 lets the short-term tier hold the document's own previous segment, as in normal reading, so the
 comparison with 'short-term-only' (own tier, empty bank) isolates what a foreign bank adds.
     python scripts/foreign_bank_control.py [--foreign FILE] [--max-tokens 24576]
+    python scripts/foreign_bank_control.py --drop-foreign-log --out results/longmem-facts/foreign-bank-no-log.json
+(``--drop-foreign-log``: the copy head's token log of the other book is emptied, so only the
+memory block reads the foreign bank — which of the two carries a foreign bank's effect.)
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--foreign", default="data/books/train/austen-mansfieldpark.txt")
     parser.add_argument("--max-tokens", type=int, default=24576)
+    parser.add_argument("--drop-foreign-log", action="store_true", help="empty the copy head's log of the other book")
     parser.add_argument("--out", type=Path, default=Path("results/longmem-facts/foreign-bank.json"))
     args = parser.parse_args()
     model = LongMemModel.from_pretrained("default")
@@ -35,6 +39,8 @@ def main() -> None:
         ids = tokenize(model, read_text(book))[: args.max_tokens]
         start = time.perf_counter()
         memory = read(model, foreign, model.new_memory(1))  # bank + tier of the other book
+        if args.drop_foreign_log and memory.token_log is not None:
+            memory.token_log.reset()  # the copy head sees no foreign tokens (as with the tier alone)
         # the tier then takes the document's own segments; the foreign bank is never written to
         own_tier = perplexity(model, ids, mode="short-term-only", memory=memory)
         tier_only = perplexity(model, ids, mode="short-term-only")
@@ -42,8 +48,10 @@ def main() -> None:
                      "change": own_tier.perplexity / tier_only.perplexity - 1, "tokens": own_tier.tokens,
                      "seconds": time.perf_counter() - start})
         print(json.dumps(rows[-1]), flush=True)
-    report = {"command": "python scripts/foreign_bank_control.py", "commit": git_commit(), "foreign": args.foreign,
-              "memory_size": model.config.memory_size, "results": rows}
+    command = "python scripts/foreign_bank_control.py" + (f" --drop-foreign-log --out {args.out}"
+                                                          if args.drop_foreign_log else "")
+    report = {"command": command, "commit": git_commit(), "foreign": args.foreign,
+              "drop_foreign_log": args.drop_foreign_log, "memory_size": model.config.memory_size, "results": rows}
     args.out.write_text(json.dumps(report, indent=2) + "\n")
 
 
