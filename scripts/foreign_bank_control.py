@@ -5,9 +5,12 @@ reads every segment after 1,024 tokens of the other book). This keeps the foreig
 lets the short-term tier hold the document's own previous segment, as in normal reading, so the
 comparison with 'short-term-only' (own tier, empty bank) isolates what a foreign bank adds.
     python scripts/foreign_bank_control.py [--foreign FILE] [--max-tokens 24576]
-    python scripts/foreign_bank_control.py --drop-foreign-log --out results/longmem-facts/foreign-bank-no-log.json
+    python scripts/foreign_bank_control.py --drop-foreign-log --own-bank \
+        --out results/longmem-facts/foreign-bank-no-log.json
 (``--drop-foreign-log``: the copy head's token log of the other book is emptied, so only the
-memory block reads the foreign bank — which of the two carries a foreign bank's effect.)
+memory block reads the foreign bank — which of the two carries a foreign bank's effect.
+``--own-bank``: also the document's own bank as in normal reading, without its token log when
+the foreign one is dropped: what the memory block takes from the book itself.)
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ def main() -> None:
     parser.add_argument("--foreign", default="data/books/train/austen-mansfieldpark.txt")
     parser.add_argument("--max-tokens", type=int, default=24576)
     parser.add_argument("--drop-foreign-log", action="store_true", help="empty the copy head's log of the other book")
+    parser.add_argument("--own-bank", action="store_true", help="also the document's own bank (normal reading)")
     parser.add_argument("--out", type=Path, default=Path("results/longmem-facts/foreign-bank.json"))
     args = parser.parse_args()
     model = LongMemModel.from_pretrained("default")
@@ -45,13 +49,20 @@ def main() -> None:
         own_tier = perplexity(model, ids, mode="short-term-only", memory=memory)
         tier_only = perplexity(model, ids, mode="short-term-only")
         rows.append({"file": book, "foreign_bank_own_tier": own_tier.perplexity, "tier_only": tier_only.perplexity,
-                     "change": own_tier.perplexity / tier_only.perplexity - 1, "tokens": own_tier.tokens,
-                     "seconds": time.perf_counter() - start})
+                     "change": own_tier.perplexity / tier_only.perplexity - 1, "tokens": own_tier.tokens})
+        if args.own_bank:
+            mine = model.new_memory(1)
+            if args.drop_foreign_log:
+                mine.token_log = None  # the copy head reads no log, as under the foreign bank above
+            own = perplexity(model, ids, mode="memory", memory=mine)
+            rows[-1] |= {"own_bank": own.perplexity, "own_change": own.perplexity / tier_only.perplexity - 1}
+        rows[-1]["seconds"] = time.perf_counter() - start
         print(json.dumps(rows[-1]), flush=True)
-    command = "python scripts/foreign_bank_control.py" + (f" --drop-foreign-log --out {args.out}"
-                                                          if args.drop_foreign_log else "")
+    flags = [f for f, on in (("--drop-foreign-log", args.drop_foreign_log), ("--own-bank", args.own_bank)) if on]
+    command = " ".join(["python scripts/foreign_bank_control.py", *flags] + (["--out", str(args.out)] if flags else []))
     report = {"command": command, "commit": git_commit(), "foreign": args.foreign,
-              "drop_foreign_log": args.drop_foreign_log, "memory_size": model.config.memory_size, "results": rows}
+              "drop_foreign_log": args.drop_foreign_log, "own_bank": args.own_bank,
+              "memory_size": model.config.memory_size, "results": rows}
     args.out.write_text(json.dumps(report, indent=2) + "\n")
 
 
