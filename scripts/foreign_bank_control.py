@@ -5,8 +5,8 @@ reads every segment after 1,024 tokens of the other book). This keeps the foreig
 lets the short-term tier hold the document's own previous segment, as in normal reading, so the
 comparison with 'short-term-only' (own tier, empty bank) isolates what a foreign bank adds.
     python scripts/foreign_bank_control.py [--foreign FILE] [--max-tokens 24576]
-    python scripts/foreign_bank_control.py --drop-foreign-log --own-bank \
-        --out results/longmem-facts/foreign-bank-no-log.json
+    python scripts/foreign_bank_control.py --drop-foreign-log --own-bank
+        --out results/longmem-facts/foreign-bank-no-log.json   (one command)
 (``--drop-foreign-log``: the copy head's token log of the other book is emptied, so only the
 memory block reads the foreign bank — which of the two carries a foreign bank's effect.
 ``--own-bank``: also the document's own bank as in normal reading, without its token log when

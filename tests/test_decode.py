@@ -239,4 +239,3 @@ def test_growing_cache_layer_equals_hf_dynamic_layer_through_growth():
         assert grow.get_seq_length() == ref.get_seq_length()
     for got, want in seen:
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
-

@@ -202,4 +202,3 @@ def test_delta_streams_in_one_batch_equal_two_separate_calls():
         got, _ = batched(hidden, rope, ctx)
     assert delta.abs().max() > 1e-3  # the memory changes the later blocks' output
     torch.testing.assert_close(got, sn.norm(hidden[-1] + delta), atol=1e-5, rtol=1e-5)
-

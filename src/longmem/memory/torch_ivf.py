@@ -27,6 +27,7 @@ import torch
 from .index import NEG_INF, IndexConfig, TorchIndex, _pad, retrain_due
 
 KMEANS_ITERATIONS = 12
+KMEANS_SEED = 0
 MAX_TRAIN_PER_LIST = 64
 GROUP = 8  # chunks per group of the two-level search
 PROBE_RADIUS = 1.5  # probe by q.c + 1.5 |q| (RMS radius of the list): recall 0.924 vs 0.869 by q.c (1M, nprobe 32)
@@ -49,7 +50,6 @@ class TorchIvfIndex(TorchIndex):
         self.added = [0] * batch  # chunks added since the last reset (ring slots fill from 0)
         self.trained_on = [0] * batch
         self.added_since = [0] * batch
-        self.seed = 0
 
     # ------------------------------------------------------------------ updates
     def add(self, row: int, slots: torch.Tensor, keys: torch.Tensor) -> None:
@@ -85,7 +85,7 @@ class TorchIvfIndex(TorchIndex):
         filled = min(self.capacity, self.added[row])
         keys = self.chunk_keys[row][:, :filled].float()  # [Hkv,n,Dh]
         n = keys.shape[1]
-        g = torch.Generator().manual_seed(self.seed)
+        g = torch.Generator().manual_seed(KMEANS_SEED)
         sample = torch.randperm(n, generator=g)[: MAX_TRAIN_PER_LIST * self.nlist]
         self.centroids[row] = torch.stack([kmeans(k[sample], self.nlist, g) for k in keys])  # [Hkv,L,Dh]
         self._assign(row, slice(None))
@@ -95,7 +95,7 @@ class TorchIvfIndex(TorchIndex):
         """Nearest list and squared distance to its centroid of the chunks at ``slots``."""
         keys = self.chunk_keys[row][:, slots].float()  # [Hkv,n,Dh]
         cents = self.centroids[row]
-        label = nearest(keys, cents).long()  # [Hkv,n]
+        label = nearest(keys, cents)  # [Hkv,n]
         self.assign[row][:, slots] = label.int()
         self.spread[row][:, slots] = (keys - cents.gather(1, label[..., None].expand_as(keys))).square().sum(-1)
 
@@ -134,7 +134,7 @@ class TorchIvfIndex(TorchIndex):
         nlist, nq, d = cents.shape[0], q.shape[0], q.shape[1]
         probes = min(self.config.nprobe, nlist)
         keys, slot_of, bias, goff, radius = self._layout(row, g, live, nlist)  # [S,Dh], [S], [S], [L+1], [L]
-        bound = torch.mm(q.float(), cents.t()) + PROBE_RADIUS * q.float().norm(dim=-1, keepdim=True) * radius
+        bound = torch.mm(q, cents.t()) + PROBE_RADIUS * q.norm(dim=-1, keepdim=True) * radius  # q is fp32
         probe = bound.topk(probes, dim=-1).indices  # [N,P]
         # the (query, probe) pairs sorted by list
         pair_list = probe.flatten()  # [N*P]
@@ -153,13 +153,12 @@ class TorchIvfIndex(TorchIndex):
             ka, kz = ga * GROUP, gz * GROUP
             s = torch.mm(pair_q[a:z], keys[ka:kz].t()).add_(bias[ka:kz])  # [pairs,chunks], pads -inf
             gmax[a:z, : gz - ga] = s.view(z - a, GROUP, gz - ga).amax(1)  # group i: chunks i, i+g, i+2g, ...
-        pick = widest
         by_query = torch.empty_like(gmax)
         by_query.index_copy_(0, order, gmax)  # [N*P,Gmax] pair (n, p) at row n*P+p
         margin = MARGIN if keys.dtype != torch.float32 else 0  # bf16 group maxima: near-ties
-        top, j = by_query.view(nq, probes * pick).topk(min(k + margin, probes * pick), dim=-1, sorted=False)
-        lst = probe.gather(1, j // pick)  # [N,k'] list of each picked group
-        gi = j % pick  # [N,k'] its index in the list
+        top, j = by_query.view(nq, probes * widest).topk(min(k + margin, probes * widest), dim=-1, sorted=False)
+        lst = probe.gather(1, j // widest)  # [N,k'] list of each picked group
+        gi = j % widest  # [N,k'] its index in the list
         pos = (goff[lst] * GROUP + gi)[..., None] + torch.arange(GROUP) * groups[lst][..., None]  # [N,k',GROUP]
         pos = torch.where(top[..., None] > NEG_INF, pos, 0)  # an empty pick points anywhere: masked below
         score = torch.einsum("nd,npgd->npg", q, keys[pos].float()).flatten(1)  # [N,k'*GROUP] fp32
@@ -204,9 +203,9 @@ class TorchIvfIndex(TorchIndex):
 
 
 def nearest(points: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
-    """points [H,n,Dh], centroids [H,L,Dh] (fp32) -> nearest centroid by L2 [H,n] int32."""
+    """points [H,n,Dh], centroids [H,L,Dh] (fp32) -> nearest centroid by L2 [H,n] (long)."""
     score = torch.bmm(points, centroids.transpose(1, 2)) - 0.5 * (centroids * centroids).sum(-1)[:, None, :]
-    return score.argmax(-1).int()
+    return score.argmax(-1)
 
 
 def kmeans(points: torch.Tensor, k: int, g: torch.Generator, iterations: int = KMEANS_ITERATIONS) -> torch.Tensor:
@@ -214,7 +213,7 @@ def kmeans(points: torch.Tensor, k: int, g: torch.Generator, iterations: int = K
     n = points.shape[0]
     cents = points[torch.randperm(n, generator=g)[:k]].clone()
     for _ in range(iterations):
-        label = nearest(points[None], cents[None])[0].long()  # [n]
+        label = nearest(points[None], cents[None])[0]  # [n]
         sums = torch.zeros_like(cents).index_add_(0, label, points)
         sizes = torch.bincount(label, minlength=k)
         empty = sizes == 0
