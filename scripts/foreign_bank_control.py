@@ -34,9 +34,10 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=24576)
     parser.add_argument("--drop-foreign-log", action="store_true", help="empty the copy head's log of the other book")
     parser.add_argument("--own-bank", action="store_true", help="also the document's own bank (normal reading)")
+    parser.add_argument("--sidenet", default="default", help="SideNet directory (default: the packaged one)")
     parser.add_argument("--out", type=Path, default=Path("results/longmem-facts/foreign-bank.json"))
     args = parser.parse_args()
-    model = LongMemModel.from_pretrained("default")
+    model = LongMemModel.from_pretrained(args.sidenet)
     foreign = tokenize(model, read_text(args.foreign))[: model.config.memory_size]
     rows = []
     for book in BOOKS:
@@ -59,8 +60,9 @@ def main() -> None:
         rows[-1]["seconds"] = time.perf_counter() - start
         print(json.dumps(rows[-1]), flush=True)
     flags = [f for f, on in (("--drop-foreign-log", args.drop_foreign_log), ("--own-bank", args.own_bank)) if on]
+    flags += ["--sidenet", args.sidenet] if args.sidenet != "default" else []
     command = " ".join(["python scripts/foreign_bank_control.py", *flags] + (["--out", str(args.out)] if flags else []))
-    report = {"command": command, "commit": git_commit(), "foreign": args.foreign,
+    report = {"command": command, "commit": git_commit(), "sidenet": args.sidenet, "foreign": args.foreign,
               "drop_foreign_log": args.drop_foreign_log, "own_bank": args.own_bank,
               "memory_size": model.config.memory_size, "results": rows}
     args.out.write_text(json.dumps(report, indent=2) + "\n")

@@ -1,5 +1,7 @@
 """Incremental decoding and fast reading against their slow twins (the model's own forward)."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -239,3 +241,34 @@ def test_growing_cache_layer_equals_hf_dynamic_layer_through_growth():
         assert grow.get_seq_length() == ref.get_seq_length()
     for got, want in seen:
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("read_tokens", [0, 40])  # the style adapter alone, and with memory
+def test_incremental_logits_with_a_style_adapter(read_tokens):
+    model = trained("llama", "delta", "joint", style_rank=4)
+    memory = filled(model, tokens=read_tokens) if read_tokens else model.new_memory(1)
+    window = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(2))
+    start = int(memory.end_position[0])
+    positions = start + torch.arange(16)[None, :]
+    full = model(window, memory=memory, positions=positions).logits
+    cache = new_cache(model, 1, start, memory=memory)
+    pieces = [decode(model, cache, window[:, :6], memory)] + [
+        decode(model, cache, window[:, i : i + 1], memory) for i in range(6, 16)]
+    torch.testing.assert_close(torch.cat(pieces, 1), full, atol=1e-4, rtol=1e-4)
+    backbone = model.backbone.logits(model.backbone(window).hidden[-1])
+    assert (model(window, positions=positions).logits - backbone).abs().max() > 1e-3  # acts without memory
+
+
+def test_a_fresh_style_adapter_changes_nothing(tmp_path):
+    from longmem.model import LongMemModel
+
+    plain = trained("llama", "delta", "joint")
+    plain.save_pretrained(tmp_path / "plain")
+    styled = LongMemModel.from_backbone(tmp_path / "plain", plain.backbone,
+                                        config=replace(plain.config, style_rank=4))
+    memory = filled(plain)
+    ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(4))
+    for mem in (None, memory):
+        torch.testing.assert_close(styled(ids, memory=mem).logits, plain(ids, memory=mem).logits)
+    with pytest.raises(LongMemError, match="style_rank"):
+        make_model("llama", init="paper", style_rank=4)

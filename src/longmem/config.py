@@ -93,6 +93,10 @@ class LongMemConfig:
     search keys and the short-term tier stay bfloat16)."""
     recent_tokens: int | None = None
     """Short-term tier: the last R tokens read, kept at every layer (None: T on rotary backbones; 0: off)."""
+    style_rank: int = 0
+    """Memory-delta SideNets: rank of a style adapter, a change to the memory layer's input that does not
+    depend on memory (zero at the start), so that what any text of the domain teaches is learned in the
+    weights and memory is left to carry what only it holds (0: off; an empty memory is then the backbone)."""
 
     def __post_init__(self) -> None:
         _choice("init", self.init, INITS)
@@ -124,6 +128,8 @@ class LongMemConfig:
             raise LongMemError(f"recent_tokens={self.recent_tokens} must be >= 0 (0 turns the short-term tier off)")
         if self.sink_tokens < 0:
             raise LongMemError(f"sink_tokens={self.sink_tokens} must be >= 0")
+        if self.style_rank < 0 or (self.style_rank and self.init != "delta"):
+            raise LongMemError(f"style_rank={self.style_rank}: a style adapter needs init 'delta' and a rank >= 0")
         if self.pointer_local and not self.pointer_ngram:
             raise LongMemError("pointer_local searches exact matches in the context: it needs pointer_ngram > 0")
         if self.pointer_context and not self.pointer_ngram:

@@ -208,9 +208,9 @@ def _delta_step(sidenet: SideNet, hidden, rope, ctx: MemoryContext, caches: list
     r, block = sidenet.reduction, sidenet.memory_block
     h_m = hidden[r * (sidenet.memory_index + 1) - 1]  # [B,Tn,D] the memory layer's input
     local, fused = _memory_attend(block, h_m, rope, ctx, caches[0])
-    if fused is None:
+    delta = sidenet.add_style(None if fused is None else block.memory_change(h_m, fused, local), h_m)
+    if delta is None:
         return sidenet.norm(hidden[-1])
-    delta = block.memory_change(h_m, fused, local)
     for i, (j, later) in enumerate(enumerate(sidenet.blocks[1:], start=sidenet.first + 1)):
         h = hidden[r * (j + 1) - 1]  # both streams in one call; their window keys are rows [B; B] of one cache
         delta = paired_difference(lambda both: _block_step(later, both, rope, caches[1 + i]), h + delta, h)

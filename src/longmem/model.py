@@ -136,6 +136,8 @@ class LongMemModel(nn.Module):
             missing = [k for k in missing if k not in fresh]
         if config.pointer_context:  # adding a fresh context gate (zeros: the head's trust unchanged)
             missing = [k for k in missing if k != "pointer.context.weight"]
+        if config.style_rank:  # adding a fresh style adapter (up = 0: nothing changes)
+            missing = [k for k in missing if not k.startswith("style.")]
         if missing or unexpected:
             raise LongMemError(f"SideNet weights {weights} do not fit this architecture "
                                f"(missing {missing[:3]}, unexpected {unexpected[:3]})")

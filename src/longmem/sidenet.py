@@ -211,6 +211,8 @@ class SideNet(nn.Module):
                 block.zero_outputs()
         if self.delta:  # the final norm stays the backbone's: without memory nothing may change
             self.norm.requires_grad_(False)
+        hidden_size = backbone.model.config.hidden_size
+        self.style = StyleAdapter(hidden_size, config.style_rank) if config.style_rank else None
 
     @property
     def memory_block(self) -> MemoryBlock:
@@ -253,7 +255,9 @@ class SideNet(nn.Module):
         layer passes on f(H + delta) - f(H). An empty memory gives the backbone exactly.
         """
         r = self.reduction
-        delta, stats = self.memory_block.delta(hidden[r * (self.memory_index + 1) - 1], rope, ctx)
+        h_m = hidden[r * (self.memory_index + 1) - 1]
+        delta, stats = self.memory_block.delta(h_m, rope, ctx)
+        delta = self.add_style(delta, h_m)
         if delta is None:
             return self.norm(hidden[-1]), None
         for j, block in enumerate(self.blocks[1:], start=self.first + 1):
@@ -262,6 +266,29 @@ class SideNet(nn.Module):
             past = None if past is None else tuple(torch.cat([t, t]) for t in past)  # both streams read it
             delta = paired_difference(lambda both: block(both, rope, past), h + delta, h)  # type: ignore[arg-type]
         return self.norm(hidden[-1] + delta), stats
+
+
+    def add_style(self, delta: torch.Tensor | None, h_m: torch.Tensor) -> torch.Tensor | None:
+        """The memory block's change [B,T,D] (None: no memory read) plus the style adapter's, if any."""
+        if self.style is None:
+            return delta
+        style = self.style(h_m)
+        return style if delta is None else delta + style
+
+
+class StyleAdapter(nn.Module):
+    """A low-rank change up(down(rms(x))) [B,T,D] -> [B,T,D] to the memory layer's input, the same with or
+    without memory; ``up`` starts at zero (nothing changes at step 0)."""
+
+    def __init__(self, dim: int, rank: int):
+        super().__init__()
+        self.down = nn.Linear(dim, rank, bias=False)  # [r, D]
+        self.up = nn.Linear(rank, dim, bias=False)  # [D, r]
+        nn.init.zeros_(self.up.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.nn.functional.rms_norm(x, (x.shape[-1],))
+        return self.up(self.down(x))
 
 
 def paired_difference(f, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

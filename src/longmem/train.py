@@ -22,6 +22,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
+from .contrast import ForeignBanks, held_kl
 from .data.facts import FactPlanter, FactWords
 from .data.recall import RecallSpans, insert_recall_spans
 from .data.stream import Batch, DocumentStream
@@ -29,6 +30,7 @@ from .data.tokens import tokenize_corpus
 from .errors import LongMemError
 from .files import save_json
 from .lora import add_lora, merge_lora
+from .memory.views import EmptyBankView, ForeignBankView
 from .model import LongMemModel
 from .reader import perplexity
 from .train_config import TrainConfig
@@ -71,6 +73,8 @@ class Trainer:
         self._overwritten: list[list[tuple[int, int]]] = [[] for _ in range(cfg.batch_size)]
         self.facts = FactPlanter(FactWords(tok), cfg.batch_size, cfg.fact_prob, seed=cfg.seed + 7919 * self.rank) \
             if cfg.fact_prob > 0 else None
+        self.foreign = ForeignBanks(self.model, self.train_data, cfg.batch_size, cfg.foreign_tokens, cfg.foreign_every,
+                                    seed=cfg.seed + 104729 * self.rank) if cfg.foreign_weight > 0 else None
         if self.resume:
             self._restore()
         elif self.rank == 0:
@@ -95,20 +99,34 @@ class Trainer:
             sidenet.requires_grad_(False)
             add_lora(sidenet.blocks, self.config.lora_rank, self.config.lora_alpha)
             sidenet.memory_block.gate.requires_grad_(True)
+        elif mode == "sidenet" and sidenet.pointer is not None:
+            sidenet.pointer.requires_grad_(False)
+        elif mode == "memory_path":
+            sidenet.requires_grad_(False)
+            sidenet.blocks.requires_grad_(True)
+        elif mode == "style":
+            if sidenet.style is None:
+                raise LongMemError("trainable='style' needs a style adapter (model.style_rank > 0)")
+            sidenet.requires_grad_(False)
+            sidenet.style.requires_grad_(True)
         if not self.model.trainable_parameters():
             raise LongMemError(f"trainable={mode!r} leaves nothing to train")
 
     def _optimizer(self) -> torch.optim.Optimizer:
         cfg = self.config
-        groups: dict[str, list] = {"gate": [], "no_decay": [], "decay": []}
+        groups: dict[str, list] = {"gate": [], "no_decay": [], "decay": [], "style": []}
         for name, param in self.model.sidenet.named_parameters():
             if not param.requires_grad:
+                continue
+            if name.startswith("style."):
+                groups["style"].append(param)
                 continue
             scalar = param.ndim < 2  # gates and the copy head's scalars; its context gate [1,D] learns at lr
             kind = "gate" if scalar and (name.endswith(".gate") or name.startswith("pointer.")) \
                 else "no_decay" if scalar else "decay"
             groups[kind].append(param)
-        settings = {"gate": (cfg.gate_lr, 0.0), "decay": (cfg.lr, cfg.weight_decay), "no_decay": (cfg.lr, 0.0)}
+        settings = {"gate": (cfg.gate_lr, 0.0), "decay": (cfg.lr, cfg.weight_decay), "no_decay": (cfg.lr, 0.0),
+                    "style": (cfg.style_lr or cfg.lr, 0.0)}
         param_groups = [{"params": params, "lr": settings[k][0], "base_lr": settings[k][0],
                          "weight_decay": settings[k][1], "name": k} for k, params in groups.items() if params]
         return torch.optim.AdamW(param_groups, betas=(cfg.beta1, cfg.beta2))
@@ -169,16 +187,19 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = group["base_lr"] * self.lr_factor(self.step)
         with self._autocast():
-            out = self.ddp(batch.input_ids, memory=self.memory, positions=batch.positions, labels=batch.labels)
+            memory = self.memory if cfg.read_memory else None
+            out = self.ddp(batch.input_ids, memory=memory, positions=batch.positions, labels=batch.labels)
         params = self.model.trainable_parameters()
         loss = out.loss
         if not loss.requires_grad:  # e.g. a memory-delta SideNet with every row's memory empty
             loss = loss + 0.0 * sum(p.sum() for p in params)
         loss.backward()
+        foreign_kl = self._contrast(batch) if self.foreign is not None else None
         norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.model.write_memory(self.memory, out, valid=batch.labels != -100)
+        if cfg.read_memory:
+            self.model.write_memory(self.memory, out, valid=batch.labels != -100)
         self.step += 1
         tokens = int((batch.labels != -100).sum())
         self.tokens += tokens * self.world
@@ -186,6 +207,8 @@ class Trainer:
         row = {"loss": float(out.loss.detach()), "grad_norm": float(norm), "tokens": tokens,
                "memory_share": stats.memory_share if stats else 0.0,
                "gate_mean": float(stats.gate.mean()) if stats else None}  # None: JSON null (empty memory)
+        if foreign_kl is not None:
+            row["foreign_kl"] = foreign_kl
         if spans is not None:  # the loss on tokens only the memory can supply
             for key, mask in (("recall_loss", spans.mask), ("fact_loss", spans.answers)):
                 if mask is not None and mask.any():
@@ -193,6 +216,26 @@ class Trainer:
                         nll = torch.nn.functional.cross_entropy(out.logits.detach()[mask].float(), batch.labels[mask])
                     row[key] = float(nll)
         return row
+
+    def _weights_lr(self) -> float:
+        """The current learning rate of the SideNet weights (the copy head's or the gates' when only those train)."""
+        groups = {g["name"]: g["lr"] for g in self.optimizer.param_groups}
+        return next(groups[k] for k in ("decay", "no_decay", "style", "gate") if k in groups)
+
+    def _contrast(self, batch: Batch) -> float | None:
+        """Back-propagate foreign_weight * KL(no bank || another document's bank) for this batch's rows
+        (own short-term tier and token log in both); returns the KL (None when the foreign banks give nothing)."""
+        mask = batch.labels != -100
+        with self._autocast():
+            foreign = self.foreign.for_batch(batch.doc_index, self.step)  # type: ignore[union-attr]
+            with torch.no_grad():
+                ref = self.model(batch.input_ids, memory=EmptyBankView(self.memory), positions=batch.positions)
+            out = self.ddp(batch.input_ids, memory=ForeignBankView(self.memory, foreign), positions=batch.positions)
+        if out.stats is None:  # the foreign banks returned nothing
+            return None
+        kl = held_kl(ref.logits, out.logits, mask)
+        (self.config.foreign_weight * kl).backward()
+        return float(kl.detach())
 
     def train(self) -> dict:
         cfg = self.config
@@ -208,11 +251,12 @@ class Trainer:
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                 elapsed = time.perf_counter() - start
                 self._log({"step": self.step, "loss": sum(r["loss"] for r in window) / len(window),
-                           "lr": self.optimizer.param_groups[-1]["lr"],  # the SideNet weights' group
+                           "lr": self._weights_lr(),
                            "grad_norm": window[-1]["grad_norm"], "tokens_seen": self.tokens,
                            "tokens_per_s": sum(r["tokens"] for r in window) * self.world / elapsed,
                            "memory_share": window[-1]["memory_share"], "gate_mean": window[-1]["gate_mean"]}
-                          | _mean_of(window, "recall_loss") | _mean_of(window, "fact_loss"))
+                          | _mean_of(window, "recall_loss") | _mean_of(window, "fact_loss")
+                          | _mean_of(window, "foreign_kl"))
                 window, start = [], time.perf_counter()
             if cfg.eval_every > 0 and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
                 last_eval = self.evaluate()
