@@ -220,23 +220,3 @@ def test_search_keys_drive_chunk_keys_and_survive_save_load(tmp_path, index):
     assert torch.equal(back.pending_search[0, :, :1], mem.pending_search[0, :, :1])
     q = torch.randn(1, 2, 3, D)
     assert torch.equal(mem.retrieve(q, 2).chunk_slots, back.retrieve(q, 2).chunk_slots)
-
-
-def test_bank_views_hide_or_swap_the_long_term_bank():
-    from longmem.memory.views import EmptyBankView, ForeignBankView
-
-    own, foreign = MemoryBank(2, 1, 4, 16, 2, dtype="float32"), MemoryBank(2, 1, 4, 16, 2, dtype="float32")
-    g = torch.Generator().manual_seed(0)
-    for bank, start in ((own, 100), (foreign, 0)):
-        k, v = torch.randn(2, 1, 8, 4, generator=g), torch.randn(2, 1, 8, 4, generator=g)
-        bank.write(k, v, start + torch.arange(8).repeat(2, 1))
-    q = torch.randn(2, 1, 3, 4, generator=g)
-    assert EmptyBankView(own).retrieve(q, 2) is None
-    assert EmptyBankView(own).end_position.tolist() == [108, 108]  # everything else is the own memory's
-    view = ForeignBankView(own, foreign)
-    found, plain = view.retrieve(q, 2), foreign.retrieve(q, 2)
-    assert torch.equal(found.keys, plain.keys)  # the other bank's entries ...
-    assert torch.equal(found.positions, plain.positions + 100)  # ... placed right before the own text
-    assert view.batch_size == 2
-    with pytest.raises(ValueError, match="rows"):
-        ForeignBankView(own, MemoryBank(1, 1, 4, 16, 2, dtype="float32"))

@@ -29,16 +29,19 @@ def test_train_default_resumes_a_stage_with_a_checkpoint(tmp_path):
     (tmp_path / "runs/longmem-default/latest.json").write_text('{"step": 30, "dir": "checkpoints/step-000030"}')
     done, calls = run_script(tmp_path, "train-default.sh")
     assert done.returncode == 0, done.stderr
-    assert len(calls) == 3
+    assert len(calls) == 5
     assert calls[0].startswith("train configs/longmem-default.yaml") and calls[0].endswith("--resume")
-    assert "--resume" not in calls[1] and "--resume" not in calls[2]  # stages without a checkpoint start fresh
+    assert all("--resume" not in c for c in calls[1:])  # stages without a checkpoint start fresh
+    assert calls[3].startswith("train configs/longmem-style.yaml")
+    assert calls[4].startswith("train configs/longmem-refit.yaml")
 
 
-@pytest.mark.parametrize("args, code", [(["--stage1-only"], 0), (["--bogus"], 2)])
-def test_train_default_options(tmp_path, args, code):
+@pytest.mark.parametrize("args, code, stages", [(["--stage1-only"], 0, 1), (["--stage3-only"], 0, 3),
+                                                (["--stage4-only"], 0, 4), (["--bogus"], 2, 0)])
+def test_train_default_options(tmp_path, args, code, stages):
     done, calls = run_script(tmp_path, "train-default.sh", *args)
     assert done.returncode == code
-    assert len(calls) == (1 if code == 0 else 0)
+    assert len(calls) == stages
 
 
 def test_ablations_refuse_an_unknown_variant_before_training(tmp_path):

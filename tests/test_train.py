@@ -223,32 +223,6 @@ def test_copy_head_trains_on_synthetic_facts_and_resumes_their_state(setup_dirs)
     assert resumed.facts.state_dict() == trainer.facts.state_dict()
 
 
-def test_contrast_training_with_a_style_adapter(setup_dirs):
-    root, backbone = setup_dirs
-    model = dict(backbone=str(backbone), segment_length=16, memory_size=64, chunk_size=2, topk=8,
-                 memory_dtype="float32", init="delta", fusion="joint", pointer=True, pointer_ngram=3,
-                 style_rank=4)
-    cfg = config(root, backbone, "contrast", steps=8, eval_every=-1, save_every=4, foreign_weight=1.0,
-                 foreign_tokens=48, foreign_every=3, trainable="sidenet", style_lr=1e-2, model=model)
-    trainer = Trainer(cfg, progress=False).setup()
-    before = params(trainer)
-    trainer.train()
-    after = params(trainer)
-    changed = {k for k in before if not torch.equal(before[k], after[k])}
-    assert "style.up.weight" in changed and any(k.startswith("blocks.") for k in changed)
-    assert not any(k.startswith("pointer.") for k in changed)  # 'sidenet' leaves the copy head alone
-    rows = [json.loads(line) for line in (root / "contrast" / "metrics.jsonl").read_text().splitlines()]
-    kls = [r["foreign_kl"] for r in rows if "foreign_kl" in r]
-    assert kls and all(k >= 0 for k in kls)
-    groups = {g["name"]: g for g in trainer.optimizer.param_groups}
-    assert groups["style"]["base_lr"] == 1e-2
-    own = [int(i) for i in trainer.foreign.owners]
-    assert all(src != row for src, row in zip(trainer.foreign.sources, own))  # another document
-    Trainer(cfg, resume=True, progress=False).setup()  # resumes (the foreign banks are rebuilt)
-    with pytest.raises(Exception, match="foreign_weight"):
-        config(root, backbone, "bad", foreign_weight=-1.0)
-
-
 def test_a_style_adapter_alone_trains_without_memory(setup_dirs):
     root, backbone = setup_dirs
     model = dict(backbone=str(backbone), segment_length=16, memory_size=64, chunk_size=2, topk=8,
@@ -263,5 +237,3 @@ def test_a_style_adapter_alone_trains_without_memory(setup_dirs):
     assert trainer.memory.is_empty  # nothing was read into memory
     with pytest.raises(Exception, match="style adapter"):
         Trainer(config(root, backbone, "bad", trainable="style"), progress=False).setup()
-    with pytest.raises(Exception, match="read_memory"):
-        config(root, backbone, "bad", foreign_weight=1.0, read_memory=False)

@@ -252,7 +252,8 @@ class SideNet(nn.Module):
 
         The memory block is the memory layer on its true input H_m, once with and once
         without memory; the difference rides on the residual stream and every later copied
-        layer passes on f(H + delta) - f(H). An empty memory gives the backbone exactly.
+        layer passes on f(H + delta) - f(H). An empty memory gives the backbone exactly (without a style
+        adapter; with one, the backbone plus the adapter's change).
         """
         r = self.reduction
         h_m = hidden[r * (self.memory_index + 1) - 1]
@@ -266,7 +267,6 @@ class SideNet(nn.Module):
             past = None if past is None else tuple(torch.cat([t, t]) for t in past)  # both streams read it
             delta = paired_difference(lambda both: block(both, rope, past), h + delta, h)  # type: ignore[arg-type]
         return self.norm(hidden[-1] + delta), stats
-
 
     def add_style(self, delta: torch.Tensor | None, h_m: torch.Tensor) -> torch.Tensor | None:
         """The memory block's change [B,T,D] (None: no memory read) plus the style adapter's, if any."""

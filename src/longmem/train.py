@@ -22,7 +22,6 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
-from .contrast import ForeignBanks, held_kl
 from .data.facts import FactPlanter, FactWords
 from .data.recall import RecallSpans, insert_recall_spans
 from .data.stream import Batch, DocumentStream
@@ -30,7 +29,6 @@ from .data.tokens import tokenize_corpus
 from .errors import LongMemError
 from .files import save_json
 from .lora import add_lora, merge_lora
-from .memory.views import EmptyBankView, ForeignBankView
 from .model import LongMemModel
 from .reader import perplexity
 from .train_config import TrainConfig
@@ -73,8 +71,6 @@ class Trainer:
         self._overwritten: list[list[tuple[int, int]]] = [[] for _ in range(cfg.batch_size)]
         self.facts = FactPlanter(FactWords(tok), cfg.batch_size, cfg.fact_prob, seed=cfg.seed + 7919 * self.rank) \
             if cfg.fact_prob > 0 else None
-        self.foreign = ForeignBanks(self.model, self.train_data, cfg.batch_size, cfg.foreign_tokens, cfg.foreign_every,
-                                    seed=cfg.seed + 104729 * self.rank) if cfg.foreign_weight > 0 else None
         if self.resume:
             self._restore()
         elif self.rank == 0:
@@ -99,8 +95,6 @@ class Trainer:
             sidenet.requires_grad_(False)
             add_lora(sidenet.blocks, self.config.lora_rank, self.config.lora_alpha)
             sidenet.memory_block.gate.requires_grad_(True)
-        elif mode == "sidenet" and sidenet.pointer is not None:
-            sidenet.pointer.requires_grad_(False)
         elif mode == "memory_path":
             sidenet.requires_grad_(False)
             sidenet.blocks.requires_grad_(True)
@@ -194,7 +188,6 @@ class Trainer:
         if not loss.requires_grad:  # e.g. a memory-delta SideNet with every row's memory empty
             loss = loss + 0.0 * sum(p.sum() for p in params)
         loss.backward()
-        foreign_kl = self._contrast(batch) if self.foreign is not None else None
         norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -207,8 +200,6 @@ class Trainer:
         row = {"loss": float(out.loss.detach()), "grad_norm": float(norm), "tokens": tokens,
                "memory_share": stats.memory_share if stats else 0.0,
                "gate_mean": float(stats.gate.mean()) if stats else None}  # None: JSON null (empty memory)
-        if foreign_kl is not None:
-            row["foreign_kl"] = foreign_kl
         if spans is not None:  # the loss on tokens only the memory can supply
             for key, mask in (("recall_loss", spans.mask), ("fact_loss", spans.answers)):
                 if mask is not None and mask.any():
@@ -221,21 +212,6 @@ class Trainer:
         """The current learning rate of the SideNet weights (the copy head's or the gates' when only those train)."""
         groups = {g["name"]: g["lr"] for g in self.optimizer.param_groups}
         return next(groups[k] for k in ("decay", "no_decay", "style", "gate") if k in groups)
-
-    def _contrast(self, batch: Batch) -> float | None:
-        """Back-propagate foreign_weight * KL(no bank || another document's bank) for this batch's rows
-        (own short-term tier and token log in both); returns the KL (None when the foreign banks give nothing)."""
-        mask = batch.labels != -100
-        with self._autocast():
-            foreign = self.foreign.for_batch(batch.doc_index, self.step)  # type: ignore[union-attr]
-            with torch.no_grad():
-                ref = self.model(batch.input_ids, memory=EmptyBankView(self.memory), positions=batch.positions)
-            out = self.ddp(batch.input_ids, memory=ForeignBankView(self.memory, foreign), positions=batch.positions)
-        if out.stats is None:  # the foreign banks returned nothing
-            return None
-        kl = held_kl(ref.logits, out.logits, mask)
-        (self.config.foreign_weight * kl).backward()
-        return float(kl.detach())
 
     def train(self) -> dict:
         cfg = self.config
@@ -255,8 +231,7 @@ class Trainer:
                            "grad_norm": window[-1]["grad_norm"], "tokens_seen": self.tokens,
                            "tokens_per_s": sum(r["tokens"] for r in window) * self.world / elapsed,
                            "memory_share": window[-1]["memory_share"], "gate_mean": window[-1]["gate_mean"]}
-                          | _mean_of(window, "recall_loss") | _mean_of(window, "fact_loss")
-                          | _mean_of(window, "foreign_kl"))
+                          | _mean_of(window, "recall_loss") | _mean_of(window, "fact_loss"))
                 window, start = [], time.perf_counter()
             if cfg.eval_every > 0 and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
                 last_eval = self.evaluate()

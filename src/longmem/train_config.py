@@ -16,7 +16,7 @@ from typing import Any
 from .config import LongMemConfig, from_dict
 from .errors import LongMemError
 
-TRAINABLE = ("full", "memory_block", "lora", "pointer", "sidenet", "style", "memory_path")
+TRAINABLE = ("full", "memory_block", "lora", "pointer", "style", "memory_path")
 
 
 @dataclass
@@ -59,8 +59,8 @@ class TrainConfig:
     """Compute dtype: 'bfloat16' (autocast, backbone in bf16) or 'float32'."""
     trainable: str = "full"
     """Trainable set: 'full' SideNet (paper), 'memory_block' only, 'lora' adapters, 'pointer' (the copy head),
-    'sidenet' (everything but the copy head), 'style' (the style adapter) or 'memory_path' (the blocks: the
-    memory block and the copied layers, not the copy head nor the style adapter)."""
+    'style' (the style adapter) or 'memory_path' (the blocks: the memory block and the copied layers, not
+    the copy head nor the style adapter)."""
     lora_rank: int = 8
     """LoRA rank (trainable='lora')."""
     lora_alpha: float = 16.0
@@ -76,13 +76,6 @@ class TrainConfig:
     read_memory: bool = True
     """False: segments are read without any memory (no short-term tier, no bank), e.g. to train a style
     adapter on what the text teaches without memory."""
-    foreign_weight: float = 0.0
-    """Contrast training (``longmem.contrast``): weight of the KL that holds a row read under another
-    document's bank to its prediction without a bank (0: off)."""
-    foreign_tokens: int = 16384
-    """Tokens in each row's foreign bank."""
-    foreign_every: int = 20
-    """Rebuild the foreign banks every this many steps (and when a row starts a new document)."""
     style_lr: float | None = None
     """Learning rate of the style adapter (None: ``lr``)."""
     eval_every: int = 100
@@ -115,11 +108,6 @@ class TrainConfig:
         if not 0.0 <= self.recall_prob <= 1.0 or not 1 <= self.recall_min <= self.recall_max:
             raise LongMemError(
                 f"recall_prob={self.recall_prob} must be in [0, 1] and 1 <= recall_min <= recall_max")
-        if self.foreign_weight < 0 or self.foreign_tokens <= 0 or self.foreign_every <= 0:
-            raise LongMemError(f"foreign_weight={self.foreign_weight} must be >= 0, foreign_tokens="
-                               f"{self.foreign_tokens} and foreign_every={self.foreign_every} positive")
-        if self.foreign_weight and not self.read_memory:
-            raise LongMemError("foreign_weight contrasts memories: it needs read_memory: true")
         if self.style_lr is not None and self.style_lr <= 0:
             raise LongMemError(f"style_lr={self.style_lr} must be positive")
         for name in ("lr", "gate_lr"):
