@@ -35,6 +35,14 @@ from .train_config import TrainConfig
 
 log = logging.getLogger(__name__)
 
+# trainable sets that are one part of the SideNet: mode -> (SideNet attribute, what a None part lacks)
+ONE_PART = {
+    "memory_block": ("memory_block", "a memory block"),
+    "pointer": ("pointer", "a model with a copy head (model.pointer: true)"),
+    "memory_path": ("blocks", "SideNet blocks"),
+    "style": ("style", "a style adapter (model.style_rank > 0)"),
+}
+
 
 class Trainer:
     """Adaptation training of a LongMem SideNet; see the module docstring."""
@@ -83,26 +91,17 @@ class Trainer:
 
     def _select_trainable(self) -> None:
         sidenet, mode = self.model.sidenet, self.config.trainable
-        if mode == "memory_block":
+        if mode in ONE_PART:  # everything frozen but one part of the SideNet
+            attr, needs = ONE_PART[mode]
+            part = getattr(sidenet, attr)
+            if part is None:
+                raise LongMemError(f"trainable={mode!r} needs {needs}")
             sidenet.requires_grad_(False)
-            sidenet.memory_block.requires_grad_(True)
-        elif mode == "pointer":
-            if sidenet.pointer is None:
-                raise LongMemError("trainable='pointer' needs a model with a copy head (model.pointer: true)")
-            sidenet.requires_grad_(False)
-            sidenet.pointer.requires_grad_(True)
+            part.requires_grad_(True)
         elif mode == "lora":
             sidenet.requires_grad_(False)
             add_lora(sidenet.blocks, self.config.lora_rank, self.config.lora_alpha)
             sidenet.memory_block.gate.requires_grad_(True)
-        elif mode == "memory_path":
-            sidenet.requires_grad_(False)
-            sidenet.blocks.requires_grad_(True)
-        elif mode == "style":
-            if sidenet.style is None:
-                raise LongMemError("trainable='style' needs a style adapter (model.style_rank > 0)")
-            sidenet.requires_grad_(False)
-            sidenet.style.requires_grad_(True)
         if not self.model.trainable_parameters():
             raise LongMemError(f"trainable={mode!r} leaves nothing to train")
 
