@@ -108,6 +108,14 @@ def add_eval_parser(sub: argparse._SubParsersAction, model_args: Callable[[argpa
     _common(ic, "icl", model_args)
     ic.set_defaults(func=cmd_icl)
 
+    cp = names.add_parser("compare", help="one table, plot and target check from result files of several models")
+    cp.add_argument("files", nargs="+", type=Path, metavar="RESULT",
+                    help="results JSON of one evaluation (ppl, chapterbreak or icl); the first is the lead")
+    cp.add_argument("--labels", type=_list(str), help="a name per file (default: the file names)")
+    cp.add_argument("--out", type=Path, required=True, help="comparison JSON; the plot goes beside it as .png")
+    cp.add_argument("--json", action="store_true", help="print the comparison JSON on stdout")
+    cp.set_defaults(func=cmd_compare)
+
 
 def _common(p: argparse.ArgumentParser, name: str, model_args, modes: bool = True) -> None:
     if modes:
@@ -264,3 +272,24 @@ def cmd_icl(args: argparse.Namespace) -> int:
             cells.append(f"{m['average']['accuracy']:6.1%} ({m['average']['accuracy_argmax']:5.1%})")
             lines.append(f"{mode:>10}  " + "  ".join(f"{c:>15}" for c in cells))
     return _finish(args, "icl", model, config, result.to_dict(), seconds, icl_bars, "\n".join(lines))
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from ..files import save_json
+    from . import plots
+    from .compare import compare
+
+    check_out_path(args.out)
+    result = compare(args.files, args.labels)
+    plot = {"ppl": plots.ppl_compare, "chapterbreak": plots.chapterbreak_accuracy, "icl": plots.icl_bars}[result.eval]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    png = plot(result.merged, args.out.with_suffix(".png"))
+    record = result.to_dict() | {"command": "longmem " + shlex.join(sys.argv[1:]), "commit": git_commit()}
+    save_json(args.out, record)
+    if args.json:
+        print(json.dumps(record))
+    else:
+        print(result.table)
+        print(json.dumps(result.checks, indent=1))
+        print(f"wrote {args.out}, {png}")
+    return 0

@@ -93,14 +93,17 @@ def chapterbreak_accuracy(results: dict, out: Path) -> Path:
     plt = _pyplot()
     summary = results["summary"]
     fig, ax = plt.subplots(figsize=(6, 4), layout="constrained")
+    n_modes = len(summary["modes"])
+    prefixes = sorted({int(p) for s in summary["modes"].values() for p in s["by_prefix"]})
     for i, (mode, s) in enumerate(summary["modes"].items()):
         points = [(int(p), a) for p, a in s["by_prefix"].items() if a["n"]]
-        xs = [p + (i - 1) * p * 0.03 for p, _ in points]  # a small offset keeps error bars apart
+        xs = [p * (1 + (i - (n_modes - 1) / 2) * 0.03) for p, _ in points]  # small offsets keep error bars apart
         ys = [a["accuracy"] for _, a in points]
         err = [[a["accuracy"] - a["ci95"][0] for _, a in points], [a["ci95"][1] - a["accuracy"] for _, a in points]]
         ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=f"{mode} ({s['all']['accuracy']:.0%})")
     ax.axhline(summary["chance"], color="grey", linestyle="--", label="chance")
     ax.set_xscale("log", base=2)
+    ax.set_xticks(prefixes, [f"{p // 1024}k" if p >= 1024 else str(p) for p in prefixes])
     ax.set_xlabel("prefix length (tokens)")
     ax.set_ylabel("accuracy (95% CI)")
     ax.set_ylim(0, 1)
@@ -129,4 +132,25 @@ def icl_bars(results: dict, out: Path) -> Path:
             ax.set_ylabel("accuracy")
             ax.set_title(f"{k[1:]} demonstrations in context: {title}", fontsize=10)
             ax.legend(fontsize=7)
+    return _save(fig, out)
+
+
+def ppl_compare(results: dict, out: Path) -> Path:
+    """Perplexity per position bucket (and over all tokens), one bar per run of ``eval compare``."""
+    plt = _pyplot()
+    totals = results["totals"]
+    names = [n for n in totals if n in results["leads"] or "/" not in n or n.endswith(("/longmem-empty",
+                                                                                          "/longmem-short-term"))]
+    labels = [*totals[results["leads"][0]]["buckets"], "all"]
+    fig, ax = plt.subplots(figsize=(1.6 * len(labels) + 3, 4.2), layout="constrained")
+    width = 0.8 / max(1, len(names))
+    for i, name in enumerate(names):
+        t = totals[name]
+        ys = [(t if b == "all" else t["buckets"].get(b, {})).get("perplexity", 0.0) for b in labels]
+        ax.bar([j + (i - (len(names) - 1) / 2) * width for j in range(len(labels))], ys, width, label=name)
+    ax.set_xticks(range(len(labels)), [f"{b} tokens" if b != "all" else b for b in labels])
+    ax.set_ylabel("perplexity (lower is better)")
+    lows = [v for n in names for v in [totals[n]["perplexity"]]]
+    ax.set_ylim(0.6 * min(lows), None)
+    ax.legend(fontsize=7, ncol=2)
     return _save(fig, out)
