@@ -150,7 +150,6 @@ def ppl_compare(results: dict, out: Path) -> Path:
         ax.bar([j + (i - (len(names) - 1) / 2) * width for j in range(len(labels))], ys, width, label=name)
     ax.set_xticks(range(len(labels)), [f"{b} tokens" if b != "all" else b for b in labels])
     ax.set_ylabel("perplexity (lower is better)")
-    lows = [v for n in names for v in [totals[n]["perplexity"]]]
-    ax.set_ylim(0.6 * min(lows), None)
+    ax.set_ylim(0.6 * min(totals[n]["perplexity"] for n in names), None)
     ax.legend(fontsize=7, ncol=2)
     return _save(fig, out)
