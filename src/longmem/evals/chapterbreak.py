@@ -18,8 +18,10 @@ from __future__ import annotations
 import logging
 import random
 import re
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -203,9 +205,17 @@ class ChapterBreakResult:
         return {"summary": summary, "items": [asdict(r) for r in self.items]}
 
 
+ItemHook = Callable[[ChapterBreakItem, float], None]
+"""Called with every newly scored example in one mode and the seconds it took."""
+
+
 @torch.no_grad()
-def chapterbreak(model: Scorer, config: ChapterBreakConfig | None = None, progress: bool = False) -> ChapterBreakResult:
-    """Build the examples of every book and prefix length and score them in every mode."""
+def chapterbreak(model: Scorer, config: ChapterBreakConfig | None = None, progress: bool = False,
+                 done: list[ChapterBreakItem] | None = None, on_item: ItemHook | None = None) -> ChapterBreakResult:
+    """Build the examples of every book and prefix length and score them in every mode.
+
+    ``done``: items of an interrupted run of the same config, kept instead of scored again.
+    """
     config = config or ChapterBreakConfig()
     modes = parse_modes(model, config.modes)
     books = [load_book(f, model.tokenizer, config) for f in book_files(config.books)]
@@ -214,9 +224,14 @@ def chapterbreak(model: Scorer, config: ChapterBreakConfig | None = None, progre
         raise LongMemError(f"no usable chapter boundary: every book needs >= {config.candidates} chapters with "
                            f"{config.suffix_tokens}-token openings and a boundary after "
                            f"{min(config.prefix_lengths)} tokens")
+    finished = {(d.book, d.chapter, d.prefix_length, d.mode): d for d in done or []}
     items = []
     for book, ex in tqdm(todo, desc="chapterbreak", unit="example", disable=not progress, leave=False):
         for mode in modes:
+            if (ex.book, ex.chapter, ex.prefix_length, mode.name) in finished:
+                items.append(finished[ex.book, ex.chapter, ex.prefix_length, mode.name])
+                continue
+            start = time.perf_counter()
             head, local = split_prefix(ex.prefix, mode.window, config.suffix_tokens)
             ctx = prepare(model, mode, head)
             scores = [score(model, ctx, local, book.openings[j]).logprob for j in ex.chapters]
@@ -225,4 +240,6 @@ def chapterbreak(model: Scorer, config: ChapterBreakConfig | None = None, progre
                                           best == ex.gold))
             log.info("%s chapter %d P=%d %s: %s", ex.book, ex.chapter, ex.prefix_length, mode.name,
                      "right" if items[-1].correct else "wrong")
+            if on_item is not None:
+                on_item(items[-1], time.perf_counter() - start)
     return ChapterBreakResult(config, items)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import LongMemError
+from .partial import PartialLog, partial_path
 from .results import EvalRecord, check_out_path, git_commit, write_record
 
 
@@ -91,6 +92,7 @@ def add_eval_parser(sub: argparse._SubParsersAction, model_args: Callable[[argpa
     cb.add_argument("--max-examples", type=int, help="at most this many boundaries per book and prefix length")
     cb.add_argument("--heading", help="regex of a chapter heading line, e.g. '^(CHAPTER|Chapter) [IVXLC0-9]+' "
                                       "(default: CHAPTER/Chapter/ACT/BOOK + a number)")
+    cb.add_argument("--resume", action="store_true", help=RESUME_HELP)
     _common(cb, "chapterbreak", model_args)
     cb.set_defaults(func=cmd_chapterbreak)
 
@@ -105,6 +107,7 @@ def add_eval_parser(sub: argparse._SubParsersAction, model_args: Callable[[argpa
     ic.add_argument("--template", help="prompt of other tasks with {text} (default 'Review: {text} Sentiment:')")
     ic.add_argument("--no-shared-prefix", action="store_true",
                     help="recompute the demonstrations for every test sentence (slow; same numbers)")
+    ic.add_argument("--resume", action="store_true", help=RESUME_HELP)
     _common(ic, "icl", model_args)
     ic.set_defaults(func=cmd_icl)
 
@@ -115,6 +118,17 @@ def add_eval_parser(sub: argparse._SubParsersAction, model_args: Callable[[argpa
     cp.add_argument("--out", type=Path, required=True, help="comparison JSON; the plot goes beside it as .png")
     cp.add_argument("--json", action="store_true", help="print the comparison JSON on stdout")
     cp.set_defaults(func=cmd_compare)
+
+
+RESUME_HELP = ("skip what an interrupted run with the same settings already scored (kept in <out>.partial.jsonl, "
+               "which every run writes as it goes and a finished run deletes)")
+
+
+def _partial(args: argparse.Namespace, name: str, config: Any, model: Any) -> PartialLog:
+    """The partial-results log of this run; its header names everything the numbers depend on."""
+    weights = {k: str(getattr(args, k, None)) for k in ("model_kind", "sidenet", "backbone", "dtype")}
+    header = {"eval": name, "config": dataclasses.asdict(config), "model": model.config.to_dict(), "weights": weights}
+    return PartialLog(partial_path(args.out), header, resume=args.resume)
 
 
 def _common(p: argparse.ArgumentParser, name: str, model_args, modes: bool = True) -> None:
@@ -220,7 +234,7 @@ def cmd_ppl(args: argparse.Namespace) -> int:
 
 
 def cmd_chapterbreak(args: argparse.Namespace) -> int:
-    from .chapterbreak import ChapterBreakConfig, book_files, chapterbreak
+    from .chapterbreak import ChapterBreakConfig, ChapterBreakItem, book_files, chapterbreak
     from .plots import chapterbreak_accuracy
 
     config = _config(ChapterBreakConfig, books=[str(b) for b in args.books] or None,
@@ -230,9 +244,15 @@ def cmd_chapterbreak(args: argparse.Namespace) -> int:
     book_files(config.books)
     check_out_path(args.out)
     model = _load(args)
+    partial = _partial(args, "chapterbreak", config, model)
     start = time.perf_counter()
-    result = chapterbreak(model, config, progress=not args.quiet)
-    seconds = time.perf_counter() - start
+    try:
+        result = chapterbreak(model, config, progress=not args.quiet,
+                              done=[ChapterBreakItem(**u) for u in partial.units],
+                              on_item=lambda item, sec: partial.add(dataclasses.asdict(item), sec))
+    finally:
+        partial.close()
+    seconds = time.perf_counter() - start + partial.seconds
     summary = result.summary()
     lines = [f"{'mode':>14}  {'all':>22}  " + "  ".join(f"{'P=' + str(p):>10}" for p in config.prefix_lengths)]
     for mode, s in summary["modes"].items():
@@ -240,12 +260,14 @@ def cmd_chapterbreak(args: argparse.Namespace) -> int:
         lines.append(f"{mode:>14}  {a['accuracy']:6.1%} [{a['ci95'][0]:5.1%}, {a['ci95'][1]:5.1%}] n={a['n']:<4}  "
                      + "  ".join(f"{v['accuracy']:10.1%}" for v in s["by_prefix"].values()))
     lines.append(f"chance {summary['chance']:.1%}")
-    return _finish(args, "chapterbreak", model, config, result.to_dict(), seconds, chapterbreak_accuracy,
+    code = _finish(args, "chapterbreak", model, config, result.to_dict(), seconds, chapterbreak_accuracy,
                    "\n".join(lines))
+    partial.finish()
+    return code
 
 
 def cmd_icl(args: argparse.Namespace) -> int:
-    from .icl import IclConfig, icl
+    from .icl import IclConfig, SeedScore, icl
     from .icl_data import load_task
     from .plots import icl_bars
 
@@ -258,9 +280,14 @@ def cmd_icl(args: argparse.Namespace) -> int:
     check_out_path(args.out)
     args.chunk_size = None  # the evaluation sets the chunk size of its own memory
     model = _load(args)
+    partial = _partial(args, "icl", config, model)
     start = time.perf_counter()
-    result = icl(model, config, progress=not args.quiet)
-    seconds = time.perf_counter() - start
+    try:
+        result = icl(model, config, progress=not args.quiet, done=[SeedScore(**u) for u in partial.units],
+                     on_score=lambda score, sec: partial.add(dataclasses.asdict(score), sec))
+    finally:
+        partial.close()
+    seconds = time.perf_counter() - start + partial.seconds
     lines = []
     for k, modes in result.summary().items():
         tasks = list(next(iter(modes.values()))["tasks"])
@@ -271,7 +298,9 @@ def cmd_icl(args: argparse.Namespace) -> int:
                      for t in tasks]
             cells.append(f"{m['average']['accuracy']:6.1%} ({m['average']['accuracy_argmax']:5.1%})")
             lines.append(f"{mode:>10}  " + "  ".join(f"{c:>15}" for c in cells))
-    return _finish(args, "icl", model, config, result.to_dict(), seconds, icl_bars, "\n".join(lines))
+    code = _finish(args, "icl", model, config, result.to_dict(), seconds, icl_bars, "\n".join(lines))
+    partial.finish()
+    return code
 
 
 def cmd_compare(args: argparse.Namespace) -> int:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import random
 import statistics
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -204,29 +205,48 @@ def _stats(values: list[float]) -> dict:
     return {"mean": statistics.fmean(values), "std": statistics.pstdev(values), "per_seed": values}
 
 
+ScoreHook = Callable[[SeedScore, float], None]
+"""Called with every newly scored (task, seed, k, mode) and the seconds it took."""
+
+
 @torch.no_grad()
-def icl(model: Scorer, config: IclConfig | None = None, progress: bool = False) -> IclResult:
-    """Run every task, seed, demonstration count and mode (see the module docstring)."""
+def icl(model: Scorer, config: IclConfig | None = None, progress: bool = False,
+        done: list[SeedScore] | None = None, on_score: ScoreHook | None = None) -> IclResult:
+    """Run every task, seed, demonstration count and mode (see the module docstring).
+
+    ``done``: scores of an interrupted run of the same config, kept instead of scored again.
+    """
     config = config or IclConfig()
     tasks = [load_task(Path(config.data), t, config.labels, config.template) for t in config.tasks]
     modes = parse_modes(model, config.modes)
+    finished = {(d.task, d.seed, d.demos, d.mode): d for d in done or []}
     scores = []
     for task in tasks:
         tests = test_subset(task, config)
         label_ids = [encode(model, " " + word) for word in task.labels.values()]
         keys = list(task.labels)
         for s in range(config.seeds):
-            demos = draw(task, config, s)
-            memory_ids = encode(model, " ".join(demos.memory)) if demos.memory else torch.zeros(0, dtype=torch.long)
-            csz = config.chunk_size
-            scorer = variant(model, chunk_size=csz, memory_size=max(csz, -(-memory_ids.shape[0] // csz) * csz))
+            left = [m for m in modes if any((task.name, s, k, m.name) not in finished for k in config.demos)]
+            if left:
+                demos = draw(task, config, s)
+                memory_ids = encode(model, " ".join(demos.memory)) if demos.memory else torch.zeros(0, dtype=torch.long)
+                csz = config.chunk_size
+                scorer = variant(model, chunk_size=csz, memory_size=max(csz, -(-memory_ids.shape[0] // csz) * csz))
             for mode in modes:
-                ctx = prepare(scorer, mode, memory_ids if mode.reads_memory else memory_ids[:0])
+                start, ctx = time.perf_counter(), None
                 for k in config.demos:
+                    if (task.name, s, k, mode.name) in finished:
+                        scores.append(finished[task.name, s, k, mode.name])
+                        continue
+                    if ctx is None:
+                        ctx = prepare(scorer, mode, memory_ids if mode.reads_memory else memory_ids[:0])
                     scores.append(run_seed(scorer, ctx, mode, task, tests, demos.context[:k], label_ids, keys,
                                            s, config, progress))
                     log.info("%s seed %d k=%d %s: %.3f (argmax %.3f)", task.name, s, k, mode.name,
                              scores[-1].accuracy, scores[-1].accuracy_argmax)
+                    if on_score is not None:
+                        on_score(scores[-1], time.perf_counter() - start)
+                    start = time.perf_counter()
     return IclResult(config, scores)
 
 
