@@ -4,9 +4,10 @@ what it already scored.
 
 The first line is a header naming what is being run (the evaluation, its config, the model); a
 resume reads the file back only if the header is the same, so units of another setting are never
-mixed in; a run without ``--resume`` refuses to overwrite a partial file (hours of work may be in it). Each later line is one unit (an ICL (task, seed, k, mode) accuracy, a ChapterBreak
-example in one mode) and the seconds it took. Lines are appended and flushed one at a time; a
-torn last line (the process died while writing it) is dropped. A finished run deletes the file.
+mixed in; a run without ``--resume`` refuses to overwrite a partial file (hours of work may be in
+it). Each later line is one unit (an ICL (task, seed, k, mode) accuracy, a ChapterBreak example in
+one mode) and the seconds it took. Lines are appended and flushed one at a time; a torn last line
+(the process died while writing it) is dropped. A finished run deletes the file.
 """
 
 from __future__ import annotations
