@@ -48,3 +48,16 @@ def test_ablations_refuse_an_unknown_variant_before_training(tmp_path):
     done, calls = run_script(tmp_path, "ablations.sh", "delta-joint", "no-such-variant")
     assert done.returncode == 2 and "no-such-variant" in done.stderr
     assert calls == []
+
+
+def test_full_evals_skip_finished_results_and_resume_the_long_ones(tmp_path):
+    (tmp_path / "results/full").mkdir(parents=True)
+    (tmp_path / "results/full/chapterbreak-longmem.json").write_text("{}")
+    done, calls = run_script(tmp_path, "full-evals.sh", "--memtrm", "runs/mt")
+    assert done.returncode == 0, done.stderr
+    assert "done already: results/full/chapterbreak-longmem.json" in done.stdout
+    assert len(calls) == 6 and calls[0].startswith("eval chapterbreak --sidenet runs/mt")
+    assert all(("--resume" in c) == (c.split()[1] in ("chapterbreak", "icl")) for c in calls)
+    assert all(c.endswith(f"--out results/full/{c.split()[1]}-{'memtrm' if 'runs/mt' in c else 'longmem'}.json")
+               for c in calls)
+    assert run_script(tmp_path, "full-evals.sh", "--bogus")[0].returncode == 2
