@@ -22,7 +22,7 @@ run() {  # run OUT_JSON EVAL ARGS...: skipped when OUT_JSON exists (a finished r
   longmem eval "$@" --quiet --out "$out"
 }
 
-run chapterbreak-longmem.json chapterbreak --modes memory,no-memory,backbone,window-2048 --resume
+run chapterbreak-longmem.json chapterbreak --modes memory,no-memory,backbone,window-2048,window-8192 --resume
 run chapterbreak-memtrm.json chapterbreak --sidenet "$MEMTRM" --modes memory,no-memory --resume
 run icl-longmem.json icl --resume
 run ppl-longmem.json ppl --windows 2048,8192

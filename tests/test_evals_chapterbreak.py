@@ -102,3 +102,40 @@ def test_wilson_interval():
     assert wilson(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
     assert wilson(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
     assert wilson(0, 0) == (0.0, 1.0)
+
+
+def test_pmi_score_subtracts_each_candidates_likelihood_after_a_blank_line(tmp_path):
+    path = write_book(tmp_path / "a.txt")
+    model = make_model("llama")
+    result = chapterbreak(model, config(books=[str(path)], prefix_lengths=[64], max_examples=2,
+                                        modes=["memory", "backbone"]))
+    book = load_book(path, model.tokenizer, config())
+    blank = torch.tensor(model.tokenizer("\n\n", add_special_tokens=False)["input_ids"][-1:])
+    for item in result.items:
+        assert len(item.unconditional) == len(item.scores) == 4
+        diff = [a - b for a, b in zip(item.scores, item.unconditional)]
+        assert item.correct_pmi == (max(diff) == diff[item.gold])
+    item = next(i for i in result.items if i.mode == "backbone")
+    ex = next(e for e in examples(book, 64, config()) if e.chapter == item.chapter)
+    mode = parse_mode(model, "backbone")
+    expected = [score(model, prepare(model, mode, blank[:0]), blank, book.openings[j]).logprob for j in ex.chapters]
+    assert item.unconditional == pytest.approx(expected)
+    assert "pmi" in result.summary()["modes"]["memory"]
+    plain = chapterbreak(model, config(books=[str(path)], prefix_lengths=[64], max_examples=1, pmi=False))
+    assert all(i.unconditional == [] and i.correct_pmi is None for i in plain.items)
+    assert "pmi" not in plain.summary()["modes"]["memory"]
+
+
+def test_add_pmi_to_items_of_a_run_without_it_gives_the_same_as_scoring_it(tmp_path):
+    from longmem.evals.chapterbreak import add_pmi
+
+    path = write_book(tmp_path / "a.txt")
+    model = make_model("llama")
+    cfg = config(books=[str(path)], prefix_lengths=[64], max_examples=2, modes=["memory", "backbone"])
+    with_pmi = chapterbreak(model, cfg)
+    plain = chapterbreak(model, config(books=[str(path)], prefix_lengths=[64], max_examples=2,
+                                       modes=["memory", "backbone"], pmi=False))
+    added = add_pmi(model, cfg, plain.items)
+    assert [i.correct_pmi for i in added] == [i.correct_pmi for i in with_pmi.items]
+    for a, b in zip(added, with_pmi.items):
+        assert a.unconditional == pytest.approx(b.unconditional)

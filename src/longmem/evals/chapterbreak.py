@@ -6,7 +6,10 @@ of the true chapter and of 5 other chapters of the same book. Negatives are draw
 from chapters whose opening lies outside the prefix, so no candidate was read before.
 Each mode scores every candidate by its log-likelihood after the prefix (the last window
 locally, the rest through memory, see :mod:`longmem.evals.scoring`); the example is
-right when the true opening scores highest. Chance is 1/6.
+right when the true opening scores highest. Chance is 1/6. A second score (``pmi``) subtracts
+each candidate's log-likelihood after a blank line alone (same mode, nothing read): raw
+likelihood mostly ranks how predictable an opening is in itself, the difference ranks what
+the prefix adds.
 
 Books: the held-out novels of the corpus (chapters from its manifest), or any .txt files
 or folders of them, chapters found by ``heading`` (a regex matched per line) or by
@@ -15,6 +18,7 @@ or folders of them, chapters found by ``heading`` (a regex matched per line) or 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import re
@@ -57,6 +61,9 @@ class ChapterBreakConfig:
     """Regex of a chapter heading line, e.g. '^(CHAPTER|Chapter) [IVXLC0-9]+' (None: find_chapters)."""
     seed: int = 0
     """Seeds the choice of negatives."""
+    pmi: bool = True
+    """Also score each candidate after a blank line alone and pick by the difference (pointwise mutual
+    information with the prefix): what the prefix adds, not how likely the opening is anyway."""
 
     def __post_init__(self) -> None:
         if not self.books:
@@ -172,6 +179,8 @@ class ChapterBreakItem:
     gold: int
     scores: list[float]  # log-likelihood of every candidate
     correct: bool
+    unconditional: list[float] = field(default_factory=list)  # each candidate's log-likelihood after a blank line
+    correct_pmi: bool | None = None  # the best scores - unconditional is the true one (None: not scored)
 
 
 @dataclass
@@ -181,20 +190,25 @@ class ChapterBreakResult:
     config: ChapterBreakConfig
     items: list[ChapterBreakItem]
 
-    def accuracy(self, mode: str, prefix_length: int | None = None, book: str | None = None) -> dict:
+    def accuracy(self, mode: str, prefix_length: int | None = None, book: str | None = None,
+                 pmi: bool = False) -> dict:
         rows = [r for r in self.items if r.mode == mode and (prefix_length is None or r.prefix_length == prefix_length)
-                and (book is None or r.book == book)]
-        n, c = len(rows), sum(r.correct for r in rows)
+                and (book is None or r.book == book) and (not pmi or r.correct_pmi is not None)]
+        n, c = len(rows), sum(bool(r.correct_pmi if pmi else r.correct) for r in rows)
         low, high = wilson(c, n)
         return {"n": n, "correct": c, "accuracy": c / n if n else float("nan"), "ci95": [low, high]}
 
     def summary(self) -> dict:
         books = sorted({r.book for r in self.items})
-        return {"chance": 1 / self.config.candidates, "modes": {
-            mode: {"all": self.accuracy(mode),
-                   "by_prefix": {str(p): self.accuracy(mode, p) for p in self.config.prefix_lengths},
-                   "by_book": {b: self.accuracy(mode, book=b) for b in books}}
-            for mode in dict.fromkeys(r.mode for r in self.items)}}
+        modes = {}
+        for mode in dict.fromkeys(r.mode for r in self.items):
+            modes[mode] = {"all": self.accuracy(mode),
+                           "by_prefix": {str(p): self.accuracy(mode, p) for p in self.config.prefix_lengths},
+                           "by_book": {b: self.accuracy(mode, book=b) for b in books}}
+            if any(r.mode == mode and r.correct_pmi is not None for r in self.items):
+                modes[mode]["pmi"] = {"all": self.accuracy(mode, pmi=True), "by_prefix": {
+                    str(p): self.accuracy(mode, p, pmi=True) for p in self.config.prefix_lengths}}
+        return {"chance": 1 / self.config.candidates, "modes": modes}
 
     def to_dict(self) -> dict:
         summary = self.summary()
@@ -203,6 +217,10 @@ class ChapterBreakResult:
             summary["memory_minus_backbone_points"] = 100 * (modes["memory"]["all"]["accuracy"]
                                                              - modes["backbone"]["all"]["accuracy"])
         return {"summary": summary, "items": [asdict(r) for r in self.items]}
+
+
+def _best(values: list[float]) -> int:
+    return max(range(len(values)), key=values.__getitem__)
 
 
 ItemHook = Callable[[ChapterBreakItem, float], None]
@@ -225,6 +243,8 @@ def chapterbreak(model: Scorer, config: ChapterBreakConfig | None = None, progre
                            f"{config.suffix_tokens}-token openings and a boundary after "
                            f"{min(config.prefix_lengths)} tokens")
     finished = {(d.book, d.chapter, d.prefix_length, d.mode): d for d in done or []}
+    blank = torch.tensor(model.tokenizer("\n\n", add_special_tokens=False)["input_ids"][-1:], dtype=torch.long)
+    unconditional: dict[tuple[str, str, int], float] = {}  # (mode, book, chapter) -> log-likelihood after a blank
     items = []
     for book, ex in tqdm(todo, desc="chapterbreak", unit="example", disable=not progress, leave=False):
         for mode in modes:
@@ -235,11 +255,40 @@ def chapterbreak(model: Scorer, config: ChapterBreakConfig | None = None, progre
             head, local = split_prefix(ex.prefix, mode.window, config.suffix_tokens)
             ctx = prepare(model, mode, head)
             scores = [score(model, ctx, local, book.openings[j]).logprob for j in ex.chapters]
-            best = max(range(len(scores)), key=scores.__getitem__)
+            if config.pmi:
+                empty = None
+                for j in ex.chapters:
+                    if (mode.name, book.name, j) not in unconditional:
+                        empty = empty or prepare(model, mode, ex.prefix[:0])
+                        unconditional[mode.name, book.name, j] = score(model, empty, blank, book.openings[j]).logprob
+            base = [unconditional[mode.name, book.name, j] for j in ex.chapters] if config.pmi else []
             items.append(ChapterBreakItem(mode.name, ex.book, ex.chapter, ex.prefix_length, ex.gold, scores,
-                                          best == ex.gold))
+                                          _best(scores) == ex.gold, base,
+                                          _best([a - b for a, b in zip(scores, base)]) == ex.gold if base else None))
             log.info("%s chapter %d P=%d %s: %s", ex.book, ex.chapter, ex.prefix_length, mode.name,
                      "right" if items[-1].correct else "wrong")
             if on_item is not None:
                 on_item(items[-1], time.perf_counter() - start)
     return ChapterBreakResult(config, items)
+
+
+@torch.no_grad()
+def add_pmi(model: Scorer, config: ChapterBreakConfig, items: list[ChapterBreakItem]) -> list[ChapterBreakItem]:
+    """Items of a run made without the second score, with it: each candidate scored after a blank line in
+    the item's mode (the model must be the one that made them; modes it cannot run are refused)."""
+    books = {b.name: b for b in (load_book(f, model.tokenizer, config) for f in book_files(config.books))}
+    modes = {m.name: m for m in parse_modes(model, list(dict.fromkeys(i.mode for i in items)))}
+    blank = torch.tensor(model.tokenizer("\n\n", add_special_tokens=False)["input_ids"][-1:], dtype=torch.long)
+    cache: dict[tuple[str, str, int], float] = {}
+    out = []
+    for item in items:
+        book, mode = books[item.book], modes[item.mode]
+        ex = next(e for e in examples(book, item.prefix_length, config) if e.chapter == item.chapter)
+        for j in ex.chapters:
+            if (mode.name, book.name, j) not in cache:
+                empty = prepare(model, mode, ex.prefix[:0])
+                cache[mode.name, book.name, j] = score(model, empty, blank, book.openings[j]).logprob
+        base = [cache[mode.name, book.name, j] for j in ex.chapters]
+        diff = [a - b for a, b in zip(item.scores, base)]
+        out.append(dataclasses.replace(item, unconditional=base, correct_pmi=_best(diff) == item.gold))
+    return out

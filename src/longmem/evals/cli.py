@@ -92,6 +92,8 @@ def add_eval_parser(sub: argparse._SubParsersAction, model_args: Callable[[argpa
     cb.add_argument("--max-examples", type=int, help="at most this many boundaries per book and prefix length")
     cb.add_argument("--heading", help="regex of a chapter heading line, e.g. '^(CHAPTER|Chapter) [IVXLC0-9]+' "
                                       "(default: CHAPTER/Chapter/ACT/BOOK + a number)")
+    cb.add_argument("--no-pmi", action="store_true",
+                    help="skip the second score (log-likelihood after the prefix minus after a blank line)")
     cb.add_argument("--resume", action="store_true", help=RESUME_HELP)
     _common(cb, "chapterbreak", model_args)
     cb.set_defaults(func=cmd_chapterbreak)
@@ -240,7 +242,7 @@ def cmd_chapterbreak(args: argparse.Namespace) -> int:
     config = _config(ChapterBreakConfig, books=[str(b) for b in args.books] or None,
                      prefix_lengths=args.prefix_lengths, suffix_tokens=args.suffix_tokens,
                      candidates=args.candidates, max_examples=args.max_examples, modes=args.modes,
-                     heading=args.heading, seed=args.seed)
+                     heading=args.heading, seed=args.seed, pmi=False if args.no_pmi else None)
     book_files(config.books)
     check_out_path(args.out)
     model = _load(args)
@@ -258,7 +260,8 @@ def cmd_chapterbreak(args: argparse.Namespace) -> int:
     for mode, s in summary["modes"].items():
         a = s["all"]
         lines.append(f"{mode:>14}  {a['accuracy']:6.1%} [{a['ci95'][0]:5.1%}, {a['ci95'][1]:5.1%}] n={a['n']:<4}  "
-                     + "  ".join(f"{v['accuracy']:10.1%}" for v in s["by_prefix"].values()))
+                     + "  ".join(f"{v['accuracy']:10.1%}" for v in s["by_prefix"].values())
+                     + (f"  pmi {s['pmi']['all']['accuracy']:6.1%}" if "pmi" in s else ""))
     lines.append(f"chance {summary['chance']:.1%}")
     code = _finish(args, "chapterbreak", model, config, result.to_dict(), seconds, chapterbreak_accuracy,
                    "\n".join(lines))

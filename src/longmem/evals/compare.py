@@ -108,14 +108,15 @@ def _points(a: float, b: float) -> float:
 def _chapterbreak(labels: list[str], results: list[dict]) -> tuple[dict, str, dict]:
     modes = _merge([(label, r["summary"]["modes"]) for label, r in zip(labels, results)])
     prefixes = sorted({p for s in modes.values() for p in s["by_prefix"]}, key=int)
-    rows = ["| mode | all (95% CI) | " + " | ".join(f"P={p}" for p in prefixes) + " |",
-            "|---" * (len(prefixes) + 2) + "|"]
+    rows = ["| mode | all (95% CI) | " + " | ".join(f"P={p}" for p in prefixes) + " | PMI score |",
+            "|---" * (len(prefixes) + 3) + "|"]
     for name, s in modes.items():
         a = s["all"]
         cells = [f"{s['by_prefix'][p]['correct']}/{s['by_prefix'][p]['n']}" if p in s["by_prefix"] else "-"
                  for p in prefixes]
+        pmi = f"{s['pmi']['all']['accuracy']:.1%}" if "pmi" in s else "-"
         rows.append(f"| {name} | {a['accuracy']:.1%} ({a['ci95'][0]:.0%}-{a['ci95'][1]:.0%}), n={a['n']} | "
-                    + " | ".join(cells) + " |")
+                    + " | ".join(cells) + f" | {pmi} |")
     lead = f"{labels[0]}/memory"
     checks = _accuracy_checks(modes, lead, [f"{label}/memory" for label in labels[1:]],
                               lambda s: s["all"]["accuracy"])
@@ -123,6 +124,9 @@ def _chapterbreak(labels: list[str], results: list[dict]) -> tuple[dict, str, di
         checks[f"P={p}"] = _accuracy_checks(
             {n: s for n, s in modes.items() if p in s["by_prefix"]}, lead,
             [f"{label}/memory" for label in labels[1:]], lambda s, p=p: s["by_prefix"][p]["accuracy"])
+    if all("pmi" in modes.get(n, {}) for n in [lead, "backbone"]):
+        checks["pmi"] = _accuracy_checks({n: s["pmi"] for n, s in modes.items() if "pmi" in s}, lead,
+                                         [f"{label}/memory" for label in labels[1:]], lambda s: s["all"]["accuracy"])
     merged = {"summary": {"chance": results[0]["summary"]["chance"], "modes": modes}}
     return merged, "\n".join(rows), checks
 
