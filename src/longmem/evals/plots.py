@@ -89,25 +89,36 @@ def ppl_curves(results: dict, out: Path) -> Path:
 
 
 def chapterbreak_accuracy(results: dict, out: Path) -> Path:
-    """Accuracy (95% Wilson interval) against prefix length, one line per mode; chance dashed."""
+    """Accuracy (95% Wilson interval) against prefix length, one line per mode; chance dashed. With the
+    PMI score, a second panel."""
     plt = _pyplot()
     summary = results["summary"]
-    fig, ax = plt.subplots(figsize=(6, 4), layout="constrained")
-    n_modes = len(summary["modes"])
-    prefixes = sorted({int(p) for s in summary["modes"].values() for p in s["by_prefix"]})
-    for i, (mode, s) in enumerate(summary["modes"].items()):
-        points = [(int(p), a) for p, a in s["by_prefix"].items() if a["n"]]
-        xs = [p * (1 + (i - (n_modes - 1) / 2) * 0.03) for p, _ in points]  # small offsets keep error bars apart
-        ys = [a["accuracy"] for _, a in points]
-        err = [[a["accuracy"] - a["ci95"][0] for _, a in points], [a["ci95"][1] - a["accuracy"] for _, a in points]]
-        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=f"{mode} ({s['all']['accuracy']:.0%})")
-    ax.axhline(summary["chance"], color="grey", linestyle="--", label="chance")
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(prefixes, [f"{p // 1024}k" if p >= 1024 else str(p) for p in prefixes])
-    ax.set_xlabel("prefix length (tokens)")
-    ax.set_ylabel("accuracy (95% CI)")
-    ax.set_ylim(0, 1)
-    ax.legend(fontsize=8)
+    modes = summary["modes"]
+    panels = [("log-likelihood", lambda s: s)] + ([("PMI score", lambda s: s["pmi"])]
+                                                  if any("pmi" in s for s in modes.values()) else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False, layout="constrained")
+    n_modes = len(modes)
+    prefixes = sorted({int(p) for s in modes.values() for p in s["by_prefix"]})
+    for ax, (title, pick) in zip(axes[0], panels):
+        for i, (mode, s) in enumerate(modes.items()):
+            if title != "log-likelihood" and "pmi" not in s:
+                continue
+            s = pick(s)
+            points = [(int(p), a) for p, a in s["by_prefix"].items() if a["n"]]
+            xs = [p * (1 + (i - (n_modes - 1) / 2) * 0.03) for p, _ in points]  # offsets keep error bars apart
+            ys = [a["accuracy"] for _, a in points]
+            err = [[a["accuracy"] - a["ci95"][0] for _, a in points],
+                   [a["ci95"][1] - a["accuracy"] for _, a in points]]
+            ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, color=f"C{i}",
+                        label=f"{mode} ({s['all']['accuracy']:.0%})")
+        ax.axhline(summary["chance"], color="grey", linestyle="--", label="chance")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(prefixes, [f"{p // 1024}k" if p >= 1024 else str(p) for p in prefixes])
+        ax.set_xlabel("prefix length (tokens)")
+        ax.set_ylabel("accuracy (95% CI)")
+        ax.set_title(f"scored by {title}", fontsize=10)
+        ax.set_ylim(0, 1)
+        ax.legend(fontsize=8)
     return _save(fig, out)
 
 
