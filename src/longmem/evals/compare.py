@@ -82,7 +82,7 @@ def compare(paths: list[Path], labels: list[str] | None = None) -> Comparison:
 def _ppl(labels: list[str], results: list[dict]) -> tuple[dict, str, dict]:
     totals = _merge([(label, r["totals"]) for label, r in zip(labels, results)])
     leads = [f"{label}/{r['lead']}" for label, r in zip(labels, results)]
-    buckets = list(totals[leads[0]]["buckets"])
+    buckets = sorted(totals[leads[0]]["buckets"], key=_bucket_start)
     rows = ["| run | all | " + " | ".join(buckets) + " |", "|---" * (len(buckets) + 2) + "|"]
     for name, t in totals.items():
         cells = [f"{t['buckets'][b]['perplexity']:.2f}" if b in t["buckets"] else "-" for b in buckets]
@@ -96,9 +96,15 @@ def _ppl(labels: list[str], results: list[dict]) -> tuple[dict, str, dict]:
         others = {n: v for n, v in others.items() if v is not None}
         checks[b] = {leads[0]: lead["perplexity"], **others,
                      "below_all": all(lead["perplexity"] < v for v in others.values())}
-    merged = {"totals": totals, "leads": leads}
+    merged = {"totals": totals, "leads": leads, "buckets": buckets}
     return merged, "\n".join(rows), {"lead": leads[0], "buckets": checks,
                                       "below_all_in_every_bucket": all(c["below_all"] for c in checks.values())}
+
+
+def _bucket_start(label: str) -> int:
+    """'0-1k' -> 0, '1k-4k' -> 1000, '65k+' -> 65000: position buckets in reading order."""
+    low = label.split("-")[0].rstrip("+")
+    return int(low[:-1]) * 1000 if low.endswith("k") else int(low)
 
 
 def _points(a: float, b: float) -> float:

@@ -152,7 +152,7 @@ def ppl_compare(results: dict, out: Path) -> Path:
     totals = results["totals"]
     names = [n for n in totals if n in results["leads"] or "/" not in n or n.endswith(("/longmem-empty",
                                                                                           "/longmem-short-term"))]
-    labels = [*totals[results["leads"][0]]["buckets"], "all"]
+    labels = [*results.get("buckets", totals[results["leads"][0]]["buckets"]), "all"]
     fig, ax = plt.subplots(figsize=(1.6 * len(labels) + 3, 4.2), layout="constrained")
     width = 0.8 / max(1, len(names))
     for i, name in enumerate(names):
