@@ -34,7 +34,7 @@ from ..data.books import find_chapters
 from ..errors import LongMemError
 from ..files import read_text
 from .results import wilson
-from .scoring import Scorer, parse_modes, prepare, score, split_prefix
+from .scoring import Mode, Scorer, parse_modes, prepare, score, split_prefix
 
 log = logging.getLogger(__name__)
 
@@ -243,8 +243,7 @@ def chapterbreak(model: Scorer, config: ChapterBreakConfig | None = None, progre
                            f"{config.suffix_tokens}-token openings and a boundary after "
                            f"{min(config.prefix_lengths)} tokens")
     finished = {(d.book, d.chapter, d.prefix_length, d.mode): d for d in done or []}
-    blank = torch.tensor(model.tokenizer("\n\n", add_special_tokens=False)["input_ids"][-1:], dtype=torch.long)
-    unconditional: dict[tuple[str, str, int], float] = {}  # (mode, book, chapter) -> log-likelihood after a blank
+    unconditional = Unconditional(model)
     items = []
     for book, ex in tqdm(todo, desc="chapterbreak", unit="example", disable=not progress, leave=False):
         for mode in modes:
@@ -255,16 +254,9 @@ def chapterbreak(model: Scorer, config: ChapterBreakConfig | None = None, progre
             head, local = split_prefix(ex.prefix, mode.window, config.suffix_tokens)
             ctx = prepare(model, mode, head)
             scores = [score(model, ctx, local, book.openings[j]).logprob for j in ex.chapters]
-            if config.pmi:
-                empty = None
-                for j in ex.chapters:
-                    if (mode.name, book.name, j) not in unconditional:
-                        empty = empty or prepare(model, mode, ex.prefix[:0])
-                        unconditional[mode.name, book.name, j] = score(model, empty, blank, book.openings[j]).logprob
-            base = [unconditional[mode.name, book.name, j] for j in ex.chapters] if config.pmi else []
-            items.append(ChapterBreakItem(mode.name, ex.book, ex.chapter, ex.prefix_length, ex.gold, scores,
-                                          _best(scores) == ex.gold, base,
-                                          _best([a - b for a, b in zip(scores, base)]) == ex.gold if base else None))
+            item = ChapterBreakItem(mode.name, ex.book, ex.chapter, ex.prefix_length, ex.gold, scores,
+                                    _best(scores) == ex.gold)
+            items.append(with_pmi(item, unconditional(mode, book, ex.chapters)) if config.pmi else item)
             log.info("%s chapter %d P=%d %s: %s", ex.book, ex.chapter, ex.prefix_length, mode.name,
                      "right" if items[-1].correct else "wrong")
             if on_item is not None:
@@ -272,23 +264,39 @@ def chapterbreak(model: Scorer, config: ChapterBreakConfig | None = None, progre
     return ChapterBreakResult(config, items)
 
 
-@torch.no_grad()
+class Unconditional:
+    """Each candidate opening's log-likelihood after a blank line alone, per mode, computed once."""
+
+    def __init__(self, model: Scorer):
+        self.model = model
+        ids = model.tokenizer("\n\n", add_special_tokens=False)["input_ids"][-1:]
+        self.blank = torch.tensor(ids, dtype=torch.long)  # [1]
+        self.cache: dict[tuple[str, str, int], float] = {}  # (mode, book, chapter) -> log-likelihood
+
+    @torch.no_grad()
+    def __call__(self, mode: Mode, book: Book, chapters: list[int]) -> list[float]:
+        empty = None
+        for j in chapters:
+            if (mode.name, book.name, j) not in self.cache:
+                empty = empty or prepare(self.model, mode, self.blank[:0])  # nothing read
+                self.cache[mode.name, book.name, j] = score(self.model, empty, self.blank, book.openings[j]).logprob
+        return [self.cache[mode.name, book.name, j] for j in chapters]
+
+
+def with_pmi(item: ChapterBreakItem, unconditional: list[float]) -> ChapterBreakItem:
+    """The item with its candidates' unconditional log-likelihoods and the PMI verdict."""
+    pmi = [a - b for a, b in zip(item.scores, unconditional)]
+    return dataclasses.replace(item, unconditional=unconditional, correct_pmi=_best(pmi) == item.gold)
+
+
 def add_pmi(model: Scorer, config: ChapterBreakConfig, items: list[ChapterBreakItem]) -> list[ChapterBreakItem]:
-    """Items of a run made without the second score, with it: each candidate scored after a blank line in
-    the item's mode (the model must be the one that made them; modes it cannot run are refused)."""
+    """Items of a run made without the second score, with it (the model must be the one that made them)."""
     books = {b.name: b for b in (load_book(f, model.tokenizer, config) for f in book_files(config.books))}
     modes = {m.name: m for m in parse_modes(model, list(dict.fromkeys(i.mode for i in items)))}
-    blank = torch.tensor(model.tokenizer("\n\n", add_special_tokens=False)["input_ids"][-1:], dtype=torch.long)
-    cache: dict[tuple[str, str, int], float] = {}
+    unconditional = Unconditional(model)
     out = []
     for item in items:
-        book, mode = books[item.book], modes[item.mode]
+        book = books[item.book]
         ex = next(e for e in examples(book, item.prefix_length, config) if e.chapter == item.chapter)
-        for j in ex.chapters:
-            if (mode.name, book.name, j) not in cache:
-                empty = prepare(model, mode, ex.prefix[:0])
-                cache[mode.name, book.name, j] = score(model, empty, blank, book.openings[j]).logprob
-        base = [cache[mode.name, book.name, j] for j in ex.chapters]
-        diff = [a - b for a, b in zip(item.scores, base)]
-        out.append(dataclasses.replace(item, unconditional=base, correct_pmi=_best(diff) == item.gold))
+        out.append(with_pmi(item, unconditional(modes[item.mode], book, ex.chapters)))
     return out
