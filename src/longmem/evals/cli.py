@@ -126,11 +126,19 @@ RESUME_HELP = ("skip what an interrupted run with the same settings already scor
                "which every run writes as it goes and a finished run deletes)")
 
 
-def _partial(args: argparse.Namespace, name: str, config: Any, model: Any) -> PartialLog:
-    """The partial-results log of this run; its header names everything the numbers depend on."""
+def _run_resumable(args: argparse.Namespace, name: str, config: Any, model: Any, unit: type,
+                   run: Callable[[list, Callable], Any]) -> tuple[Any, float, PartialLog]:
+    """run(done units, hook) with its finished units kept in <out>.partial.jsonl as it goes (read back
+    with --resume). Returns (result, seconds over every session of the run, the log to finish)."""
     weights = {k: str(getattr(args, k, None)) for k in ("model_kind", "sidenet", "backbone", "dtype")}
     header = {"eval": name, "config": dataclasses.asdict(config), "model": model.config.to_dict(), "weights": weights}
-    return PartialLog(partial_path(args.out), header, resume=args.resume)
+    partial = PartialLog(partial_path(args.out), header, resume=args.resume)
+    start = time.perf_counter()
+    try:
+        result = run([unit(**u) for u in partial.units], lambda u, sec: partial.add(dataclasses.asdict(u), sec))
+    finally:
+        partial.close()
+    return result, time.perf_counter() - start + partial.seconds, partial
 
 
 def _common(p: argparse.ArgumentParser, name: str, model_args, modes: bool = True) -> None:
@@ -246,15 +254,9 @@ def cmd_chapterbreak(args: argparse.Namespace) -> int:
     book_files(config.books)
     check_out_path(args.out)
     model = _load(args)
-    partial = _partial(args, "chapterbreak", config, model)
-    start = time.perf_counter()
-    try:
-        result = chapterbreak(model, config, progress=not args.quiet,
-                              done=[ChapterBreakItem(**u) for u in partial.units],
-                              on_item=lambda item, sec: partial.add(dataclasses.asdict(item), sec))
-    finally:
-        partial.close()
-    seconds = time.perf_counter() - start + partial.seconds
+    result, seconds, partial = _run_resumable(
+        args, "chapterbreak", config, model, ChapterBreakItem,
+        lambda done, hook: chapterbreak(model, config, progress=not args.quiet, done=done, on_item=hook))
     summary = result.summary()
     lines = [f"{'mode':>14}  {'all':>22}  " + "  ".join(f"{'P=' + str(p):>10}" for p in config.prefix_lengths)]
     for mode, s in summary["modes"].items():
@@ -283,14 +285,9 @@ def cmd_icl(args: argparse.Namespace) -> int:
     check_out_path(args.out)
     args.chunk_size = None  # the evaluation sets the chunk size of its own memory
     model = _load(args)
-    partial = _partial(args, "icl", config, model)
-    start = time.perf_counter()
-    try:
-        result = icl(model, config, progress=not args.quiet, done=[SeedScore(**u) for u in partial.units],
-                     on_score=lambda score, sec: partial.add(dataclasses.asdict(score), sec))
-    finally:
-        partial.close()
-    seconds = time.perf_counter() - start + partial.seconds
+    result, seconds, partial = _run_resumable(
+        args, "icl", config, model, SeedScore,
+        lambda done, hook: icl(model, config, progress=not args.quiet, done=done, on_score=hook))
     lines = []
     for k, modes in result.summary().items():
         tasks = list(next(iter(modes.values()))["tasks"])

@@ -123,18 +123,21 @@ def _chapterbreak(labels: list[str], results: list[dict]) -> tuple[dict, str, di
         pmi = f"{s['pmi']['all']['accuracy']:.1%}" if "pmi" in s else "-"
         rows.append(f"| {name} | {a['accuracy']:.1%} ({a['ci95'][0]:.0%}-{a['ci95'][1]:.0%}), n={a['n']} | "
                     + " | ".join(cells) + f" | {pmi} |")
-    lead = f"{labels[0]}/memory"
-    checks = _accuracy_checks(modes, lead, [f"{label}/memory" for label in labels[1:]],
-                              lambda s: s["all"]["accuracy"])
+    lead, rivals = _memory_runs(labels)
+    checks = _accuracy_checks(modes, lead, rivals, lambda s: s["all"]["accuracy"])
     for p in prefixes:
-        checks[f"P={p}"] = _accuracy_checks(
-            {n: s for n, s in modes.items() if p in s["by_prefix"]}, lead,
-            [f"{label}/memory" for label in labels[1:]], lambda s, p=p: s["by_prefix"][p]["accuracy"])
+        checks[f"P={p}"] = _accuracy_checks({n: s for n, s in modes.items() if p in s["by_prefix"]}, lead, rivals,
+                                            lambda s, p=p: s["by_prefix"][p]["accuracy"])
     if all("pmi" in modes.get(n, {}) for n in [lead, "backbone"]):
-        checks["pmi"] = _accuracy_checks({n: s["pmi"] for n, s in modes.items() if "pmi" in s}, lead,
-                                         [f"{label}/memory" for label in labels[1:]], lambda s: s["all"]["accuracy"])
+        checks["pmi"] = _accuracy_checks({n: s["pmi"] for n, s in modes.items() if "pmi" in s}, lead, rivals,
+                                         lambda s: s["all"]["accuracy"])
     merged = {"summary": {"chance": results[0]["summary"]["chance"], "modes": modes}}
     return merged, "\n".join(rows), checks
+
+
+def _memory_runs(labels: list[str]) -> tuple[str, list[str]]:
+    """The lead file's memory run and every other file's."""
+    return f"{labels[0]}/memory", [f"{label}/memory" for label in labels[1:]]
 
 
 def _accuracy_checks(modes: dict, lead: str, rivals: list[str], value) -> dict:
@@ -155,6 +158,7 @@ def _icl(labels: list[str], results: list[dict]) -> tuple[dict, str, dict]:
     summary = {k: _merge([(label, r["summary"][k]) for label, r in zip(labels, results)]) for k in ks}
     rows = []
     checks = {}
+    lead, rivals = _memory_runs(labels)
     for k in ks:
         tasks = list(next(iter(summary[k].values()))["tasks"])
         rows += [f"\n{k[1:]} demonstrations in context: label-restricted (full-vocabulary argmax), mean over seeds\n",
@@ -165,7 +169,6 @@ def _icl(labels: list[str], results: list[dict]) -> tuple[dict, str, dict]:
             cells.append(f"{m['average']['accuracy']:.3f} ({m['average']['accuracy_argmax']:.3f})")
             rows.append(f"| {name} | " + " | ".join(cells) + " |")
         for metric in ("accuracy", "accuracy_argmax"):
-            checks[f"{k}/{metric}"] = _accuracy_checks(summary[k], f"{labels[0]}/memory",
-                                                       [f"{label}/memory" for label in labels[1:]],
+            checks[f"{k}/{metric}"] = _accuracy_checks(summary[k], lead, rivals,
                                                        lambda m, metric=metric: m["average"][metric])
     return {"summary": summary}, "\n".join(rows).strip(), checks

@@ -226,8 +226,7 @@ def icl(model: Scorer, config: IclConfig | None = None, progress: bool = False,
         label_ids = [encode(model, " " + word) for word in task.labels.values()]
         keys = list(task.labels)
         for s in range(config.seeds):
-            left = [m for m in modes if any((task.name, s, k, m.name) not in finished for k in config.demos)]
-            if left:
+            if any((task.name, s, k, m.name) not in finished for m in modes for k in config.demos):
                 demos = draw(task, config, s)
                 memory_ids = encode(model, " ".join(demos.memory)) if demos.memory else torch.zeros(0, dtype=torch.long)
                 csz = config.chunk_size

@@ -94,16 +94,15 @@ def chapterbreak_accuracy(results: dict, out: Path) -> Path:
     plt = _pyplot()
     summary = results["summary"]
     modes = summary["modes"]
-    panels = [("log-likelihood", lambda s: s)] + ([("PMI score", lambda s: s["pmi"])]
-                                                  if any("pmi" in s for s in modes.values()) else [])
+    panels = [("log-likelihood", None)] + ([("PMI score", "pmi")] if any("pmi" in s for s in modes.values()) else [])
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False, layout="constrained")
     n_modes = len(modes)
     prefixes = sorted({int(p) for s in modes.values() for p in s["by_prefix"]})
-    for ax, (title, pick) in zip(axes[0], panels):
+    for ax, (title, key) in zip(axes[0], panels):
         for i, (mode, s) in enumerate(modes.items()):
-            if title != "log-likelihood" and "pmi" not in s:
+            s = s if key is None else s.get(key)
+            if s is None:  # this mode has no PMI score
                 continue
-            s = pick(s)
             points = [(int(p), a) for p, a in s["by_prefix"].items() if a["n"]]
             xs = [p * (1 + (i - (n_modes - 1) / 2) * 0.03) for p, _ in points]  # offsets keep error bars apart
             ys = [a["accuracy"] for _, a in points]
@@ -152,7 +151,7 @@ def ppl_compare(results: dict, out: Path) -> Path:
     totals = results["totals"]
     names = [n for n in totals if n in results["leads"] or "/" not in n or n.endswith(("/longmem-empty",
                                                                                           "/longmem-short-term"))]
-    labels = [*results.get("buckets", totals[results["leads"][0]]["buckets"]), "all"]
+    labels = [*results["buckets"], "all"]
     fig, ax = plt.subplots(figsize=(1.6 * len(labels) + 3, 4.2), layout="constrained")
     width = 0.8 / max(1, len(names))
     for i, name in enumerate(names):
