@@ -28,8 +28,11 @@ def main() -> None:
     parser.add_argument("--sidenet", default="default", help="the SideNet that made it (default: the packaged one)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    record = json.loads(args.results.read_text())
-    if record.get("eval") != "chapterbreak":
+    try:
+        record = json.loads(args.results.read_text())
+    except (OSError, ValueError) as e:
+        sys.exit(f"cannot read {args.results}: {e}")
+    if not isinstance(record, dict) or record.get("eval") != "chapterbreak":
         sys.exit(f"{args.results} is not a chapterbreak results file")
     fields = set(ChapterBreakConfig.__dataclass_fields__)
     config = ChapterBreakConfig(**{k: v for k, v in record["config"].items() if k in fields})
