@@ -243,9 +243,10 @@ def test_growing_cache_layer_equals_hf_dynamic_layer_through_growth():
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
+@pytest.mark.parametrize("layers,width", [("memory", 0), ("all", 0), ("all", 8)])
 @pytest.mark.parametrize("read_tokens", [0, 40])  # the style adapter alone, and with memory
-def test_incremental_logits_with_a_style_adapter(read_tokens):
-    model = trained("llama", "delta", "joint", style_rank=4)
+def test_incremental_logits_with_a_style_adapter(read_tokens, layers, width):
+    model = trained("llama", "delta", "joint", style_rank=4, style_layers=layers, style_width=width)
     memory = filled(model, tokens=read_tokens) if read_tokens else model.new_memory(1)
     window = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(2))
     start = int(memory.end_position[0])
@@ -259,16 +260,25 @@ def test_incremental_logits_with_a_style_adapter(read_tokens):
     assert (model(window, positions=positions).logits - backbone).abs().max() > 1e-3  # acts without memory
 
 
-def test_a_fresh_style_adapter_changes_nothing(tmp_path):
+@pytest.mark.parametrize("layers,width", [("memory", 0), ("all", 0), ("all", 8)])
+def test_a_fresh_style_adapter_changes_nothing(tmp_path, layers, width):
     from longmem.model import LongMemModel
 
     plain = trained("llama", "delta", "joint")
     plain.save_pretrained(tmp_path / "plain")
     styled = LongMemModel.from_backbone(tmp_path / "plain", plain.backbone,
-                                        config=replace(plain.config, style_rank=4))
+                                        config=replace(plain.config, style_rank=4, style_layers=layers,
+                                                                  style_width=width))
+    assert (styled.sidenet.styles is None) == (layers == "memory")
     memory = filled(plain)
     ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(4))
     for mem in (None, memory):
         torch.testing.assert_close(styled(ids, memory=mem).logits, plain(ids, memory=mem).logits)
     with pytest.raises(LongMemError, match="style_rank"):
         make_model("llama", init="paper", style_rank=4)
+    with pytest.raises(LongMemError, match="style_layers"):
+        make_model("llama", init="delta", style_layers="all")
+    with pytest.raises(LongMemError, match="style_layers"):
+        make_model("llama", init="delta", style_rank=4, style_layers="every")
+    with pytest.raises(LongMemError, match="style_width"):
+        make_model("llama", init="delta", style_rank=4, style_width=8)

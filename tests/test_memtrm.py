@@ -39,6 +39,11 @@ def test_coupled_memory_is_written_by_the_trainable_layer_and_goes_stale():
     with torch.no_grad():
         decoupled.sidenet.memory_block.attn.k_proj.weight.mul_(2.0)
     assert torch.equal(decoupled(ids).mem_keys, decoupled.backbone(ids).mem_keys)  # LongMem: never stale
+    # MemTRM's layout with LongMem's memory (configs/longmem-upper.yaml): written by the frozen backbone
+    upper = make_model("llama", init="upper", reduction=1, memory_layer=2, coupled=False, fusion="gated")
+    with torch.no_grad():
+        upper.sidenet.memory_block.attn.k_proj.weight.mul_(2.0)
+    assert torch.equal(upper(ids).mem_keys, upper.backbone(ids).mem_keys)
 
 
 def test_memtrm_config_errors_and_unsupported_paths():

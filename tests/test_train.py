@@ -223,17 +223,28 @@ def test_copy_head_trains_on_synthetic_facts_and_resumes_their_state(setup_dirs)
     assert resumed.facts.state_dict() == trainer.facts.state_dict()
 
 
-def test_a_style_adapter_alone_trains_without_memory(setup_dirs):
+@pytest.mark.parametrize("layers", ["memory", "all"])
+def test_a_style_adapter_alone_trains_without_memory(setup_dirs, layers):
     root, backbone = setup_dirs
     model = dict(backbone=str(backbone), segment_length=16, memory_size=64, chunk_size=2, topk=8,
-                 memory_dtype="float32", init="delta", fusion="joint", style_rank=4)
+                 memory_dtype="float32", init="delta", fusion="joint", style_rank=4, style_layers=layers)
     cfg = config(root, backbone, "style", steps=4, eval_every=-1, save_every=0, trainable="style",
                  read_memory=False, model=model)
     trainer = Trainer(cfg, progress=False).setup()
     before = params(trainer)
     trainer.train()
     changed = {k for k, v in params(trainer).items() if not torch.equal(before[k], v)}
-    assert changed == {"style.up.weight", "style.down.weight"}
+    later = {f"styles.{i}.{w}.weight" for i in range(len(trainer.model.sidenet.blocks)) for w in ("up", "down")}
+    assert changed == {"style.up.weight", "style.down.weight"} | (later if layers == "all" else set())
     assert trainer.memory.is_empty  # nothing was read into memory
     with pytest.raises(Exception, match="style adapter"):
         Trainer(config(root, backbone, "bad", trainable="style"), progress=False).setup()
+
+
+RUN_FILES = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", RUN_FILES, ids=lambda p: p.name)
+def test_every_shipped_run_file_is_a_valid_config(path):
+    cfg = load_train_config(path)
+    assert cfg.model.backbone == "smollm2-135m" and cfg.steps > 0

@@ -17,6 +17,7 @@ FORMAT_VERSION = 1
 
 INITS = ("identity", "paper", "delta", "upper")
 FUSIONS = ("gated", "joint")
+STYLE_LAYERS = ("memory", "all")
 POSITION_SCHEMES = ("auto", "pre_rotary", "fixed", "true")
 RETRIEVAL_BACKENDS = ("torch", "faiss", "ivf", "hnsw", "torch-ivf")
 RETRIEVAL_HEADS = ("query", "kv")
@@ -97,6 +98,12 @@ class LongMemConfig:
     """Memory-delta SideNets: rank of a style adapter, a change to the memory layer's input that does not
     depend on memory (zero at the start), so that what any text of the domain teaches is learned in the
     weights and memory is left to carry what only it holds (0: off; an empty memory is then the backbone)."""
+    style_layers: str = "memory"
+    """Where style adapters act: 'memory' (the memory layer's input) or 'all' (also the input of every later
+    copied layer and the final state before the norm; each of rank ``style_rank``)."""
+    style_width: int = 0
+    """With ``style_layers: all``: 0 makes the later adapters low-rank linear maps of rank ``style_rank``, W > 0
+    small MLPs up(silu(down(x))) of hidden width W (the memory layer's adapter stays linear)."""
 
     def __post_init__(self) -> None:
         _choice("init", self.init, INITS)
@@ -130,6 +137,12 @@ class LongMemConfig:
             raise LongMemError(f"sink_tokens={self.sink_tokens} must be >= 0")
         if self.style_rank < 0 or (self.style_rank and self.init != "delta"):
             raise LongMemError(f"style_rank={self.style_rank}: a style adapter needs init 'delta' and a rank >= 0")
+        _choice("style_layers", self.style_layers, STYLE_LAYERS)
+        if self.style_layers != "memory" and not self.style_rank:
+            raise LongMemError(f"style_layers={self.style_layers!r} needs style adapters: set style_rank > 0")
+        if self.style_width < 0 or (self.style_width and self.style_layers != "all"):
+            raise LongMemError(f"style_width={self.style_width}: MLP style adapters need style_layers 'all' and a "
+                               "width >= 0")
         if self.pointer_local and not self.pointer_ngram:
             raise LongMemError("pointer_local searches exact matches in the context: it needs pointer_ngram > 0")
         if self.pointer_context and not self.pointer_ngram:

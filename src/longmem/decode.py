@@ -213,8 +213,9 @@ def _delta_step(sidenet: SideNet, hidden, rope, ctx: MemoryContext, caches: list
         return sidenet.norm(hidden[-1])
     for i, (j, later) in enumerate(enumerate(sidenet.blocks[1:], start=sidenet.first + 1)):
         h = hidden[r * (j + 1) - 1]  # both streams in one call; their window keys are rows [B; B] of one cache
+        delta = sidenet.later_style(i, delta, h)
         delta = paired_difference(lambda both: _block_step(later, both, rope, caches[1 + i]), h + delta, h)
-    return sidenet.norm(hidden[-1] + delta)
+    return sidenet.norm(hidden[-1] + sidenet.later_style(-1, delta, hidden[-1]))
 
 
 def _block_step(block: SideBlock, x: torch.Tensor, rope, buf: KVBuffer) -> torch.Tensor:

@@ -137,7 +137,7 @@ class LongMemModel(nn.Module):
         if config.pointer_context:  # adding a fresh context gate (zeros: the head's trust unchanged)
             missing = [k for k in missing if k != "pointer.context.weight"]
         if config.style_rank:  # adding a fresh style adapter (up = 0: nothing changes)
-            missing = [k for k in missing if not k.startswith("style.")]
+            missing = [k for k in missing if not k.startswith(("style.", "styles."))]
         if missing or unexpected:
             raise LongMemError(f"SideNet weights {weights} do not fit this architecture "
                                f"(missing {missing[:3]}, unexpected {unexpected[:3]})")

@@ -213,6 +213,10 @@ class SideNet(nn.Module):
             self.norm.requires_grad_(False)
         hidden_size = backbone.model.config.hidden_size
         self.style = StyleAdapter(hidden_size, config.style_rank) if config.style_rank else None
+        # style_layers 'all': one more adapter at the input of every later copied layer and one at the final state
+        per_layer = config.style_rank and config.style_layers == "all"
+        self.styles = nn.ModuleList(StyleAdapter(hidden_size, config.style_rank, config.style_width)
+                                    for _ in self.blocks) if per_layer else None
 
     @property
     def memory_block(self) -> MemoryBlock:
@@ -261,12 +265,13 @@ class SideNet(nn.Module):
         delta = self.add_style(delta, h_m)
         if delta is None:
             return self.norm(hidden[-1]), None
-        for j, block in enumerate(self.blocks[1:], start=self.first + 1):
+        for i, (j, block) in enumerate(enumerate(self.blocks[1:], start=self.first + 1)):
             h = hidden[r * (j + 1) - 1]  # the copied layer's input in the backbone
+            delta = self.later_style(i, delta, h)
             past = ctx.past(r * (j + 1) - 1)
             past = None if past is None else tuple(torch.cat([t, t]) for t in past)  # both streams read it
             delta = paired_difference(lambda both: block(both, rope, past), h + delta, h)  # type: ignore[arg-type]
-        return self.norm(hidden[-1] + delta), stats
+        return self.norm(hidden[-1] + self.later_style(-1, delta, hidden[-1])), stats
 
     def add_style(self, delta: torch.Tensor | None, h_m: torch.Tensor) -> torch.Tensor | None:
         """The memory block's change [B,T,D] (None: no memory read) plus the style adapter's, if any."""
@@ -275,20 +280,28 @@ class SideNet(nn.Module):
         style = self.style(h_m)
         return style if delta is None else delta + style
 
+    def later_style(self, i: int, delta: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """delta [B,T,D] plus the change of the style adapter before later copied block i (-1: before the final
+        norm) on the backbone's state h [B,T,D] there; delta alone without per-layer adapters."""
+        return delta if self.styles is None else delta + self.styles[i](h)
+
 
 class StyleAdapter(nn.Module):
-    """A low-rank change up(down(rms(x))) [B,T,D] -> [B,T,D] to the memory layer's input, the same with or
-    without memory; ``up`` starts at zero (nothing changes at step 0)."""
+    """A change [B,T,D] -> [B,T,D] to a layer's input, the same with or without memory: low-rank
+    up(down(rms(x))), or with ``width`` > 0 a small MLP up(silu(down(rms(x)))) of that hidden width;
+    ``up`` starts at zero (nothing changes at step 0)."""
 
-    def __init__(self, dim: int, rank: int):
+    def __init__(self, dim: int, rank: int, width: int = 0):
         super().__init__()
-        self.down = nn.Linear(dim, rank, bias=False)  # [r, D]
-        self.up = nn.Linear(rank, dim, bias=False)  # [D, r]
+        inner = width or rank
+        self.down = nn.Linear(dim, inner, bias=False)  # [r, D]
+        self.up = nn.Linear(inner, dim, bias=False)  # [D, r]
+        self.act = nn.SiLU() if width else nn.Identity()
         nn.init.zeros_(self.up.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.nn.functional.rms_norm(x, (x.shape[-1],))
-        return self.up(self.down(x))
+        return self.up(self.act(self.down(x)))
 
 
 def paired_difference(f, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -35,12 +35,12 @@ from .train_config import TrainConfig
 
 log = logging.getLogger(__name__)
 
-# trainable sets that are one part of the SideNet: mode -> (SideNet attribute, what a None part lacks)
+# trainable sets that are one part of the SideNet: mode -> (SideNet attributes, what a model without any lacks)
 ONE_PART = {
-    "memory_block": ("memory_block", "a memory block"),
-    "pointer": ("pointer", "a model with a copy head (model.pointer: true)"),
-    "memory_path": ("blocks", "SideNet blocks"),
-    "style": ("style", "a style adapter (model.style_rank > 0)"),
+    "memory_block": (("memory_block",), "a memory block"),
+    "pointer": (("pointer",), "a model with a copy head (model.pointer: true)"),
+    "memory_path": (("blocks",), "SideNet blocks"),
+    "style": (("style", "styles"), "a style adapter (model.style_rank > 0)"),
 }
 
 
@@ -92,12 +92,13 @@ class Trainer:
     def _select_trainable(self) -> None:
         sidenet, mode = self.model.sidenet, self.config.trainable
         if mode in ONE_PART:  # everything frozen but one part of the SideNet
-            attr, needs = ONE_PART[mode]
-            part = getattr(sidenet, attr)
-            if part is None:
+            attrs, needs = ONE_PART[mode]
+            parts = [p for p in (getattr(sidenet, a) for a in attrs) if p is not None]
+            if not parts:
                 raise LongMemError(f"trainable={mode!r} needs {needs}")
             sidenet.requires_grad_(False)
-            part.requires_grad_(True)
+            for part in parts:
+                part.requires_grad_(True)
         elif mode == "lora":
             sidenet.requires_grad_(False)
             add_lora(sidenet.blocks, self.config.lora_rank, self.config.lora_alpha)
@@ -111,7 +112,7 @@ class Trainer:
         for name, param in self.model.sidenet.named_parameters():
             if not param.requires_grad:
                 continue
-            if name.startswith("style."):
+            if name.startswith(("style.", "styles.")):
                 groups["style"].append(param)
                 continue
             scalar = param.ndim < 2  # gates and the copy head's scalars; its context gate [1,D] learns at lr
