@@ -11,12 +11,15 @@ writes both accuracies per task.
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import time
 from pathlib import Path
 
 from longmem import LongMemModel
+from longmem.errors import LongMemError
 from longmem.evals.icl import IclConfig, icl
+from longmem.evals.icl_data import load_task
 from longmem.evals.results import git_commit
 from longmem.files import save_json
 
@@ -31,9 +34,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="results/icl/copy-head-ablation.json")
     args = p.parse_args(argv)
     start = time.perf_counter()
-    model = LongMemModel.from_pretrained(args.sidenet, dtype="bfloat16")
     config = IclConfig(tasks=args.tasks.split(","), demos=[args.demos], seeds=args.seeds, max_test=args.max_test,
                        modes=["memory"])
+    for name in config.tasks:  # every task file must load before the model does
+        load_task(Path(config.data), name)
+    model = LongMemModel.from_pretrained(args.sidenet, dtype="bfloat16")
     results = {}
     shipped = LongMemModel.copy_head_step
     for name in ("copy-head", "no-copy-head"):
@@ -47,11 +52,15 @@ def main(argv: list[str] | None = None) -> int:
         results[name] = {s.task: {"seed": s.seed, "accuracy": s.accuracy, "accuracy_argmax": s.accuracy_argmax}
                          for s in scores if s.seed == 0} if args.seeds == 1 else [vars(s) for s in scores]
         print(name, results[name], flush=True)
-    save_json(Path(args.out), {"command": "python " + " ".join(sys.argv), "commit": git_commit(), "config": vars(args),
-                         "seconds": round(time.perf_counter() - start, 1), "results": results})
+    save_json(Path(args.out), {"command": "python " + shlex.join(sys.argv), "commit": git_commit(),
+                               "config": vars(args), "seconds": round(time.perf_counter() - start, 1),
+                               "results": results})
     print(f"wrote {args.out}")
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    try:
+        raise SystemExit(main())
+    except LongMemError as e:
+        sys.exit(f"icl_copy_head_ablation.py: error: {e}")

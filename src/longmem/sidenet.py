@@ -294,8 +294,8 @@ class StyleAdapter(nn.Module):
     def __init__(self, dim: int, rank: int, width: int = 0):
         super().__init__()
         inner = width or rank
-        self.down = nn.Linear(dim, inner, bias=False)  # [r, D]
-        self.up = nn.Linear(inner, dim, bias=False)  # [D, r]
+        self.down = nn.Linear(dim, inner, bias=False)  # [inner, D]
+        self.up = nn.Linear(inner, dim, bias=False)  # [D, inner]
         self.act = nn.SiLU() if width else nn.Identity()
         nn.init.zeros_(self.up.weight)
 
