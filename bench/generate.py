@@ -32,6 +32,7 @@ import torch
 from transformers import DynamicCache
 
 from core import add_set_argument, architecture_overrides, write_report
+from longmem.backbone import with_cache
 from longmem.generate import GenerationConfig
 from longmem.memory.named import NamedMemory
 from longmem.model import LongMemModel
@@ -101,11 +102,11 @@ def backbone_generate(model: LongMemModel, prompt: torch.Tensor, n: int) -> tupl
         try:
             cache = DynamicCache(config=hf.config)
             start = time.perf_counter()
-            out = hf(input_ids=prompt[None, :], past_key_values=cache, use_cache=True)
+            out = hf(input_ids=prompt[None, :], use_cache=True, **with_cache(hf, cache))
             token = out.logits[:, -1].argmax(-1, keepdim=True)
             mid = time.perf_counter()
             for _ in range(n - 1):
-                out = hf(input_ids=token, past_key_values=cache, use_cache=True)
+                out = hf(input_ids=token, use_cache=True, **with_cache(hf, cache))
                 token = out.logits[:, -1].argmax(-1, keepdim=True)
             tps = n / (time.perf_counter() - mid)
         finally:

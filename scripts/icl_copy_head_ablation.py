@@ -40,15 +40,10 @@ def main(argv: list[str] | None = None) -> int:
         load_task(Path(config.data), name)
     model = LongMemModel.from_pretrained(args.sidenet, dtype="bfloat16")
     results = {}
-    shipped = LongMemModel.copy_head_step
     for name in ("copy-head", "no-copy-head"):
-        if name == "no-copy-head":  # the head's mixture left out; everything else (memory, token log) as shipped
-            LongMemModel.copy_head_step = lambda self, logits, match, memory, history, context, hidden=None: (
-                logits, None)
-        try:
-            scores = icl(model, config).scores
-        finally:
-            LongMemModel.copy_head_step = shipped
+        # no-copy-head: the head's mixture left out; everything else (memory, token log) as shipped
+        model.copy_head_enabled = name == "copy-head"
+        scores = icl(model, config).scores
         results[name] = {s.task: {"seed": s.seed, "accuracy": s.accuracy, "accuracy_argmax": s.accuracy_argmax}
                          for s in scores if s.seed == 0} if args.seeds == 1 else [vars(s) for s in scores]
         print(name, results[name], flush=True)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from conftest import make_model, tiny_gpt2, tiny_llama
-from longmem.backbone import FrozenBackbone, default_memory_layer
+from longmem.backbone import FrozenBackbone, default_memory_layer, with_cache
 from longmem.errors import LongMemError
 
 
@@ -90,8 +90,8 @@ def test_one_decoded_token_takes_the_unmasked_gqa_call_with_the_same_logits(monk
     with torch.no_grad():
         full = hf(input_ids=ids).logits[:, -1]
         cache = wrapped.new_cache()
-        hf(input_ids=ids[:, :-1], past_key_values=cache, use_cache=True)
+        hf(input_ids=ids[:, :-1], use_cache=True, **with_cache(hf, cache))
         shapes.clear()
-        step = hf(input_ids=ids[:, -1:], past_key_values=cache, use_cache=True).logits[:, -1]
+        step = hf(input_ids=ids[:, -1:], use_cache=True, **with_cache(hf, cache)).logits[:, -1]
     assert len(shapes) == 4 and all(s[1:3] == (2, 2) for s in shapes)  # per layer [B, KV heads, G, Dh]
     torch.testing.assert_close(step, full, atol=1e-5, rtol=1e-5)

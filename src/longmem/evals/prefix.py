@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from ..backbone import with_cache
 from ..decode import decode, new_cache
 from ..errors import LongMemError
 from .scoring import Context, Scorer
@@ -26,7 +27,7 @@ class SharedPrefix:
         self.model, self.ctx, self.n = model, ctx, prefix.shape[0]
         if ctx.mode.backbone_only:
             self.cache = model.backbone.new_cache()
-            model.backbone.model(prefix[None], past_key_values=self.cache, use_cache=True)
+            model.backbone.model(prefix[None], use_cache=True, **with_cache(model.backbone.model, self.cache))
         else:
             self.cache = new_cache(model, 1, ctx.start, ctx.mode.window, memory=ctx.memory)
             decode(model, self.cache, prefix[None], ctx.memory)
@@ -38,7 +39,8 @@ class SharedPrefix:
         if self.n + query.shape[0] > self.ctx.mode.window:
             raise LongMemError(f"{self.n + query.shape[0]} tokens do not fit the {self.ctx.mode.window}-token window")
         if self.ctx.mode.backbone_only:
-            out = self.model.backbone.model(query[None], past_key_values=self.cache, use_cache=True).logits
+            hf = self.model.backbone.model
+            out = hf(query[None], use_cache=True, **with_cache(hf, self.cache)).logits
         else:
             out = decode(self.model, self.cache, query[None], self.ctx.memory)
         self._rewind(query.shape[0])
