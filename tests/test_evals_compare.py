@@ -75,3 +75,18 @@ def test_same_labels_refused(tmp_path):
     a = _cb(tmp_path / "a.json", {"memory": (5, 4)})
     with pytest.raises(LongMemError, match="distinct"):
         compare([a, a], ["x", "x"])
+
+
+def test_files_not_run_alike_are_named_in_table_and_record(tmp_path):
+    a = _cb(tmp_path / "a.json", {"memory": (5, 4), "backbone": (3, 2)})
+    b = _cb(tmp_path / "b.json", {"memory": (4, 4)})
+    alike = compare([a, b], ["lm", "mt"])  # no configs: unknown settings are not called different
+    assert alike.differences == {} and "Not run alike" not in alike.table
+    for path, examples in ((a, 40), (b, 10)):
+        record = json.loads(path.read_text())
+        record["config"] = {"max_examples": examples, "seed": 0, "books": ["x.txt"]}
+        path.write_text(json.dumps(record))
+    result = compare([a, b], ["lm", "mt"])
+    assert result.differences == {"max_examples": {"lm": 40, "mt": 10}}
+    assert "Not run alike, so not directly comparable: max_examples lm=40, mt=10" in result.table
+    assert result.to_dict()["differences"] == result.differences

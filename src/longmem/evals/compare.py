@@ -17,6 +17,12 @@ from pathlib import Path
 from ..errors import LongMemError
 
 KINDS = ("ppl", "chapterbreak", "icl")
+# The settings that decide what a number means: files that differ in one are not measured alike.
+SETTINGS = {
+    "ppl": ("files", "max_tokens", "buckets"),
+    "chapterbreak": ("books", "heading", "candidates", "max_examples", "prefix_lengths", "seed", "suffix_tokens"),
+    "icl": ("data", "tasks", "demos", "memory_demos", "chunk_size", "max_test", "seed", "seeds", "template"),
+}
 
 
 def is_baseline(mode: str) -> bool:
@@ -32,10 +38,11 @@ class Comparison:
     merged: dict  # the results of one evaluation, runs renamed: plots read it as they read one file's
     table: str  # markdown
     checks: dict
+    differences: dict  # {setting: {label: value}} where the files were not run alike; {} if they were
 
     def to_dict(self) -> dict:
         return {"eval": self.eval, "labels": self.labels, "files": self.files, "checks": self.checks,
-                "table": self.table, "results": self.merged}
+                "differences": self.differences, "table": self.table, "results": self.merged}
 
 
 def load_records(paths: list[Path]) -> list[dict]:
@@ -76,7 +83,26 @@ def compare(paths: list[Path], labels: list[str] | None = None) -> Comparison:
     results = [r["results"] for r in records]
     build = {"ppl": _ppl, "chapterbreak": _chapterbreak, "icl": _icl}[kind]
     merged, table, checks = build(labels, results)
-    return Comparison(kind, labels, [str(p) for p in paths], merged, table, checks)
+    differences = setting_differences(labels, records)
+    if differences:
+        table += "\n\nNot run alike, so not directly comparable: " + "; ".join(
+            f"{key} " + ", ".join(f"{label}={value}" for label, value in by_label.items())
+            for key, by_label in differences.items())
+    return Comparison(kind, labels, [str(p) for p in paths], merged, table, checks, differences)
+
+
+def setting_differences(labels: list[str], records: list[dict]) -> dict:
+    """{setting: {label: value}} for every setting of SETTINGS on which the files disagree.
+
+    A file without a config (older results) is not second-guessed: its settings count as unknown, not different.
+    """
+    configs = {label: r["config"] for label, r in zip(labels, records) if isinstance(r.get("config"), dict)}
+    out = {}
+    for key in SETTINGS[records[0]["eval"]]:
+        values = {label: config.get(key) for label, config in configs.items()}
+        if len({json.dumps(v, sort_keys=True) for v in values.values()}) > 1:
+            out[key] = values
+    return out
 
 
 def _ppl(labels: list[str], results: list[dict]) -> tuple[dict, str, dict]:
