@@ -3,7 +3,7 @@
 # every test sentence, whole held-out books, the passkey grid), LongMem against MemTRM and the backbone.
 #   bash scripts/full-evals.sh [--memtrm DIR]      (MemTRM: `longmem train configs/memtrm.yaml` first)
 # ~40 h on a 2-core CPU. Run it again after an interruption: finished results are skipped, and the
-# ChapterBreak and ICL runs resume from their partial files (`--resume`). Results in results/full/.
+# unfinished run resumes from its partial file (`--resume`). Results in results/full/.
 set -euo pipefail
 MEMTRM=runs/memtrm/sidenet
 while [ $# -gt 0 ]; do
@@ -25,7 +25,7 @@ run() {  # run OUT_JSON EVAL ARGS...: skipped when OUT_JSON exists (a finished r
 run chapterbreak-longmem.json chapterbreak --modes memory,no-memory,backbone,window-2048,window-8192 --resume
 run chapterbreak-memtrm.json chapterbreak --sidenet "$MEMTRM" --modes memory,no-memory --resume
 run icl-longmem.json icl --resume
-run ppl-longmem.json ppl --windows 2048,8192
-run ppl-memtrm.json ppl --sidenet "$MEMTRM" --memory-sizes 0,65536 --chunk-sizes '' --no-backbone
-run passkey-longmem.json passkey --modes memory,no-memory,backbone,short-term-only,window,window-8192
+run ppl-longmem.json ppl --windows 2048,8192 --resume
+run ppl-memtrm.json ppl --sidenet "$MEMTRM" --memory-sizes 0,65536 --chunk-sizes '' --no-backbone --resume
+run passkey-longmem.json passkey --modes memory,no-memory,backbone,short-term-only,window,window-8192 --resume
 run icl-memtrm.json icl --sidenet "$MEMTRM" --modes memory,no-memory --resume

@@ -11,6 +11,16 @@ from longmem.evals.icl import IclConfig, icl
 from longmem.evals.partial import PartialLog, partial_path
 
 HEADER = {"eval": "icl", "config": {"seeds": 2}}
+TIMINGS = ("seconds", "tokens_per_s")
+
+
+def untimed(value):
+    """A result with its wall-clock fields dropped: two runs of the same work differ only in those."""
+    if isinstance(value, dict):
+        return {k: untimed(v) for k, v in value.items() if k not in TIMINGS}
+    if isinstance(value, list):
+        return [untimed(v) for v in value]
+    return value
 
 
 def test_log_reads_back_units_and_seconds_drops_a_torn_line_and_refuses_other_runs(tmp_path):
@@ -33,6 +43,9 @@ def test_log_reads_back_units_and_seconds_drops_a_torn_line_and_refuses_other_ru
     log = PartialLog(path, HEADER, resume=True)
     assert len(log.units) == 3
     log.finish()
+    assert not path.exists()
+    refused = PartialLog(path, HEADER)  # a run stopped before its first unit leaves no file behind
+    refused.close()
     assert not path.exists()
 
 
@@ -98,3 +111,58 @@ def test_chapterbreak_skips_done_items_and_gives_the_same_result(tmp_path):
     again = []
     resumed = chapterbreak(model, config, done=full.items[:4], on_item=lambda item, sec: again.append(item))
     assert again == full.items[4:] and resumed.to_dict() == full.to_dict()
+
+
+def test_ppl_and_passkey_skip_done_units_and_give_the_same_result(tmp_path):
+    from longmem.evals.passkey import PasskeyConfig, passkey
+    from longmem.evals.ppl import PplConfig, ppl
+
+    book = tmp_path / "b.txt"
+    book.write_text("It is a truth universally acknowledged, that a single man in possession. " * 4)
+    model = make_model("llama", segment_length=32, init="paper")
+    config = PplConfig(files=[str(book)], memory_sizes=[0, 64], chunk_sizes=[1, 2], windows=[32])
+    seen = []
+    full = ppl(model, config, on_run=lambda run, sec: seen.append(run))
+    assert seen == full.runs and len(full.runs) == 5
+    again = []
+    resumed = ppl(model, config, done=full.runs[:3], on_run=lambda run, sec: again.append(run))
+    assert [r.name for r in again] == [r.name for r in full.runs[3:]] and resumed.runs[:3] == full.runs[:3]
+    assert untimed(resumed.to_dict()) == untimed(full.to_dict())
+
+    pk = PasskeyConfig(lengths=[128], depths=[0.0, 1.0], trials=1, filler="repeat", intro="",
+                       modes=["memory", "no-memory"])
+    seen = []
+    full = passkey(model, pk, on_trial=lambda trial, sec: seen.append(trial))
+    assert seen == full.trials and len(full.trials) == 4
+    again = []
+    resumed = passkey(model, pk, done=full.trials[:3], on_trial=lambda trial, sec: again.append(trial))
+    assert len(again) == 1 and resumed.trials[:3] == full.trials[:3]
+    assert untimed(resumed.to_dict()) == untimed(full.to_dict())
+
+
+def test_cli_resumes_an_interrupted_ppl_run(tmp_path, capsys, backbone_dir, monkeypatch):
+    from longmem.evals import ppl as ppl_module
+
+    book = tmp_path / "book.txt"
+    book.write_text("It is a truth universally acknowledged, that a single man in possession. " * 6)
+    args = ["eval", "ppl", book, "--backbone", backbone_dir, "--dtype", "float32", "--segment", 32,
+            "--memory-sizes", "0,64", "--chunk-sizes", "", "--quiet"]
+    fresh = tmp_path / "fresh.json"
+    assert run_cli(capsys, *args, "--out", fresh)[0] == 0 and not partial_path(fresh).exists()
+
+    out = tmp_path / "ppl.json"
+    real, calls = ppl_module.perplexity, []
+
+    def dies_on_the_third(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise LongMemError("interrupted")
+        return real(*a, **k)
+
+    monkeypatch.setattr(ppl_module, "perplexity", dies_on_the_third)
+    code, _, err = run_cli(capsys, *args, "--out", out)
+    assert code == 2 and "interrupted" in err and not out.exists()
+    assert len(partial_path(out).read_text().splitlines()) == 1 + 2  # header + backbone + longmem-empty
+    monkeypatch.setattr(ppl_module, "perplexity", real)
+    assert run_cli(capsys, *args, "--out", out, "--resume")[0] == 0 and not partial_path(out).exists()
+    assert untimed(json.loads(out.read_text())["results"]) == untimed(json.loads(fresh.read_text())["results"])

@@ -67,6 +67,7 @@ def add_eval_parser(sub: argparse._SubParsersAction, model_args: Callable[[argpa
                                        "(default: 'What is the pass key? The pass key is' on a new line)")
     pk.add_argument("--answer", help="the expected continuation, with {key} (default: ' {key}')")
     pk.add_argument("--generate", action="store_true", help="also decode greedily and report the text")
+    pk.add_argument("--resume", action="store_true", help=RESUME_HELP)
     _common(pk, "passkey", model_args)
     pk.set_defaults(func=cmd_passkey)
 
@@ -80,6 +81,7 @@ def add_eval_parser(sub: argparse._SubParsersAction, model_args: Callable[[argpa
     pp.add_argument("--windows", type=_list(int), help="backbone sliding windows in tokens, e.g. 2048,8192")
     pp.add_argument("--buckets", type=_list(int), help="bucket edges (default 0,1024,4096,16384,65536)")
     pp.add_argument("--max-tokens", type=int, help="read at most this many tokens of each file")
+    pp.add_argument("--resume", action="store_true", help=RESUME_HELP)
     _common(pp, "ppl", model_args, modes=False)
     pp.set_defaults(func=cmd_ppl)
 
@@ -199,7 +201,7 @@ def _finish(args: argparse.Namespace, name: str, model: Any, config: Any, result
 
 
 def cmd_passkey(args: argparse.Namespace) -> int:
-    from .passkey import PasskeyConfig, check_filler, passkey
+    from .passkey import PasskeyConfig, PasskeyTrial, check_filler, passkey
     from .plots import passkey_heatmap
 
     config = _config(PasskeyConfig, lengths=args.lengths, depths=args.depths, trials=args.trials,
@@ -208,19 +210,21 @@ def cmd_passkey(args: argparse.Namespace) -> int:
     check_filler(config)
     check_out_path(args.out)
     model = _load(args)
-    start = time.perf_counter()
-    result = passkey(model, config, progress=not args.quiet)
-    seconds = time.perf_counter() - start
+    result, seconds, partial = _run_resumable(
+        args, "passkey", config, model, PasskeyTrial,
+        lambda done, hook: passkey(model, config, progress=not args.quiet, done=done, on_trial=hook))
     lines = [f"{'mode':>14}  accuracy  " + "  ".join(f"{n:>7}" for n in config.lengths)]
     for mode, s in result.summary().items():
         lines.append(f"{mode:>14}  {s['accuracy']:8.1%}  " + "  ".join(f"{v:7.0%}" for v in s["by_length"].values()))
-    return _finish(args, "passkey", model, config, result.to_dict(), seconds, passkey_heatmap, "\n".join(lines))
+    code = _finish(args, "passkey", model, config, result.to_dict(), seconds, passkey_heatmap, "\n".join(lines))
+    partial.finish()
+    return code
 
 
 def cmd_ppl(args: argparse.Namespace) -> int:
     from ..files import read_text
     from .plots import ppl_curves
-    from .ppl import PplConfig, ppl
+    from .ppl import PplConfig, PplRun, ppl
 
     files = [str(f) for f in args.files] or None
     config = _config(PplConfig, files=files, memory_sizes=args.memory_sizes, chunk_sizes=args.chunk_sizes,
@@ -230,9 +234,9 @@ def cmd_ppl(args: argparse.Namespace) -> int:
         read_text(path)
     check_out_path(args.out)
     model = _load(args)
-    start = time.perf_counter()
-    result = ppl(model, config, progress=not args.quiet)
-    seconds = time.perf_counter() - start
+    result, seconds, partial = _run_resumable(
+        args, "ppl", config, model, PplRun,
+        lambda done, hook: ppl(model, config, progress=not args.quiet, done=done, on_run=hook))
     totals = result.totals()
     labels = list(next(iter(totals.values()))["buckets"])
     lines = [f"{'run':>22}  {'all':>8}  " + "  ".join(f"{label:>8}" for label in labels)]
@@ -240,7 +244,9 @@ def cmd_ppl(args: argparse.Namespace) -> int:
         cells = [f"{t['buckets'][label]['perplexity']:8.3f}" if label in t["buckets"] else f"{'-':>8}"
                  for label in labels]
         lines.append(f"{name:>22}  {t['perplexity']:8.3f}  " + "  ".join(cells))
-    return _finish(args, "ppl", model, config, result.to_dict(), seconds, ppl_curves, "\n".join(lines))
+    code = _finish(args, "ppl", model, config, result.to_dict(), seconds, ppl_curves, "\n".join(lines))
+    partial.finish()
+    return code
 
 
 def cmd_chapterbreak(args: argparse.Namespace) -> int:

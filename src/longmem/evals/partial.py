@@ -6,8 +6,9 @@ The first line is a header naming what is being run (the evaluation, its config,
 resume reads the file back only if the header is the same, so units of another setting are never
 mixed in; a run without ``--resume`` refuses to overwrite a partial file (hours of work may be in
 it). Each later line is one unit (an ICL (task, seed, k, mode) accuracy, a ChapterBreak example in
-one mode) and the seconds it took. Lines are appended and flushed one at a time; a torn last line
-(the process died while writing it) is dropped. A finished run deletes the file.
+one mode, one perplexity run on one file, one passkey prompt in one mode) and the seconds it took. Lines are appended and flushed one at a time; a torn last line
+(the process died while writing it) is dropped. A finished run deletes the file, and so does one that
+stops before finishing a single unit.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class PartialLog:
         self.path, self.header = Path(path), json.loads(json.dumps(header))  # as it reads back from JSON
         self.units: list[dict] = []
         self.seconds = 0.0  # spent on the units read back
+        self.added = 0  # units written by this run
         if not resume and self.path.exists():
             raise LongMemError(f"{self.path} holds partial results of an interrupted run: add --resume to continue it, "
                                "or delete the file to start over")
@@ -69,6 +71,7 @@ class PartialLog:
 
     def add(self, unit: dict, seconds: float) -> None:
         self._write({"unit": unit, "seconds": seconds})
+        self.added += 1
 
     def finish(self) -> None:
         """The run is complete (its results JSON written): the partial file goes."""
@@ -76,5 +79,8 @@ class PartialLog:
         self.path.unlink(missing_ok=True)
 
     def close(self) -> None:
-        """The run stopped early: keep the file for --resume."""
+        """The run stopped early: keep the file for --resume, unless it holds no unit (a run refused
+        before its first one leaves nothing behind)."""
         self._file.close()
+        if not self.units and not self.added:
+            self.path.unlink(missing_ok=True)

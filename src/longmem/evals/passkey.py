@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -187,21 +188,36 @@ class PromptBuilder:
         return i
 
 
+TrialHook = Callable[[PasskeyTrial, float], None]
+"""Called with every newly run trial and the seconds it took."""
+
+
 @torch.no_grad()
-def passkey(model: Scorer, config: PasskeyConfig | None = None, progress: bool = False) -> PasskeyResult:
-    """Run the passkey evaluation on ``model`` (a LongMemModel or any Scorer)."""
+def passkey(model: Scorer, config: PasskeyConfig | None = None, progress: bool = False,
+            done: list[PasskeyTrial] | None = None, on_trial: TrialHook | None = None) -> PasskeyResult:
+    """Run the passkey evaluation on ``model`` (a LongMemModel or any Scorer).
+
+    ``done``: trials of an interrupted run of the same config, kept instead of run again.
+    """
     config = config or PasskeyConfig()
     modes = parse_modes(model, config.modes)
     builder = PromptBuilder(model.tokenizer, config)
+    finished = {(d.length, d.depth, d.trial, d.mode): d for d in done or []}
     trials = []
     grid = [(n, di, depth, t) for n in config.lengths for di, depth in enumerate(config.depths)
             for t in range(config.trials)]
     for n, di, depth, t in tqdm(grid, desc="passkey", unit="prompt", disable=not progress, leave=False):
-        prompt = builder.build(n, depth, random.Random(f"{config.seed}-{n}-{di}-{t}"))
+        prompt = None
         for mode in modes:
+            if (n, depth, t, mode.name) in finished:
+                trials.append(finished[n, depth, t, mode.name])
+                continue
+            prompt = prompt or builder.build(n, depth, random.Random(f"{config.seed}-{n}-{di}-{t}"))
             trials.append(run_trial(model, mode, prompt, n, depth, t, config.generate))
             log.info("passkey N=%d depth=%g trial %d %s: %s (key %s)", n, depth, t, mode.name,
                      "ok" if trials[-1].correct else repr(trials[-1].predicted), prompt.passkey)
+            if on_trial is not None:
+                on_trial(trials[-1], trials[-1].seconds)
     return PasskeyResult(config, trials)
 
 

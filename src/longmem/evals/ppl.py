@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -159,8 +160,16 @@ def run_name(memory_size: int, chunk_size: int) -> str:
     return "longmem-empty" if memory_size == 0 else f"longmem-m{memory_size}-c{chunk_size}"
 
 
-def ppl(model: Scorer, config: PplConfig | None = None, progress: bool = False) -> PplResult:
-    """Score every file of ``config`` with every run (see the module docstring)."""
+RunHook = Callable[[PplRun, float], None]
+"""Called with every newly finished run of one file and the seconds it took."""
+
+
+def ppl(model: Scorer, config: PplConfig | None = None, progress: bool = False,
+        done: list[PplRun] | None = None, on_run: RunHook | None = None) -> PplResult:
+    """Score every file of ``config`` with every run (see the module docstring).
+
+    ``done``: runs of an interrupted evaluation of the same config, kept instead of scored again.
+    """
     config = config or PplConfig()
     texts = {f: read_text(f) for f in config.files}
     for w in config.windows:
@@ -168,22 +177,31 @@ def ppl(model: Scorer, config: PplConfig | None = None, progress: bool = False) 
             raise LongMemError(f"window {w} must be between 1 and the native context {model.backbone.native_context}")
     settings = config.settings(model.config.chunk_size)
     scorers = {run_name(m, c): variant(model, memory_size=m or None, chunk_size=c or None) for m, c in settings}
+    finished = {(r.file, r.name): r for r in done or []}
     runs = []
+
+    def add(path: str, name: str, m: int, c: int, score: Callable[[], PerplexityResult]) -> None:
+        if (path, name) in finished:
+            runs.append(finished[path, name])
+            return
+        runs.append(_run(path, name, m, c, score(), config))
+        if on_run is not None:
+            on_run(runs[-1], runs[-1].seconds)
+
     for path, text in texts.items():
         ids = tokenize(model, text)[: config.max_tokens]
         if config.backbone:
-            runs.append(_run(path, "backbone", 0, 0, perplexity(model, ids, "backbone", progress=progress,
-                                                                   token_nll=True), config))
+            add(path, "backbone", 0, 0, lambda: perplexity(model, ids, "backbone", progress=progress, token_nll=True))
         for w in config.windows:
-            res = sliding_window_perplexity(model, ids, w, progress=progress, token_nll=True)
-            runs.append(_run(path, f"window-{w}", 0, 0, res, config))
+            add(path, f"window-{w}", 0, 0,
+                lambda w=w: sliding_window_perplexity(model, ids, w, progress=progress, token_nll=True))
         for m, c in settings:
-            mode = "no-memory" if m == 0 else "memory"
-            res = perplexity(scorers[run_name(m, c)], ids, mode, progress=progress, token_nll=True)
-            runs.append(_run(path, run_name(m, c), m, c, res, config))
+            scorer, mode = scorers[run_name(m, c)], "no-memory" if m == 0 else "memory"
+            add(path, run_name(m, c), m, c,
+                lambda scorer=scorer, mode=mode: perplexity(scorer, ids, mode, progress=progress, token_nll=True))
             if m == 0 and getattr(model, "recent_tokens", 0):
-                res = perplexity(model, ids, "short-term-only", progress=progress, token_nll=True)
-                runs.append(_run(path, "longmem-short-term", 0, 0, res, config))
+                add(path, "longmem-short-term", 0, 0,
+                    lambda: perplexity(model, ids, "short-term-only", progress=progress, token_nll=True))
     lead = run_name(max(config.memory_sizes or [0]), model.config.chunk_size)
     return PplResult(config, runs, lead)
 
