@@ -49,6 +49,20 @@ def test_log_reads_back_units_and_seconds_drops_a_torn_line_and_refuses_other_ru
     assert not path.exists()
 
 
+def interrupt_at(monkeypatch, module, name: str, n: int):
+    """Make module.name raise on its n-th call, as a killed run stops; returns the real function."""
+    real, calls = getattr(module, name), []
+
+    def dies(*a, **k):
+        calls.append(1)
+        if len(calls) == n:
+            raise LongMemError("interrupted")
+        return real(*a, **k)
+
+    monkeypatch.setattr(module, name, dies)
+    return real
+
+
 def icl_data(tmp_path):
     task = tmp_path / "icl" / "mood"
     task.mkdir(parents=True)
@@ -77,22 +91,13 @@ def test_cli_resumes_an_interrupted_icl_run(tmp_path, capsys, backbone_dir, monk
     assert run_cli(capsys, *args, "--out", fresh)[0] == 0 and not partial_path(fresh).exists()
 
     out = tmp_path / "icl.json"
-    real, calls = icl_module.run_seed, []
-
-    def dies_on_the_fourth(*a, **k):
-        calls.append(1)
-        if len(calls) == 4:
-            raise LongMemError("interrupted")
-        return real(*a, **k)
-
-    monkeypatch.setattr(icl_module, "run_seed", dies_on_the_fourth)
+    real = interrupt_at(monkeypatch, icl_module, "run_seed", 4)
     code, _, err = run_cli(capsys, *args, "--out", out)
     assert code == 2 and "interrupted" in err and not out.exists()
     assert len(partial_path(out).read_text().splitlines()) == 1 + 3  # header + 3 finished units
     code, _, err = run_cli(capsys, *args, "--out", out)
     assert code == 2 and "add --resume" in err
     monkeypatch.setattr(icl_module, "run_seed", real)
-    calls.clear()
     assert run_cli(capsys, *args, "--out", out, "--resume")[0] == 0
     assert not partial_path(out).exists()
     assert json.loads(out.read_text())["results"] == json.loads(fresh.read_text())["results"]
@@ -151,15 +156,7 @@ def test_cli_resumes_an_interrupted_ppl_run(tmp_path, capsys, backbone_dir, monk
     assert run_cli(capsys, *args, "--out", fresh)[0] == 0 and not partial_path(fresh).exists()
 
     out = tmp_path / "ppl.json"
-    real, calls = ppl_module.perplexity, []
-
-    def dies_on_the_third(*a, **k):
-        calls.append(1)
-        if len(calls) == 3:
-            raise LongMemError("interrupted")
-        return real(*a, **k)
-
-    monkeypatch.setattr(ppl_module, "perplexity", dies_on_the_third)
+    real = interrupt_at(monkeypatch, ppl_module, "perplexity", 3)
     code, _, err = run_cli(capsys, *args, "--out", out)
     assert code == 2 and "interrupted" in err and not out.exists()
     assert len(partial_path(out).read_text().splitlines()) == 1 + 2  # header + backbone + longmem-empty

@@ -6,9 +6,9 @@ The first line is a header naming what is being run (the evaluation, its config,
 resume reads the file back only if the header is the same, so units of another setting are never
 mixed in; a run without ``--resume`` refuses to overwrite a partial file (hours of work may be in
 it). Each later line is one unit (an ICL (task, seed, k, mode) accuracy, a ChapterBreak example in
-one mode, one perplexity run on one file, one passkey prompt in one mode) and the seconds it took. Lines are appended and flushed one at a time; a torn last line
-(the process died while writing it) is dropped. A finished run deletes the file, and so does one that
-stops before finishing a single unit.
+one mode, one perplexity run on one file, one passkey prompt in one mode) and the seconds it took.
+Lines are appended and flushed one at a time; a torn last line (the process died while writing it)
+is dropped. A finished run deletes the file, and so does one that stops before its first unit.
 """
 
 from __future__ import annotations
