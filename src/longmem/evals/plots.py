@@ -154,12 +154,14 @@ def ppl_compare(results: dict, out: Path) -> Path:
     labels = [*results["buckets"], "all"]
     fig, ax = plt.subplots(figsize=(1.6 * len(labels) + 3, 4.2), layout="constrained")
     width = 0.8 / max(1, len(names))
+    cmap = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")  # one colour per run, none repeated up to 20
     for i, name in enumerate(names):
         t = totals[name]
         ys = [(t if b == "all" else t["buckets"].get(b, {})).get("perplexity", 0.0) for b in labels]
-        ax.bar([j + (i - (len(names) - 1) / 2) * width for j in range(len(labels))], ys, width, label=name)
+        ax.bar([j + (i - (len(names) - 1) / 2) * width for j in range(len(labels))], ys, width, label=name,
+               color=cmap(i % cmap.N))
     ax.set_xticks(range(len(labels)), [f"{b} tokens" if b != "all" else b for b in labels])
     ax.set_ylabel("perplexity (lower is better)")
     ax.set_ylim(0.6 * min(totals[n]["perplexity"] for n in names), None)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars, never over them
     return _save(fig, out)
