@@ -112,6 +112,7 @@ def chapterbreak_accuracy(results: dict, out: Path) -> Path:
                         label=f"{mode} ({s['all']['accuracy']:.0%})")
         ax.axhline(summary["chance"], color="grey", linestyle="--", label="chance")
         ax.set_xscale("log", base=2)
+        ax.set_xlim(prefixes[0] / 1.4, prefixes[-1] * 1.4)  # room around the offsets, also for a single length
         ax.set_xticks(prefixes, [f"{p // 1024}k" if p >= 1024 else str(p) for p in prefixes])
         ax.set_xlabel("prefix length (tokens)")
         ax.set_ylabel("accuracy (95% CI)")
