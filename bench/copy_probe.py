@@ -26,8 +26,8 @@ import torch
 from core import write_report
 from longmem.evals.passkey import PasskeyConfig, PromptBuilder
 from longmem.files import read_text
-from longmem.model import LongMemModel, LongMemOutput
-from longmem.reader import tokenize
+from longmem.model.longmem import LongMemModel, LongMemOutput
+from longmem.inference.reader import tokenize
 
 TEXT = Path("data/books/validation/austen-northangerabbey.txt")
 PASSKEYS = [(4096, 0.1, 0), (4096, 0.1, 1), (8192, 0.1, 0), (8192, 0.5, 0), (16384, 0.5, 0), (16384, 0.1, 0)]

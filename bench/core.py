@@ -28,9 +28,9 @@ import torch
 
 from longmem.errors import LongMemError
 from longmem.evals.results import git_commit
-from longmem.model import LongMemModel
-from longmem.reader import tokenize
-from longmem.train_config import parse_set
+from longmem.model.longmem import LongMemModel
+from longmem.inference.reader import tokenize
+from longmem.train.config import parse_set
 
 git_commit()  # read when a bench starts: its report names the code it ran (memoised)
 

@@ -33,8 +33,8 @@ import torch
 
 from core import write_report
 from longmem.files import read_text
-from longmem.model import LongMemModel
-from longmem.reader import perplexity, sliding_window_perplexity, tokenize
+from longmem.model.longmem import LongMemModel
+from longmem.inference.reader import perplexity, sliding_window_perplexity, tokenize
 
 TEXT = Path("data/books/test/austen-emma.txt")
 BOOKS = Path("data/books")
@@ -103,8 +103,8 @@ def growth(model: LongMemModel, ids: torch.Tensor, sizes: list[int]) -> dict:
 @torch.no_grad()
 def remember_growth(model: LongMemModel, ids: torch.Tensor, sizes: list[int]) -> dict:
     """Cumulative seconds of reading into a named memory on disk that keeps every token."""
-    from longmem.memory.named import NamedMemory
-    from longmem.session import _remember
+    from longmem.memory.io.named import NamedMemory
+    from longmem.inference.session import _remember
 
     points, elapsed = [], 0.0
     with tempfile.TemporaryDirectory() as root:

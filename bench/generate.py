@@ -32,12 +32,12 @@ import torch
 from transformers import DynamicCache
 
 from core import add_set_argument, architecture_overrides, write_report
-from longmem.backbone import with_cache
-from longmem.generate import GenerationConfig
-from longmem.memory.named import NamedMemory
-from longmem.model import LongMemModel
-from longmem.reader import tokenize
-from longmem.session import Session, _remember, read_into
+from longmem.model.backbone import with_cache
+from longmem.inference.generate import GenerationConfig
+from longmem.memory.io.named import NamedMemory
+from longmem.model.longmem import LongMemModel
+from longmem.inference.reader import tokenize
+from longmem.inference.session import Session, _remember, read_into
 
 DEFAULT_TEXT = Path("data/books/train/austen-mansfieldpark.txt")
 DEFAULT_PROMPT = Path("data/books/test/austen-emma.txt")

@@ -21,8 +21,8 @@ import torch
 from core import write_report
 from longmem.files import read_text
 from longmem.memory import MemoryBank
-from longmem.model import LongMemModel
-from longmem.reader import perplexity, tokenize
+from longmem.model.longmem import LongMemModel
+from longmem.inference.reader import perplexity, tokenize
 
 TEXTS = [Path("data/books/test/austen-persuasion.txt"), Path("data/books/test/austen-emma.txt")]
 

@@ -41,7 +41,7 @@ import torch
 
 from core import Timer, patched, write_report
 from longmem.memory import MemoryBank
-from longmem.memory.index import IndexConfig
+from longmem.memory.search.exact import IndexConfig
 
 BOOKS = [Path("data/books/train") / f"{name}.txt" for name in (
     "kjv-bible", "austen-mansfieldpark", "austen-prideprejudice", "austen-sensesensibility")]
@@ -174,7 +174,7 @@ def segment_seconds(args: argparse.Namespace) -> float:
 
 def books(args: argparse.Namespace):
     """Real keys, queries and segment time (see retrieval_keys.py)."""
-    from longmem.model import LongMemModel
+    from longmem.model.longmem import LongMemModel
     from retrieval_keys import collect, time_segment
 
     overrides = {"segment_length": args.segment} if args.segment else {}

@@ -23,11 +23,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from longmem.families import apply_rope
+from longmem.model.families import apply_rope
 from longmem.files import read_text
-from longmem.generate import copy_memory
-from longmem.model import LongMemModel
-from longmem.reader import tokenize
+from longmem.inference.generate import copy_memory
+from longmem.model.longmem import LongMemModel
+from longmem.inference.reader import tokenize
 
 
 

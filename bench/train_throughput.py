@@ -23,8 +23,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from core import Timer, patched, write_report  # noqa: E402
 
-from longmem.train import Trainer  # noqa: E402
-from longmem.train_config import TrainConfig  # noqa: E402
+from longmem.train.trainer import Trainer  # noqa: E402
+from longmem.train.config import TrainConfig  # noqa: E402
 
 
 def prefill(trainer: Trainer, tokens: int) -> None:

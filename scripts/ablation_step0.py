@@ -13,8 +13,8 @@ import tempfile
 import time
 
 from longmem.evals.results import git_commit
-from longmem.train import Trainer
-from longmem.train_config import load_train_config
+from longmem.train.trainer import Trainer
+from longmem.train.config import load_train_config
 
 VARIANTS = {"delta-joint": [], "identity-joint": ["model.init=identity"],
             "paper-gated": ["model.init=paper", "model.fusion=gated"]}

@@ -23,7 +23,7 @@ from pathlib import Path
 from longmem import LongMemModel
 from longmem.evals.results import git_commit
 from longmem.files import read_text
-from longmem.reader import perplexity, read, tokenize
+from longmem.inference.reader import perplexity, read, tokenize
 
 BOOKS = ["data/books/test/austen-persuasion.txt", "data/books/test/austen-emma.txt"]
 

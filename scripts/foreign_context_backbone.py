@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from longmem import LongMemModel
 from longmem.evals.results import git_commit
 from longmem.files import read_text
-from longmem.reader import tokenize
+from longmem.inference.reader import tokenize
 
 BOOKS = ["data/books/test/austen-persuasion.txt", "data/books/test/austen-emma.txt"]
 

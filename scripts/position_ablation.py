@@ -16,7 +16,7 @@ from pathlib import Path
 
 from longmem import LongMemModel
 from longmem.evals.scoring import variant
-from longmem.reader import perplexity, tokenize
+from longmem.inference.reader import perplexity, tokenize
 
 TEXT = "data/books/validation/austen-northangerabbey.txt"
 

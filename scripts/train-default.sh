@@ -6,7 +6,7 @@
 # Needs `longmem data books`.
 # Run it again after an interruption: each stage resumes from its latest checkpoint.
 #   bash scripts/train-default.sh [--stage1-only] [--stage2-only] [--stage3-only] [--stage4-only] [--install]
-# --install copies the result over the packaged default (src/longmem/sidenets/smollm2-135m/).
+# --install copies the result over the packaged default (src/longmem/assets/sidenets/smollm2-135m/).
 set -euo pipefail
 stage2=1 stage3=1 stage4=1 stage5=1 install=0
 for arg in "$@"; do
@@ -40,5 +40,5 @@ if [ "$stage5" = 1 ]; then  # stage 5: the memory path trained again under the s
   out=runs/longmem-refit/sidenet
 fi
 if [ "$install" = 1 ]; then
-  cp "$out/config.json" "$out/model.safetensors" src/longmem/sidenets/smollm2-135m/
+  cp "$out/config.json" "$out/model.safetensors" src/longmem/assets/sidenets/smollm2-135m/
 fi

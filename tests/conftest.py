@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from longmem.backbone import FrozenBackbone
+from longmem.model.backbone import FrozenBackbone
 from longmem.config import LongMemConfig
-from longmem.model import LongMemModel
+from longmem.model.longmem import LongMemModel
 
 VOCAB = 260
 
@@ -84,7 +84,7 @@ def backbone_dir(tmp_path_factory):
 
 def run_cli(capsys, *args) -> tuple[int, str, str]:
     """Run the `longmem` CLI in-process -> (exit code, stdout, stderr)."""
-    from longmem.cli import main
+    from longmem.cli.main import main
 
     code = main([str(a) for a in args])
     out = capsys.readouterr()

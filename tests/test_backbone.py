@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from conftest import make_model, tiny_gpt2, tiny_llama
-from longmem.backbone import FrozenBackbone, default_memory_layer, with_cache
+from longmem.model.backbone import FrozenBackbone, default_memory_layer, with_cache
 from longmem.errors import LongMemError
 
 
@@ -78,7 +78,7 @@ def test_segment_longer_than_native_context_is_refused():
 
 
 def test_one_decoded_token_takes_the_unmasked_gqa_call_with_the_same_logits(monkeypatch):
-    import longmem.backbone as backbone
+    import longmem.model.backbone as backbone
 
     shapes = []
     real = backbone.F.scaled_dot_product_attention

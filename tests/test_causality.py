@@ -66,7 +66,7 @@ def test_sink_tokens_stay_out_of_memory():
 
 
 def test_reader_fills_memory_like_a_manual_loop():
-    from longmem.reader import read as stream
+    from longmem.inference.reader import read as stream
 
     model = make_model("llama", init="paper")
     ids = torch.randint(0, 256, (50,))
@@ -77,7 +77,7 @@ def test_reader_fills_memory_like_a_manual_loop():
 
 
 def test_sliding_window_equals_segments_when_stride_is_the_window():
-    from longmem.reader import perplexity, sliding_window_perplexity
+    from longmem.inference.reader import perplexity, sliding_window_perplexity
 
     model = make_model("llama")
     ids = torch.randint(0, 256, (65,))  # whole segments: the last one is not shorter

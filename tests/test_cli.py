@@ -39,8 +39,8 @@ def test_ppl_compare_modes_agree_for_identity_init(tmp_path, capsys, backbone_di
 
 
 def test_ppl_with_a_saved_sidenet(tmp_path, capsys, backbone_dir):
-    from longmem.backbone import FrozenBackbone
-    from longmem.model import LongMemModel
+    from longmem.model.backbone import FrozenBackbone
+    from longmem.model.longmem import LongMemModel
 
     hf = type(tiny_llama()).from_pretrained(backbone_dir)
     model = LongMemModel(make_model("llama").config.__class__(backbone=str(backbone_dir), init="paper",

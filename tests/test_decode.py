@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from conftest import make_model
-from longmem.decode import decode, new_cache
+from longmem.inference.decode import decode, new_cache
 from longmem.errors import LongMemError
-from longmem.generate import Decoder, ReferenceDecoder
+from longmem.inference.generate import Decoder, ReferenceDecoder
 
 VARIANTS = [("identity", "gated"), ("paper", "gated"), ("paper", "joint"), ("delta", "gated"), ("delta", "joint")]
 
@@ -152,8 +152,8 @@ def test_memory_kv_equals_the_full_backbone_pass(family):
 
 
 def test_fast_reading_fills_the_same_memory_as_the_reader(family):
-    from longmem.reader import read
-    from longmem.session import read_into
+    from longmem.inference.reader import read
+    from longmem.inference.session import read_into
 
     model = trained(family)
     ids = torch.randint(0, 256, (150,))  # more than the 64-token capacity: eviction too
@@ -209,8 +209,8 @@ def test_sliding_window_with_a_tier_matches_re_running_the_window(evict):
 
 
 def test_fast_reading_with_a_tier_fills_the_same_memory():
-    from longmem.reader import read
-    from longmem.session import read_into
+    from longmem.inference.reader import read
+    from longmem.inference.session import read_into
 
     model = tiered()
     ids = torch.randint(0, 256, (150,))
@@ -229,7 +229,7 @@ def test_growing_cache_layer_equals_hf_dynamic_layer_through_growth():
     outgrow the first allocation, and the views they return are not overwritten by later updates."""
     from transformers.cache_utils import DynamicLayer
 
-    from longmem.kv_cache import GrowingLayer
+    from longmem.model.hf_cache import GrowingLayer
 
     grow, ref = GrowingLayer(capacity=3), DynamicLayer()
     gen = torch.Generator().manual_seed(0)
@@ -262,7 +262,7 @@ def test_incremental_logits_with_a_style_adapter(read_tokens, layers, width):
 
 @pytest.mark.parametrize("layers,width", [("memory", 0), ("all", 0), ("all", 8)])
 def test_a_fresh_style_adapter_changes_nothing(tmp_path, layers, width):
-    from longmem.model import LongMemModel
+    from longmem.model.longmem import LongMemModel
 
     plain = trained("llama", "delta", "joint")
     plain.save_pretrained(tmp_path / "plain")

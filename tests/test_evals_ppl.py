@@ -8,7 +8,7 @@ from longmem.errors import LongMemError
 from longmem.evals.plots import ppl_curves
 from longmem.evals.ppl import PplConfig, bucket_stats, ppl
 from longmem.evals.scoring import variant
-from longmem.reader import perplexity, sliding_window_perplexity, tokenize
+from longmem.inference.reader import perplexity, sliding_window_perplexity, tokenize
 
 TEXT = "It is a truth universally acknowledged, that a single man in possession of a good fortune. " * 3
 

@@ -4,8 +4,8 @@ import numpy as np
 import torch
 
 from conftest import byte_tokenizer
-from longmem.data.facts import EXCLUDED, FactPlanter, FactWords
-from longmem.data.stream import DocumentStream
+from longmem.train.facts import EXCLUDED, FactPlanter, FactWords
+from longmem.train.stream import DocumentStream
 from longmem.data.tokens import TokenizedCorpus
 
 

@@ -5,7 +5,7 @@ import torch
 
 from conftest import make_model
 from longmem.errors import LongMemError
-from longmem.generate import GenerationConfig, _safe_length, generate, sample, stream
+from longmem.inference.generate import GenerationConfig, _safe_length, generate, sample, stream
 
 
 def test_greedy_is_argmax_and_top_p_keeps_the_nucleus():

@@ -185,7 +185,7 @@ def test_bank_size_per_token_is_close_to_raw_kv():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_two_level_topk_equals_topk(dtype):
-    from longmem.memory.index import topk_two_level
+    from longmem.memory.search.exact import topk_two_level
 
     torch.manual_seed(4)
     scores = torch.randn(3, 50, 4096).to(dtype)

@@ -6,8 +6,8 @@ import torch
 from conftest import make_model
 from longmem.config import LongMemConfig
 from longmem.errors import LongMemError
-from longmem.session import read_into
-from longmem.train import Trainer
+from longmem.inference.session import read_into
+from longmem.train.trainer import Trainer
 from test_train import config, setup_dirs  # noqa: F401  (fixture)
 
 

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from conftest import make_model, tiny_llama
-from longmem.backbone import FrozenBackbone
+from longmem.model.backbone import FrozenBackbone
 from longmem.errors import LongMemError
-from longmem.model import LongMemModel
+from longmem.model.longmem import LongMemModel
 
 
 def test_sidenet_save_load_roundtrip_is_bit_exact(tmp_path, family):
@@ -68,7 +68,7 @@ def test_memory_from_model_refuses_other_backbone(tmp_path):
 
 def test_the_shipped_sidenet_is_packaged_intact():
     from longmem.files import load_checked_safetensors, load_json
-    from longmem.model import WEIGHTS, read_config, shipped_sidenet
+    from longmem.model.longmem import WEIGHTS, read_config, shipped_sidenet
 
     path = shipped_sidenet("smollm2-135m")
     assert path is not None and shipped_sidenet("no-such-backbone") is None

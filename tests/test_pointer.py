@@ -6,7 +6,7 @@ import torch
 from conftest import make_model
 from longmem.errors import LongMemError
 from longmem.memory import load_memory, save_memory
-from longmem.memory.tokens import TokenLog
+from longmem.memory.token_log import TokenLog
 
 
 def test_token_log_ring_lookup_and_reset():
@@ -72,7 +72,7 @@ def test_the_copy_head_predicts_a_repeated_passage_from_memory():
 def test_the_copy_head_can_be_switched_off_at_inference():
     """copy_head_enabled = False (the ablation switch): the SideNet's own logits, in a forward pass and
     in incremental decoding, as if the model had no copy head."""
-    from longmem.decode import decode, new_cache
+    from longmem.inference.decode import decode, new_cache
 
     torch.manual_seed(1)
     model = make_model("llama", init="delta", fusion="joint", pointer=True)
@@ -106,7 +106,7 @@ def test_copy_head_memory_saves_and_loads_its_token_ids(tmp_path):
 
 
 def test_a_sidenet_without_copy_head_loads_with_a_fresh_one(tmp_path):
-    from longmem.model import LongMemModel
+    from longmem.model.longmem import LongMemModel
 
     plain = make_model("llama", init="delta", fusion="joint")
     plain.save_pretrained(tmp_path / "s")
@@ -171,7 +171,7 @@ def test_a_match_that_continues_the_previous_one_wins():
     keys = torch.randn(1, 1, 12, 8)
     keys[:, :, 9] = keys[:, :, 3]  # position 3's look-alike at 9, with another successor
     log.note(torch.arange(100, 112)[None], torch.arange(12)[None], keys=keys)
-    from longmem.pointer import CopyHead
+    from longmem.model.copy_head import CopyHead
     head = CopyHead(1, topk=2)
     with torch.no_grad():
         head.sharpness.fill_(0.0)  # similarity alone cannot choose between 3 and 9
@@ -181,7 +181,7 @@ def test_a_match_that_continues_the_previous_one_wins():
 
 
 def test_runs_count_consecutive_matches_up_to_the_cap():
-    from longmem.pointer import RUN, _runs
+    from longmem.model.copy_head import RUN, _runs
     top = torch.tensor([[[10, 11, 12, 13, 14, 15, 3, 4, -1, 0, 1]]])
     assert _runs(top)[0, 0].tolist() == [0, 1, 2, 3, 4, 4, 0, 1, 0, 0, 1]
     assert RUN == 4
@@ -248,7 +248,7 @@ def test_exact_matches_copy_a_passage_the_keys_do_not_recognise():
 
 
 def test_exact_match_gate_trains_and_decoding_agrees():
-    from longmem.decode import decode, new_cache
+    from longmem.inference.decode import decode, new_cache
 
     torch.manual_seed(7)
     model = make_model("llama", init="delta", fusion="joint", pointer=True, pointer_ngram=2)
@@ -269,7 +269,7 @@ def test_exact_match_gate_trains_and_decoding_agrees():
 def test_a_copy_head_without_exact_matches_loads_with_fresh_ones(tmp_path):
     from dataclasses import replace
 
-    from longmem.model import LongMemModel
+    from longmem.model.longmem import LongMemModel
 
     keys_only = make_model("llama", init="delta", fusion="joint", pointer=True)
     with torch.no_grad():
@@ -297,8 +297,8 @@ def test_local_exact_matches_copy_inside_the_context_without_a_memory():
 def test_context_gate_starts_neutral_trains_and_decoding_agrees(tmp_path):
     from dataclasses import replace
 
-    from longmem.decode import decode, new_cache
-    from longmem.model import LongMemModel
+    from longmem.inference.decode import decode, new_cache
+    from longmem.model.longmem import LongMemModel
 
     torch.manual_seed(9)
     plain = make_model("llama", init="delta", fusion="joint", pointer=True, pointer_ngram=2)

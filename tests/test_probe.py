@@ -1,7 +1,7 @@
 import torch
 
 from conftest import make_model
-from longmem.probe import retrieval_quality
+from longmem.evals.probe import retrieval_quality
 
 
 def test_probe_scores_lie_between_random_and_perfect(family):

@@ -1,8 +1,8 @@
 import numpy as np
 import torch
 
-from longmem.data.recall import insert_recall_spans
-from longmem.data.stream import DocumentStream
+from longmem.train.recall import insert_recall_spans
+from longmem.train.stream import DocumentStream
 from longmem.data.tokens import TokenizedCorpus
 
 

@@ -46,7 +46,7 @@ def test_short_term_tier_equals_the_transformer_xl_recurrence():
 
 
 def test_a_full_tier_is_read_by_the_split_kernel_with_the_same_logits(monkeypatch):
-    import longmem.backbone as backbone
+    import longmem.model.backbone as backbone
 
     calls = []
     real = backbone.split_past_attention

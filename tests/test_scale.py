@@ -8,9 +8,9 @@ import torch
 from longmem.config import LongMemConfig
 from longmem.errors import LongMemError
 from longmem.files import sha256
-from longmem.generate import copy_memory
+from longmem.inference.generate import copy_memory
 from longmem.memory import MemoryBank, load_memory, save_memory
-from longmem.memory.index import IndexConfig
+from longmem.memory.search.exact import IndexConfig
 from longmem.memory.quant import dequantize, quantize
 
 H, D, CSZ = 2, 16, 4
@@ -177,7 +177,7 @@ def test_int8_bank_retrieves_close_entries_and_saves_loads_exactly(tmp_path):
 
 def test_model_reads_an_int8_memory_almost_like_a_float_one():
     from conftest import make_model
-    from longmem.reader import perplexity
+    from longmem.inference.reader import perplexity
 
     model = make_model(init="paper", memory_size=256)
     ids = torch.randint(0, 256, (160,), generator=torch.Generator().manual_seed(19))
@@ -228,7 +228,7 @@ def test_mmap_load_retrieves_exactly_what_an_in_ram_load_does(tmp_path, dtype):
 
 def test_model_reads_a_mapped_memory_with_its_short_term_tier_like_a_loaded_one(tmp_path):
     from conftest import make_model
-    from longmem.reader import read
+    from longmem.inference.reader import read
 
     model = make_model(init="paper", recent_tokens=16, memory_size=128)
     ids = torch.randint(0, 256, (200,), generator=torch.Generator().manual_seed(20))

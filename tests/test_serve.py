@@ -17,7 +17,7 @@ import torch
 
 from conftest import byte_tokenizer, make_model, tiny_llama
 from longmem.errors import LongMemError
-from longmem.serve import ServeConfig, make_server
+from longmem.serve.app import ServeConfig, make_server
 
 BOOK = "It is a truth universally acknowledged, that a single man in possession of a good fortune. " * 3
 SEA = "Call me Ishmael. Some years ago, never mind how long precisely, having little or no money. " * 3

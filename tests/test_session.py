@@ -14,8 +14,8 @@ import torch
 
 from conftest import make_model
 from longmem.errors import LongMemError
-from longmem.reader import read
-from longmem.session import Session, forget, list_memories, load_named, remember
+from longmem.inference.reader import read
+from longmem.inference.session import Session, forget, list_memories, load_named, remember
 
 TESTS = Path(__file__).parent
 TEXT_A = "It is a truth universally acknowledged, that a single man in possession of a good fortune. " * 2
@@ -185,8 +185,8 @@ CHILD = r"""
 import json, os, sys, time
 sys.path.insert(0, sys.argv[1])
 from conftest import make_model
-import longmem.memory.named as named
-from longmem.session import remember
+import longmem.memory.io.named as named
+from longmem.inference.session import remember
 
 root, point, text = sys.argv[2], sys.argv[3], sys.argv[4]
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from conftest import make_model
-from longmem.attention import (gated_fusion, joint_fusion, local_attention, local_attention_lse, memory_attention,
+from longmem.model.attention import (gated_fusion, joint_fusion, local_attention, local_attention_lse, memory_attention,
                               split_past_attention)
 
 
@@ -99,7 +99,7 @@ def test_every_option_combination_runs_and_identity_holds(family):
 
 def test_true_positions_place_keys_at_their_real_distance():
     """Memory attention with 'true' positions == local RoPE attention at the same distances."""
-    from longmem.families import apply_rope
+    from longmem.model.families import apply_rope
 
     model = make_model("llama", init="paper", position_scheme="true")
     fam, hf = model.backbone.family, model.backbone.model
@@ -116,7 +116,7 @@ def test_true_positions_place_keys_at_their_real_distance():
 
 
 def test_absolute_search_compares_rotated_keys_and_queries():
-    from longmem.families import apply_rope
+    from longmem.model.families import apply_rope
 
     model = make_model("llama", search_positions="absolute", chunk_size=1, topk=4, sink_tokens=0)
     mem = fill(model, 2)

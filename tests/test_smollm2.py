@@ -5,7 +5,7 @@ import importlib.util
 import pytest
 import torch
 
-from longmem.model import LongMemModel
+from longmem.model.longmem import LongMemModel
 
 pytestmark = [
     pytest.mark.slow,

@@ -1,4 +1,4 @@
-"""Offline tests for longmem.data.tokens and longmem.data.stream."""
+"""Offline tests for longmem.data.tokens and longmem.train.stream."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from conftest import byte_tokenizer
 
 from longmem.data.books import Document, write_corpus
-from longmem.data.stream import DocumentStream
+from longmem.train.stream import DocumentStream
 from longmem.data.tokens import TokenizedCorpus, cache_key, tokenize_corpus, tokenize_texts
 from longmem.errors import LongMemError
 

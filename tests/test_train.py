@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from conftest import byte_tokenizer, tiny_llama
-from longmem.cli import main
+from longmem.cli.main import main
 from longmem.data.books import Document, write_corpus
-from longmem.train import Trainer
-from longmem.train_config import TrainConfig, load_train_config
+from longmem.train.trainer import Trainer
+from longmem.train.config import TrainConfig, load_train_config
 
 WORDS = "the quick brown fox jumps over a lazy dog while Emma reads letters to Harriet at Hartfield".split()
 
@@ -120,7 +120,7 @@ def test_trainable_sets(setup_dirs, trainable):
         with torch.no_grad():
             adapted = trainer.model(ids).logits
         path = trainer.export(root / f"export-{trainable}")
-        from longmem.model import LongMemModel
+        from longmem.model.longmem import LongMemModel
 
         merged = LongMemModel.from_backbone(path, trainer.model.backbone)
         merged.sidenet.float()

@@ -1,9 +1,10 @@
 """longmem: a frozen causal LM with a long-term key/value memory and a trainable SideNet."""
 
-from .config import LongMemConfig
-from .errors import LongMemError
-from .memory import MemoryBank, load_memory, save_memory
-from .model import LongMemModel, LongMemOutput
+from longmem.config import LongMemConfig
+from longmem.errors import LongMemError
+from longmem.memory.bank import MemoryBank
+from longmem.memory.io.store import load_memory, save_memory
+from longmem.model.longmem import LongMemModel, LongMemOutput
 
 __all__ = [
     "LongMemConfig",

@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from .errors import LongMemError
+from longmem.errors import LongMemError
 
 DEFAULT_BACKBONE = "smollm2-135m"
 FORMAT_VERSION = 1
@@ -153,8 +153,8 @@ class LongMemConfig:
         self.index_config()  # validates the retrieval knobs
 
     def index_config(self):
-        """The memory bank's chunk search (``longmem.memory.index.IndexConfig``)."""
-        from .memory.index import IndexConfig
+        """The memory bank's chunk search (``longmem.memory.search.exact.IndexConfig``)."""
+        from longmem.memory.search.exact import IndexConfig
 
         return IndexConfig(kind=self.retrieval, nlist=self.retrieval_nlist, nprobe=self.retrieval_nprobe,
                            ef_search=self.retrieval_ef_search)

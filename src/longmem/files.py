@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .errors import LongMemError
+from longmem.errors import LongMemError
 
 
 def atomic_write(path: Path, data: bytes) -> None:

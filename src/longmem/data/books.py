@@ -27,8 +27,8 @@ from typing import Any, Callable, Sequence
 
 import rdata
 
-from ..errors import LongMemError
-from ..files import atomic_write
+from longmem.errors import LongMemError
+from longmem.files import atomic_write
 
 logger = logging.getLogger(__name__)
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import re
 
-from ..errors import LongMemError
-from .books import Document, find_chapters
+from longmem.errors import LongMemError
+from longmem.data.books import Document, find_chapters
 
 
 def load_hf_dataset(

@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import LongMemError
-from ..files import atomic_write, load_json, sha256
+from longmem.errors import LongMemError
+from longmem.files import atomic_write, load_json, sha256
 
 logger = logging.getLogger(__name__)
 

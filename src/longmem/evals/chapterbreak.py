@@ -30,11 +30,11 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from ..data.books import find_chapters
-from ..errors import LongMemError
-from ..files import read_text
-from .results import wilson
-from .scoring import Mode, Scorer, parse_modes, prepare, score, split_prefix
+from longmem.data.books import find_chapters
+from longmem.errors import LongMemError
+from longmem.files import read_text
+from longmem.evals.results import wilson
+from longmem.evals.scoring import Mode, Scorer, parse_modes, prepare, score, split_prefix
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import LongMemError
+from longmem.errors import LongMemError
 
 KINDS = ("ppl", "chapterbreak", "icl")
 # The settings that decide what a number means: files that differ in one are not measured alike.

@@ -27,10 +27,10 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import LongMemError
-from .icl_data import Task, load_task
-from .prefix import SharedPrefix
-from .scoring import Context, Mode, Scorer, parse_modes, prepare, variant, window_logits
+from longmem.errors import LongMemError
+from longmem.evals.icl_data import Task, load_task
+from longmem.evals.prefix import SharedPrefix
+from longmem.evals.scoring import Context, Mode, Scorer, parse_modes, prepare, variant, window_logits
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import LongMemError
-from ..files import read_text
+from longmem.errors import LongMemError
+from longmem.files import read_text
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ import json
 import os
 from pathlib import Path
 
-from ..errors import LongMemError
+from longmem.errors import LongMemError
 
 
 def partial_path(out: Path) -> Path:

@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import LongMemError
-from ..files import read_text
-from .scoring import Scorer, greedy, parse_modes, prepare, score, split_prefix
+from longmem.errors import LongMemError
+from longmem.files import read_text
+from longmem.evals.scoring import Scorer, greedy, parse_modes, prepare, score, split_prefix
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -14,9 +14,9 @@ def _pyplot():
     return plt
 
 
-def _save(fig, out: Path) -> Path:
+def save_png(fig, out: Path) -> Path:
     """Save atomically: a temporary PNG replaced into place."""
-    plt = _pyplot()
+    plt = pyplot()
     tmp = out.with_name(f".{out.stem}.tmp.png")
     try:
         fig.savefig(tmp, dpi=100)
@@ -29,7 +29,7 @@ def _save(fig, out: Path) -> Path:
 
 def passkey_heatmap(results: dict, out: Path) -> Path:
     """One accuracy heatmap (depth x length) per mode."""
-    plt = _pyplot()
+    plt = pyplot()
     summary = results["summary"]
     fig, axes = plt.subplots(1, len(summary), figsize=(3.2 * len(summary) + 1, 3.6), squeeze=False,
                              layout="constrained")
@@ -47,13 +47,13 @@ def passkey_heatmap(results: dict, out: Path) -> Path:
             for j, v in enumerate(row):
                 ax.text(j, i, f"{v:.0%}", ha="center", va="center", fontsize=7)
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="accuracy")
-    return _save(fig, out)
+    return save_png(fig, out)
 
 
 def ppl_curves(results: dict, out: Path) -> Path:
     """Perplexity vs memory size per length bucket (backbone dashed, short-term tier only dotted);
     chunk-size ablation."""
-    plt = _pyplot()
+    plt = pyplot()
     totals, lead = results["totals"], results["lead"]
     chunk = totals[lead]["chunk_size"] if lead in totals else None
     sweep = sorted((t["memory_size"], n) for n, t in totals.items()
@@ -85,13 +85,13 @@ def ppl_curves(results: dict, out: Path) -> Path:
         ax2.legend(fontsize=7)
     ax2.set_xlabel(f"chunk size (memory {totals.get(lead, {}).get('memory_size', 0) // 1024}k tokens)")
     ax2.set_ylabel("perplexity, all tokens")
-    return _save(fig, out)
+    return save_png(fig, out)
 
 
 def chapterbreak_accuracy(results: dict, out: Path) -> Path:
     """Accuracy (95% Wilson interval) against prefix length, one line per mode; chance dashed. With the
     PMI score, a second panel."""
-    plt = _pyplot()
+    plt = pyplot()
     summary = results["summary"]
     modes = summary["modes"]
     panels = [("log-likelihood", None)] + ([("PMI score", "pmi")] if any("pmi" in s for s in modes.values()) else [])
@@ -119,12 +119,12 @@ def chapterbreak_accuracy(results: dict, out: Path) -> Path:
         ax.set_title(f"scored by {title}", fontsize=10)
         ax.set_ylim(0, 1)
         ax.legend(fontsize=8)
-    return _save(fig, out)
+    return save_png(fig, out)
 
 
 def icl_bars(results: dict, out: Path) -> Path:
     """Grouped bars: accuracy per task (+ average) and mode, mean +- std over seeds; one column per k."""
-    plt = _pyplot()
+    plt = pyplot()
     summary = results["summary"]
     metrics = [("accuracy", "label-restricted"), ("accuracy_argmax", "full-vocabulary argmax")]
     fig, axes = plt.subplots(2, len(summary), figsize=(6 * len(summary), 7), squeeze=False, layout="constrained")
@@ -143,12 +143,12 @@ def icl_bars(results: dict, out: Path) -> Path:
             ax.set_ylabel("accuracy")
             ax.set_title(f"{k[1:]} demonstrations in context: {title}", fontsize=10)
             ax.legend(fontsize=7)
-    return _save(fig, out)
+    return save_png(fig, out)
 
 
 def ppl_compare(results: dict, out: Path) -> Path:
     """Perplexity per position bucket (and over all tokens), one bar per run of ``eval compare``."""
-    plt = _pyplot()
+    plt = pyplot()
     totals = results["totals"]
     names = [n for n in totals if n in results["leads"] or "/" not in n or n.endswith(("/longmem-empty",
                                                                                           "/longmem-short-term"))]
@@ -165,4 +165,23 @@ def ppl_compare(results: dict, out: Path) -> Path:
     ax.set_ylabel("perplexity (lower is better)")
     ax.set_ylim(0.6 * min(totals[n]["perplexity"] for n in names), None)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars, never over them
-    return _save(fig, out)
+    return save_png(fig, out)
+
+
+def position_loss(results: list[dict], out: Path) -> Path:
+    """Per-position loss curves: each mode's mean NLL per segment against the segment's distance
+    from the document start, one panel per file (rows as ``longmem ppl --json`` writes them)."""
+    plt = pyplot()
+
+    files = list(dict.fromkeys(r["file"] for r in results))
+    fig, axes = plt.subplots(1, len(files), figsize=(6 * len(files), 4), squeeze=False)
+    for ax, name in zip(axes[0], files):
+        for row in (r for r in results if r["file"] == name and r.get("segment_nll")):
+            seg = row["segment_length"]
+            ax.plot([i * seg for i in range(len(row["segment_nll"]))], row["segment_nll"], label=row["mode"])
+        ax.set_title(Path(name).stem)
+        ax.set_xlabel("segment start (tokens from the document start)")
+        ax.set_ylabel("mean NLL (nats)")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return save_png(fig, out)

@@ -1,6 +1,6 @@
 """Long-text perplexity of held-out books by length bucket, memory size and chunk size.
 
-Every book is read from its start in segments (:func:`longmem.reader.perplexity`); each
+Every book is read from its start in segments (:func:`longmem.inference.reader.perplexity`); each
 scored token's NLL is assigned to the bucket of its position from the document start
 (default 0-1k, 1k-4k, 4k-16k, 16k-65k, 65k+ tokens). Runs:
 
@@ -22,10 +22,10 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from ..errors import LongMemError
-from ..files import read_text
-from ..reader import PerplexityResult, perplexity, sliding_window_perplexity, tokenize
-from .scoring import Scorer, variant
+from longmem.errors import LongMemError
+from longmem.files import read_text
+from longmem.inference.reader import PerplexityResult, perplexity, sliding_window_perplexity, tokenize
+from longmem.evals.scoring import Scorer, variant
 
 log = logging.getLogger(__name__)
 

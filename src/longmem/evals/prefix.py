@@ -2,7 +2,7 @@
 
 In-context learning scores thousands of test sentences after the same demonstrations.
 ``SharedPrefix`` decodes the demonstrations once with incremental decoding
-(:mod:`longmem.decode` for the LongMem modes, the Hugging Face key/value cache for the
+(:mod:`longmem.inference.decode` for the LongMem modes, the Hugging Face key/value cache for the
 backbone), then appends each query, takes its logits and rewinds the caches to the
 prefix. Its logits equal :func:`longmem.evals.scoring.window_logits` on prefix + query
 (the slow twin it is tested against).
@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import torch
 
-from ..backbone import with_cache
-from ..decode import decode, new_cache
-from ..errors import LongMemError
-from .scoring import Context, Scorer
+from longmem.model.backbone import with_cache
+from longmem.inference.decode import decode, new_cache
+from longmem.errors import LongMemError
+from longmem.evals.scoring import Context, Scorer
 
 
 class SharedPrefix:

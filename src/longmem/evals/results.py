@@ -11,8 +11,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ..errors import LongMemError
-from ..files import save_json
+from longmem.errors import LongMemError
+from longmem.files import save_json
 
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
 

@@ -1,7 +1,7 @@
 """Scoring continuations after a long prefix: the one primitive every evaluation shares.
 
 A prefix too long for one window is split into a *head* and a *local window*. How the
-head is used depends on the mode (the same modes as :mod:`longmem.reader`):
+head is used depends on the mode (the same modes as :mod:`longmem.inference.reader`):
 
 * ``memory``     the scorer reads the head segment by segment into its memory, then
                  reads the local window (+ continuation) with that memory;
@@ -26,8 +26,8 @@ from typing import Any, Protocol
 
 import torch
 
-from ..errors import LongMemError
-from ..reader import segments
+from longmem.errors import LongMemError
+from longmem.inference.reader import segments
 
 BASE_MODES = ("memory", "no-memory", "backbone", "short-term-only")
 _WINDOW = re.compile(r"window-(\d+)")

@@ -17,11 +17,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import LongMemError
-from .index import IndexConfig, build_index
-from .quant import SCALE_DTYPE, dequantize, quantize
-from .recent import RecentCache
-from .tokens import TokenLog
+from longmem.errors import LongMemError
+from longmem.memory.search import IndexConfig, build_index
+from longmem.memory.quant import SCALE_DTYPE, dequantize, quantize
+from longmem.memory.tier import RecentCache
+from longmem.memory.token_log import TokenLog
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 STORAGE_DTYPES = (*DTYPES, "int8")

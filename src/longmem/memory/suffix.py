@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .tokens import UNKNOWN, TokenLog
+from longmem.memory.token_log import UNKNOWN, TokenLog
 
 MAX_LEN = 32  # longest match measured (tokens)
 LONG = 4  # the second order is LONG * n

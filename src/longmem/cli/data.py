@@ -1,0 +1,53 @@
+"""``longmem data``: prepare corpora."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from longmem.config import DEFAULT_BACKBONE
+from longmem.errors import LongMemError
+
+
+def add_parsers(sub) -> None:
+    data = sub.add_parser("data", help="prepare corpora")
+    data.add_argument("what", choices=["books", "folder", "hf"],
+                      help="books: Austen, KJV Bible, Shakespeare; folder: your own .txt files (--src); "
+                           "hf: a Hugging Face dataset (--dataset, needs internet and `datasets`)")
+    data.add_argument("--src", type=Path, help="folder of UTF-8 .txt files (with 'folder')")
+    data.add_argument("--dataset", help="Hugging Face dataset name (with 'hf')")
+    data.add_argument("--hf-split", default="train", help="dataset split (with 'hf')")
+    data.add_argument("--text-field", default="text", help="record field holding the text (with 'hf')")
+    data.add_argument("--limit", type=int, help="at most this many records (with 'hf')")
+    data.add_argument("--out", type=Path, default=Path("data/books"), help="output directory")
+    data.add_argument("--sources", default="austen,kjv,shakespeare", help="comma-separated sources")
+    data.add_argument("--backbone", default=DEFAULT_BACKBONE, help="tokenizer used for the token counts")
+    data.set_defaults(func=cmd_data)
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from longmem.model.hub import load_tokenizer
+    from longmem.data.books import load_text_folder, prepare_books, write_corpus
+
+    tokenizer = load_tokenizer(args.backbone)
+
+    def count(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    if args.what == "folder":
+        if args.src is None:
+            raise LongMemError("'longmem data folder' needs --src DIR")
+        manifest = write_corpus(load_text_folder(args.src), args.out, tokenizer=count)
+    elif args.what == "hf":
+        from longmem.data.hub import load_hf_dataset
+
+        if not args.dataset:
+            raise LongMemError("'longmem data hf' needs --dataset NAME")
+        docs = load_hf_dataset(args.dataset, args.hf_split, args.text_field, args.limit)
+        manifest = write_corpus(docs, args.out, tokenizer=count)
+    else:
+        sources = tuple(s.strip() for s in args.sources.split(",") if s.strip())
+        manifest = prepare_books(args.out, sources=sources, tokenizer=count)
+    print(manifest)
+    return 0
+

@@ -1,0 +1,153 @@
+"""Synthetic facts: a statement in one segment, a question about it segments later.
+
+Recall spans (``recall.py``) teach copying a passage that restarts verbatim; they do not teach
+answering a *question about a stated fact*, whose wording differs from the statement's and
+whose answer is the one token no book would predict (a number, a made-up name). On book
+text a 3-token exact match predicts the next token only ~20% of the time, so a copy head
+trained on books alone learns to trust such a match at ~0.15 and the answer loses to the
+model's own " a" / " the".
+
+A :class:`FactPlanter` writes, with probability ``prob`` per row and segment, a statement such
+as "The lantern of Wilkins was 40213." over the book text, remembers it, and once the statement
+is older than the local segment and the short-term tier (``near`` tokens back) and still held
+by the bank (``reach``), writes a question whose last words restate the subject ("Tell me about
+the lantern of Wilkins. The lantern of Wilkins was") followed by the answer. Only the memory
+can supply the answer. Subjects are random words of the tokenizer's vocabulary, values random
+numbers (1-7 digits) or words; the wordings are drawn from a few templates each. Words used by
+the passkey evaluation's needle and question ("pass", "key", "remember") are never drawn, and
+no template uses the passkey's wording.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from longmem.train.stream import IGNORE_INDEX, Batch
+
+COPULAS = ("is", "was")
+STATEMENTS = ("{X} {c} {v}.", "It is known that {x} {c} {v}.", "Note this: {x} {c} {v}.",
+              "They all agreed that {x} {c} {v}.", "In the letter, {x} {c} {v}.")
+QUESTIONS = ("Tell me about {x}. {X} {c}", "And {x}? {X} {c}", "Now, as to {x}: {x} {c}",
+             "Which one? Recall that {x} {c}", "I asked again. {X} {c}", "Q: {x}? A: {X} {c}")
+SUBJECTS = ("the {a} {b}", "the {a} of {N}", "{N}'s {a}", "the {a} of the {b}", "the {a} {b} of {N}")
+FALLBACK_WORDS = ("lamp", "river", "coat", "garden", "window", "letter", "horse", "silver", "candle", "bridge",
+                  "orchard", "ribbon", "kettle", "harbour", "meadow", "lantern", "basket", "violin", "chapel", "mirror")
+FALLBACK_NAMES = ("Wilkins", "Harriet", "Tobias", "Mabel", "Crawley", "Ingram", "Lucasta", "Pemberton", "Odile",
+                  "Quill")
+EXCLUDED = frozenset({"pass", "key", "keys", "remember", "passkey"})  # the passkey evaluation's words
+
+
+@dataclass
+class Fact:
+    """A planted statement waiting for its question: the row's document and where it was written."""
+
+    doc: int  # the row's document index
+    position: int  # absolute position of the statement's first token
+    question: list[int]  # the question's ids, ending right before the answer
+    answer: list[int]  # the answer's ids, its closing "." included (the book text follows it)
+
+    def to_list(self) -> list:
+        return [self.doc, self.position, self.question, self.answer]
+
+
+class FactWords:
+    """The words and names facts are made of: the tokenizer's single-token words (a short built-in
+    list for tokenizers with few, e.g. byte-level ones)."""
+
+    def __init__(self, tokenizer: Any):
+        words, names = [], []
+        for i in range(len(tokenizer)):
+            text = tokenizer.decode([i])
+            if re.fullmatch(r" [a-z]{3,12}", text) and text[1:] not in EXCLUDED:
+                words.append(text[1:])
+            elif re.fullmatch(r" [A-Z][a-z]{2,12}", text) and text[1:].lower() not in EXCLUDED:
+                names.append(text[1:])
+        if len(words) < 50 or len(names) < 10:
+            words, names = list(FALLBACK_WORDS), list(FALLBACK_NAMES)
+        self.tokenizer, self.words, self.names = tokenizer, words, names
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def fact(self, rng: random.Random) -> tuple[list[int], list[int], list[int]]:
+        """-> (statement ids, question ids ending right before the answer, answer ids)."""
+        a, b = rng.choice(self.words), rng.choice(self.words)
+        x = rng.choice(SUBJECTS).format(a=a, b=b, N=rng.choice(self.names))
+        cap = x[0].upper() + x[1:]
+        cop = rng.choice(COPULAS)
+        digits = rng.randint(1, 7)
+        value = str(rng.randrange(10 ** (digits - 1) if digits > 1 else 0, 10**digits)) \
+            if rng.random() < 0.5 else rng.choice(self.words if rng.random() < 0.5 else self.names)
+        statement = "\n" + rng.choice(STATEMENTS).format(X=cap, x=x, c=cop, v=value) + "\n"
+        question = "\n" + rng.choice(QUESTIONS).format(X=cap, x=x, c=cop)
+        return self.encode(statement), self.encode(question), self.encode(" " + value + ".")
+
+
+class FactPlanter:
+    """Plants facts in training batches and asks about them later (state: the waiting facts)."""
+
+    def __init__(self, words: FactWords, batch_size: int, prob: float, seed: int = 0):
+        if not 0.0 <= prob <= 1.0:
+            raise ValueError(f"fact probability {prob} must be in [0, 1]")
+        self.words, self.prob = words, prob
+        self.rng = random.Random(seed)
+        self.waiting: list[list[Fact]] = [[] for _ in range(batch_size)]
+
+    def state_dict(self) -> dict:
+        version, internal, _ = self.rng.getstate()
+        return {"waiting": [[f.to_list() for f in row] for row in self.waiting], "rng": list(internal),
+                "rng_version": version}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.waiting = [[Fact(*f) for f in row] for row in state["waiting"]]
+        self.rng.setstate((state["rng_version"], tuple(state["rng"]), None))
+
+    def plant(self, batch: Batch, near: int, reach: int, questions: int = 2
+              ) -> tuple[Batch, torch.Tensor, list[tuple[int, int, int]]]:
+        """-> (batch with questions and statements written in, answer mask [B,T] (labels that are
+        an answer's tokens), written (row, start, end) absolute ranges). Per row and segment: each
+        fact old enough is asked with probability 1/2 (oldest first, at most ``questions``), and a
+        new statement is planted with probability ``prob``; writes never overlap."""
+        ids, labels = batch.input_ids.clone(), batch.labels.clone()
+        b, t = ids.shape
+        answers = torch.zeros(b, t, dtype=torch.bool)
+        written = []
+        for row in range(b):
+            p0, doc = int(batch.positions[row, 0]), int(batch.doc_index[row])
+            if bool(batch.reset[row]):
+                self.waiting[row] = []
+            self.waiting[row] = [f for f in self.waiting[row] if f.doc == doc and f.position >= p0 - reach]
+            asked = [f for f in self.waiting[row] if f.position <= p0 - near and self.rng.random() < 0.5][:questions]
+            items = [(f.question + f.answer, f) for f in asked]  # (ids, the fact asked; None: a statement)
+            new = self.words.fact(self.rng) if self.rng.random() < self.prob else None
+            if new is not None:
+                items.append((new[0], None))
+            valid = int((batch.labels[row] != IGNORE_INDEX).sum())  # labelled tokens: room to write in
+            while items and sum(len(seq) + 1 for seq, _ in items) + 1 > valid:
+                items.pop()
+            if not items:
+                continue
+            self.rng.shuffle(items)
+            room = valid - sum(len(seq) + 1 for seq, _ in items) - 1
+            gaps = sorted(self.rng.randint(0, room) for _ in items)
+            o, used = 1, 0
+            for (seq, fact), gap in zip(items, gaps):
+                o += gap - used  # the offsets keep their order and one free token after each write
+                used = gap
+                ids[row, o : o + len(seq)] = torch.tensor(seq)
+                labels[row, o - 1 : o + len(seq) - 1] = torch.tensor(seq)
+                labels[row, o + len(seq) - 1] = ids[row, o + len(seq)]  # the book text resumes
+                written.append((row, p0 + o, p0 + o + len(seq)))
+                if fact is None:
+                    self.waiting[row].append(Fact(doc, p0 + o, new[1], new[2]))
+                else:
+                    q = len(fact.question)
+                    answers[row, o + q - 1 : o + len(seq) - 2] = True  # the answer's tokens (its "." aside)
+                    self.waiting[row].remove(fact)
+                o += len(seq) + 1
+        return Batch(ids, labels, batch.positions, batch.reset, batch.doc_index), answers, written
