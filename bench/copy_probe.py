@@ -9,7 +9,7 @@ tier as the model does and collecting every layer's pre-rotary keys:
   * passkeys (the eval's prompts, 4k-16k, depths 0.1 / 0.5): per layer, how many answer
     tokens the successor of the top-1 match (majority of KV heads) reproduces, when the
     candidates are every token before the last 1,100 (what memory holds).
-No training; the copy head (src/longmem/pointer.py) uses the memory layer's keys.
+No training; the copy head (src/longmem/model/copy_head.py) uses the memory layer's keys.
 
 Run:  python bench/copy_probe.py [--layers 3,6,9,12,15,18,21]   (about 5 min)
 """

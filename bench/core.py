@@ -123,8 +123,8 @@ def measure(model: LongMemModel, ids: torch.Tensor, repeats: int, t: int) -> dic
 def add_set_argument(parser: argparse.ArgumentParser) -> None:
     """--set KEY=VALUE (repeatable): an architecture setting of a fresh SideNet."""
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="with --sidenet fresh: an architecture setting, e.g. --set init=paper "
-                             "--set recent_tokens=0 (the paper's design: no short-term tier, no copy head)")
+                        help="with --sidenet fresh: an architecture setting, e.g. --set recent_tokens=0 "
+                             "--set copy_head=false --set copy_gate=false (no short-term tier, no copy head)")
 
 
 def architecture_overrides(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
@@ -144,7 +144,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--memory-size", type=int, default=65536)
     parser.add_argument("--segment", type=int, default=1024)
-    parser.add_argument("--variants", default="torch/query,torch/kv,faiss/query")
+    parser.add_argument("--variants", default="torch,faiss", help="chunk-search backends, comma-separated")
     parser.add_argument("--sidenet", default="default", help="SideNet directory, 'default' (shipped) or 'fresh'")
     add_set_argument(parser)
     parser.add_argument("--out", type=Path, default=Path("bench/results/core.json"))
@@ -157,8 +157,7 @@ def main() -> None:
     ids = tokenize(model, args.text.read_text(encoding="utf-8"))
     results = {}
     for variant in args.variants.split(","):
-        backend, heads = variant.split("/")
-        model.config.retrieval, model.config.retrieval_heads = backend, heads
+        model.config.retrieval = variant
         results[variant] = measure(model, ids, args.repeats, args.segment)
         print(variant, json.dumps(results[variant], indent=1), flush=True)
     write_report(args, "core", {

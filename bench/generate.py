@@ -12,7 +12,7 @@ largely cancels):
     that tokens move into the memory during generation
 
 Run:  python bench/generate.py [--sidenet default] [--read-tokens 16384] [--fill text|random] [--new-tokens 128] [--repeats 3]
-      python bench/generate.py --sidenet fresh --set init=paper --set fusion=gated --set recent_tokens=0
+      python bench/generate.py --sidenet fresh --set recent_tokens=0 --set copy_head=false --set copy_gate=false
           (the paper's design: no short-term tier, no copy head)
 (``--fill random``: the 65,536 memory entries are random keys/values — the same search and
 attention cost — then two segments of text, to save reading a whole book first.)

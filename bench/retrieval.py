@@ -111,7 +111,7 @@ def steady_update(bank: MemoryBank, chunk_keys: torch.Tensor, adds: int, segment
     return per_segment
 
 
-def measure(bank: MemoryBank, queries: torch.Tensor, per_kv_head: bool, k_chunks: int, repeats: int) -> dict:
+def measure(bank: MemoryBank, queries: torch.Tensor, k_chunks: int, repeats: int) -> dict:
     """Median retrieve and search seconds; the last result's chunk slots and mask."""
     search = Timer()
     rows = []
@@ -119,7 +119,7 @@ def measure(bank: MemoryBank, queries: torch.Tensor, per_kv_head: bool, k_chunks
         for i in range(repeats + 1):
             search.total = 0.0
             start = time.perf_counter()
-            found = bank.retrieve(queries, k_chunks, per_kv_head)
+            found = bank.retrieve(queries, k_chunks)
             if i or not repeats:  # the first one warms up
                 rows.append((time.perf_counter() - start, search.total))
     return {"retrieve_s": statistics.median(r[0] for r in rows), "search_s": statistics.median(r[1] for r in rows),
@@ -158,7 +158,7 @@ def synthetic(args: argparse.Namespace, h: int = 3, hq: int = 9, d: int = 64, t:
     qpick = torch.randint(0, 256, (h, n), generator=g)
     queries = centers.gather(1, qpick[..., None].expand(h, n, d)) + torch.randn(h, n, d, generator=g)
     return keys.bfloat16(), queries.view(1, hq, t, d), {"segment_s": segment_seconds(args), "retrieve_s": 0.0,
-                                                         "calls": 1, "per_kv_head": False, "source": "synthetic"}
+                                                         "calls": 1, "source": "synthetic"}
 
 
 def segment_seconds(args: argparse.Namespace) -> float:
@@ -180,14 +180,12 @@ def books(args: argparse.Namespace):
     overrides = {"segment_length": args.segment} if args.segment else {}
     model = LongMemModel.from_pretrained(args.sidenet, backbone=args.backbone, dtype="bfloat16",
                                          memory_size=args.exact_size, **overrides)
-    if args.retrieval_heads:
-        model.config.retrieval_heads = args.retrieval_heads
     args.chunk_size, args.topk, args.segment = model.config.chunk_size, model.config.topk, model.config.segment_length
     keys = collect(model, args.texts, max(args.sizes), args.exact_size, args.cache)
     seg = time_segment(model, keys, args.repeats)
     other = seg.segment_s - seg.retrieve_s  # the segment without its (exact) retrieval
     info = {"segment_s": other, "measured_segment_s": seg.segment_s, "measured_retrieve_s": seg.retrieve_s,
-            "calls": seg.calls, "per_kv_head": seg.per_kv_head, "source": "books", "sidenet": args.sidenet,
+            "calls": seg.calls, "source": "books", "sidenet": args.sidenet,
             "config": model.config.to_dict()}
     return keys.chunk_keys, seg.queries, info
 
@@ -206,7 +204,6 @@ def main() -> None:
     parser.add_argument("--backbone", help="with --sidenet fresh: another backbone (e.g. a small test model)")
     parser.add_argument("--segment", type=int, help="segment length T (default: the model's, 1024)")
     parser.add_argument("--exact-size", type=int, default=65536, help="the exact memory the segment is timed with")
-    parser.add_argument("--retrieval-heads", choices=["query", "kv"], help="default: the SideNet's setting")
     parser.add_argument("--texts", type=Path, nargs="+", default=BOOKS)
     parser.add_argument("--chunk-size", type=int, default=4, help="synthetic (else the model's)")
     parser.add_argument("--topk", type=int, default=64, help="K retrieved tokens per query and head (synthetic)")
@@ -223,13 +220,13 @@ def main() -> None:
     for size in args.sizes:
         # the reference: exact search, the bf16 chunk keys scored in fp32
         bank, _ = fill(chunk_keys, size, args.chunk_size, adds, IndexConfig(), dtype="float32")
-        exact = measure(bank, queries, segment["per_kv_head"], k_chunks, 0)
+        exact = measure(bank, queries, k_chunks, 0)
         results[str(size)] = row = {}
         for name, config in configs.items():
             del bank
             gc.collect()
             bank, fill_s = fill(chunk_keys, size, args.chunk_size, adds, config)
-            found = measure(bank, queries, segment["per_kv_head"], k_chunks, args.repeats)
+            found = measure(bank, queries, k_chunks, args.repeats)
             update_s = steady_update(bank, chunk_keys, adds)
             cost = segment["calls"] * found["retrieve_s"] + update_s
             row[name] = {"retrieve_s": found["retrieve_s"], "search_s": found["search_s"], "update_s": update_s,

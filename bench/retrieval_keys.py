@@ -104,7 +104,6 @@ class Segment:
     retrieve_s: float  # time in MemoryBank.retrieve within it, median
     calls: int  # retrieve calls per segment
     queries: torch.Tensor  # [1,H,T,Dh] what the memory was searched with
-    per_kv_head: bool
 
 
 @torch.no_grad()
@@ -120,10 +119,10 @@ def time_segment(model: LongMemModel, keys: Keys, repeats: int) -> Segment:
     captured, seconds = [], []
     original = bank.retrieve
 
-    def retrieve(queries, num_chunks, per_kv_head=False):
+    def retrieve(queries, num_chunks):
         start = time.perf_counter()
-        found = original(queries, num_chunks, per_kv_head)
-        captured.append((queries.detach().clone(), per_kv_head, time.perf_counter() - start))
+        found = original(queries, num_chunks)
+        captured.append((queries.detach().clone(), time.perf_counter() - start))
         return found
 
     rows = []
@@ -135,7 +134,7 @@ def time_segment(model: LongMemModel, keys: Keys, repeats: int) -> Segment:
         model.write_memory(mem, model(query_seg, memory=mem))
         seconds.append(time.perf_counter() - start)
         if i:
-            rows.append((seconds[-1], sum(c[2] for c in captured)))
-    queries, per_kv_head, _ = captured[0]
+            rows.append((seconds[-1], sum(c[1] for c in captured)))
+    queries, _ = captured[0]
     return Segment(statistics.median(r[0] for r in rows), statistics.median(r[1] for r in rows), len(captured),
-                   queries, per_kv_head)
+                   queries)

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Held-out measurements of a trained SideNet (default: the run of configs/longmem-default.yaml).
+# Held-out measurements of a trained SideNet (default: the last stage of scripts/train-default.sh).
 #   bash scripts/eval-default.sh [SIDENET_DIR] [OUT_DIR]
 # Needs `longmem data books`. Writes JSON (each with its command and config) to OUT_DIR.
 set -euo pipefail
-SIDENET=${1:-runs/longmem-default/sidenet}
-OUT=${2:-results/longmem-default}
+SIDENET=${1:-runs/default/stage5/sidenet}
+OUT=${2:-results/default}
 BOOKS=(data/books/test/austen-persuasion.txt data/books/test/austen-emma.txt)
 mkdir -p "$OUT"
 # memory / empty memory / backbone / short-term tier only / another Austen novel's memory / 2048 sliding window

@@ -1,44 +1,32 @@
 #!/usr/bin/env bash
-# The packaged default SideNet from scratch: stage 1 (the memory-delta SideNet, ~65 min on a 2-core
-# CPU here), stage 2 (the copy head with exact matches on top of it, ~10 min), stage 3 (the copy
-# head learns to answer questions about synthetic stated facts, ~15 min), stage 4 (a style adapter
-# trained on text read without memory, ~8 min) and stage 5 (the memory path refitted under it, ~10 min).
-# Needs `longmem data books`.
-# Run it again after an interruption: each stage resumes from its latest checkpoint.
-#   bash scripts/train-default.sh [--stage1-only] [--stage2-only] [--stage3-only] [--stage4-only] [--install]
-# --install copies the result over the packaged default (src/longmem/assets/sidenets/smollm2-135m/).
+# The packaged default SideNet from scratch, through the shipped recipe (configs/stage*.yaml, ~2 h on 2 CPU
+# cores; docs/training.md): stage 1 (the memory-delta SideNet, ~65 min), stage 2 (the copy head, ~10 min),
+# stage 3 (synthetic facts, ~15 min), stage 4 (the style adapter, ~7 min), stage 5 (the memory path refitted
+# under it, ~8 min). Needs `longmem data books`. Run it again after an interruption: each stage resumes from
+# its latest checkpoint, and a finished stage is skipped.
+#   bash scripts/train-default.sh [--until N] [--install]
+# --until N stops after stage N; --install copies the result over the packaged default
+# (src/longmem/assets/sidenets/smollm2-135m/).
 set -euo pipefail
-stage2=1 stage3=1 stage4=1 stage5=1 install=0
-for arg in "$@"; do
-  case "$arg" in
-    --stage1-only) stage2=0 stage3=0 stage4=0 stage5=0 ;;
-    --stage2-only) stage3=0 stage4=0 stage5=0 ;;
-    --stage3-only) stage4=0 stage5=0 ;;
-    --stage4-only) stage5=0 ;;
+cd "$(dirname "$0")/.."
+until=5 install=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --until) until=${2:?--until needs a stage number}; shift ;;
     --install) install=1 ;;
-    *) echo "train-default.sh: unknown option $arg (use --stage1-only, --stage2-only, --stage3-only, --stage4-only, --install)" >&2; exit 2 ;;
+    *) echo "train-default.sh: unknown option $1 (use --until N, --install)" >&2; exit 2 ;;
   esac
+  shift
 done
-resume() { if [ -f "$1/latest.json" ]; then echo --resume; fi; }
-# stage 1: the memory-delta SideNet with the short-term tier and the long-term bank
-longmem train configs/longmem-default.yaml $(resume runs/longmem-default)
-out=runs/longmem-default/sidenet
-if [ "$stage2" = 1 ]; then  # stage 2: the copy head on top of it (only the head's scalars train)
-  longmem train configs/longmem-copy.yaml --set init_from=runs/longmem-default/sidenet $(resume runs/longmem-copy-local)
-  out=runs/longmem-copy-local/sidenet
-fi
-if [ "$stage3" = 1 ]; then  # stage 3: synthetic facts teach the head when a question restates one
-  longmem train configs/longmem-facts.yaml --set init_from=runs/longmem-copy-local/sidenet $(resume runs/longmem-facts)
-  out=runs/longmem-facts/sidenet
-fi
-if [ "$stage4" = 1 ]; then  # stage 4: a style adapter, trained on text read without memory
-  longmem train configs/longmem-style.yaml --set init_from=runs/longmem-facts/sidenet $(resume runs/longmem-style)
-  out=runs/longmem-style/sidenet
-fi
-if [ "$stage5" = 1 ]; then  # stage 5: the memory path trained again under the style adapter
-  longmem train configs/longmem-refit.yaml --set init_from=runs/longmem-style/sidenet $(resume runs/longmem-refit)
-  out=runs/longmem-refit/sidenet
-fi
+case "$until" in 1|2|3|4|5) ;; *) echo "train-default.sh: --until must be 1..5, not $until" >&2; exit 2 ;; esac
+stages=(stage1-memory stage2-copy-head stage3-facts stage4-style stage5-refit)
+for i in $(seq 1 "$until"); do
+  out=runs/default/stage$i
+  if [ -f "$out/sidenet/config.json" ]; then continue; fi  # finished
+  resume=(); if [ -f "$out/latest.json" ]; then resume=(--resume); fi
+  longmem train "configs/${stages[$((i - 1))]}.yaml" "${resume[@]}"
+done
 if [ "$install" = 1 ]; then
-  cp "$out/config.json" "$out/model.safetensors" src/longmem/assets/sidenets/smollm2-135m/
+  cp "runs/default/stage$until/sidenet/config.json" "runs/default/stage$until/sidenet/model.safetensors" \
+    src/longmem/assets/sidenets/smollm2-135m/
 fi

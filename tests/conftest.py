@@ -60,12 +60,50 @@ def _bytes_to_unicode() -> dict[int, str]:
     return {b: chr(c) for b, c in zip(bs, cs)}
 
 
-def make_model(family: str = "llama", dtype=torch.float32, **config) -> LongMemModel:
+PLAIN = dict(copy_head=False, copy_gate=False, style_rank=0, recent_tokens=0)
+"""The bare memory-delta SideNet: no copy head, no style adapter, no short-term tier (with an empty memory it
+is the backbone exactly)."""
+
+
+def make_model(family: str = "llama", dtype=torch.float32, trained: bool = False, **config) -> LongMemModel:
+    """A LongMemModel on a tiny random backbone, in the shipped layout unless ``config`` says otherwise (memory
+    layer 1 of 4, so that one later copied block follows the memory block; copy head on layer 1; a short-term
+    tier on Llama). ``trained``: the parts that start at zero (style adapter, context gate, memory log-bias)
+    get random values, so that every path of the shipped layout is at work."""
     hf = (tiny_llama() if family == "llama" else tiny_gpt2()).to(dtype)
     defaults = dict(backbone=f"tiny-{family}", chunk_size=2, topk=8, memory_size=64, segment_length=16,
-                    memory_dtype="float32", recent_tokens=0)  # the short-term tier: tests/test_recent.py
+                    memory_dtype="float32", memory_layer=1, style_rank=8)
     cfg = LongMemConfig(**(defaults | config))
-    return LongMemModel(cfg, FrozenBackbone(hf, cfg.memory_layer, cfg.reduction, cfg.backbone), byte_tokenizer())
+    model = LongMemModel(cfg, FrozenBackbone(hf, cfg.memory_layer, cfg.reduction, cfg.backbone), byte_tokenizer())
+    if trained:
+        perturb(model)
+    return model
+
+
+def make_memtrm(family: str = "llama", **config):
+    """The MemTRM baseline on a tiny random backbone (memory layer 2 of 4: layers 2 and 3 fine-tuned)."""
+    from longmem.baselines.memtrm import MemTRM, MemTRMConfig
+
+    hf = tiny_llama() if family == "llama" else tiny_gpt2()
+    defaults = dict(backbone=f"tiny-{family}", chunk_size=2, topk=8, memory_size=64, segment_length=16,
+                    memory_dtype="float32", memory_layer=2)
+    cfg = MemTRMConfig(**(defaults | config))
+    return MemTRM(cfg, FrozenBackbone(hf, cfg.memory_layer, cfg.reduction, cfg.backbone), byte_tokenizer())
+
+
+def perturb(model: LongMemModel, seed: int = 0, scale: float = 0.1) -> LongMemModel:
+    """Give the SideNet's zero-initialised parts (style adapter's up, context gate, memory gate) random values."""
+    g = torch.Generator().manual_seed(seed)
+    sidenet = model.sidenet
+    with torch.no_grad():
+        params = [sidenet.memory_block.gate]
+        if sidenet.style is not None:
+            params.append(sidenet.style.up.weight)
+        if sidenet.copy_head is not None and sidenet.copy_head.context is not None:
+            params.append(sidenet.copy_head.context.weight)
+        for p in params:
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.dtype) * scale)
+    return model
 
 
 @pytest.fixture(params=["llama", "gpt2"])

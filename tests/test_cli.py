@@ -25,7 +25,7 @@ def test_ppl_json_has_the_promised_fields(tmp_path, capsys, backbone_dir):
     assert result["results"][0]["memory_tokens"] > 0
 
 
-def test_ppl_compare_modes_agree_for_identity_init(tmp_path, capsys, backbone_dir):
+def test_ppl_compare_runs_every_mode_and_a_fresh_copy_head_copies(tmp_path, capsys, backbone_dir):
     book = tmp_path / "book.txt"
     book.write_text(TEXT)
     code, out, _ = run(capsys, "ppl", book, *base(backbone_dir), "--compare", "--json", "--plot", tmp_path / "loss.png")
@@ -33,9 +33,10 @@ def test_ppl_compare_modes_agree_for_identity_init(tmp_path, capsys, backbone_di
     assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"  # per-position loss curves
     rows = {r["mode"]: r for r in json.loads(out)["results"]}
     assert set(rows) == {"memory", "no-memory", "backbone", "short-term-only"}  # a rotary backbone has a tier
-    assert abs(rows["no-memory"]["nll"] - rows["backbone"]["nll"]) < 1e-4  # identity SideNet == backbone
-    assert abs(rows["memory"]["nll"] - rows["short-term-only"]["nll"]) < 1e-4  # the bank is ignored by identity
-    assert rows["no-memory"]["memory_tokens"] == 0
+    # the text says one sentence three times, each a whole segment or more after the last: a fresh SideNet's
+    # copy head copies the repeats from memory; the short-term tier alone keeps no log to copy from
+    assert rows["memory"]["nll"] < rows["short-term-only"]["nll"] - 1
+    assert rows["no-memory"]["memory_tokens"] == 0 and rows["memory"]["memory_tokens"] > 0
 
 
 def test_ppl_with_a_saved_sidenet(tmp_path, capsys, backbone_dir):
@@ -43,7 +44,7 @@ def test_ppl_with_a_saved_sidenet(tmp_path, capsys, backbone_dir):
     from longmem.model.longmem import LongMemModel
 
     hf = type(tiny_llama()).from_pretrained(backbone_dir)
-    model = LongMemModel(make_model("llama").config.__class__(backbone=str(backbone_dir), init="paper",
+    model = LongMemModel(make_model("llama").config.__class__(backbone=str(backbone_dir), style_rank=8,
                                                               segment_length=32),
                          FrozenBackbone(hf, None, 2))
     model.save_pretrained(tmp_path / "sn")
@@ -52,7 +53,7 @@ def test_ppl_with_a_saved_sidenet(tmp_path, capsys, backbone_dir):
     code, out, err = run(capsys, "ppl", book, "--sidenet", tmp_path / "sn", "--dtype", "float32",
                          "--memory-size", 128, "--json")
     assert code == 0, err
-    assert json.loads(out)["config"]["init"] == "paper"
+    assert json.loads(out)["config"]["style_rank"] == 8
 
 
 @pytest.mark.parametrize("content, message", [

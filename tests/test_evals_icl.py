@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from conftest import make_model
+from conftest import PLAIN, make_memtrm, make_model
 from longmem.errors import LongMemError
 from longmem.evals.icl import IclConfig, classify, draw, icl, window_classifier
 from longmem.evals.icl_data import load_task, read_examples
@@ -75,7 +75,7 @@ def test_draws_are_seeded_disjoint_and_nested(data):
 
 
 def test_one_pass_label_scoring_equals_per_label_scoring():
-    model = make_model("llama", init="paper", segment_length=64)
+    model = make_model("llama", trained=True, segment_length=64)
     ctx = prepare(model, parse_mode(model, "memory"), torch.randint(0, 256, (40,)))
     pre, query = torch.randint(0, 256, (20,)), torch.randint(0, 256, (5,))
     logits_of, kept, cut = window_classifier(model, ctx, pre, query, keep=64)
@@ -94,7 +94,7 @@ def test_one_pass_label_scoring_equals_per_label_scoring():
                                           ("llama", "backbone"), ("gpt2", "memory"), ("gpt2", "backbone")])
 def test_shared_prefix_equals_recomputing_the_window(family, mode):
     tier = {"recent_tokens": 16} if family == "llama" else {}
-    model = make_model(family, init="paper", segment_length=48, **tier)
+    model = make_model(family, trained=True, segment_length=48, **tier)
     m = parse_mode(model, mode)
     ctx = prepare(model, m, torch.randint(0, 256, (70,)))
     prefix = torch.randint(0, 256, (25,))
@@ -109,10 +109,9 @@ def test_shared_prefix_with_a_copy_head_equals_recomputing_the_window():
     """The copy head's match history rewinds with the caches: queries that restate text held in memory
     get the same log-probabilities as recomputing prefix + query (without the rewind: off by 0.56)."""
     torch.manual_seed(3)
-    model = make_model("llama", init="delta", fusion="joint", segment_length=48, recent_tokens=16, pointer=True,
-                       pointer_ngram=2, pointer_local=True)
+    model = make_model("llama", trained=True, segment_length=48, recent_tokens=16)
     with torch.no_grad():
-        model.sidenet.pointer.offset.fill_(2.0)  # trust key matches: runs and follows change the logits
+        model.sidenet.copy_head.offset.fill_(2.0)  # trust key matches: runs and follows change the logits
     text = torch.randint(0, 256, (60,))
     ctx = prepare(model, parse_mode(model, "memory"), text[:40])
     prefix = torch.cat([text[40:], text[:5]])
@@ -133,7 +132,7 @@ def test_long_prompts_fall_back_and_are_cut_from_the_left():
 
 
 def test_icl_scores_every_task_seed_k_and_mode(data, tmp_path):
-    model = make_model("llama", segment_length=256)  # identity SideNet: the modes agree
+    model = make_model("llama", segment_length=256, **PLAIN)  # a bare SideNet: empty memory = the backbone
     config = IclConfig(data=str(data), tasks=["sst-2", "weather"], demos=[3, 0], memory_demos=8, seeds=2,
                        max_test=2, template="Sky: {text} Weather:")
     result = icl(model, config)
@@ -144,9 +143,8 @@ def test_icl_scores_every_task_seed_k_and_mode(data, tmp_path):
     summary = result.summary()
     assert set(summary) == {"k3", "k0"} and set(summary["k3"]["memory"]["tasks"]) == {"sst-2", "weather"}
     for k in summary.values():
-        assert k["memory"]["average"]["accuracy"] == pytest.approx(k["backbone"]["average"]["accuracy"])
-        argmax = k["no-memory"]["average"]["accuracy_argmax"]
-        assert argmax == pytest.approx(k["backbone"]["average"]["accuracy_argmax"])
+        for metric in ("accuracy", "accuracy_argmax"):
+            assert k["no-memory"]["average"][metric] == pytest.approx(k["backbone"]["average"][metric])
     stats = summary["k3"]["memory"]["tasks"]["sst-2"]["accuracy"]
     assert len(stats["per_seed"]) == 2 and stats["std"] >= 0
     assert set(result.to_dict()["memory_minus_backbone_points"]) == {"k3", "k0"}
@@ -154,7 +152,7 @@ def test_icl_scores_every_task_seed_k_and_mode(data, tmp_path):
 
 
 def test_shared_prefix_gives_the_same_accuracies(data):
-    model = make_model("llama", init="paper", segment_length=200, recent_tokens=32)
+    model = make_model("llama", trained=True, segment_length=200, recent_tokens=32)
     config = dict(data=str(data), tasks=["sst-2"], demos=[3], memory_demos=8, seeds=1,
                   modes=["memory", "no-memory", "backbone", "short-term-only"])
     fast = icl(model, IclConfig(**config))
@@ -180,8 +178,7 @@ def test_bad_configs(data):
 
 def test_icl_runs_the_memtrm_layout_without_incremental_decoding(data):
     """MemTRM cannot decode incrementally: its LongMem modes recompute the window per sentence."""
-    model = make_model("llama", init="upper", reduction=1, memory_layer=2, coupled=True, fusion="gated",
-                       segment_length=256)
+    model = make_memtrm(segment_length=256)
     assert not model.decodes_incrementally and make_model("llama").decodes_incrementally
     config = IclConfig(data=str(data), tasks=["sst-2"], demos=[3], memory_demos=8, seeds=1, max_test=2,
                        modes=["memory", "no-memory"])

@@ -124,7 +124,7 @@ def test_ppl_and_passkey_skip_done_units_and_give_the_same_result(tmp_path):
 
     book = tmp_path / "b.txt"
     book.write_text("It is a truth universally acknowledged, that a single man in possession. " * 4)
-    model = make_model("llama", segment_length=32, init="paper")
+    model = make_model("llama", segment_length=32, trained=True, recent_tokens=0)
     config = PplConfig(files=[str(book)], memory_sizes=[0, 64], chunk_sizes=[1, 2], windows=[32])
     seen = []
     full = ppl(model, config, on_run=lambda run, sec: seen.append(run))

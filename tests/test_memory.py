@@ -109,16 +109,6 @@ def test_faiss_equals_exact_after_eviction_and_reset():
     assert torch.equal(a.chunk_slots.sort(-1).values, b.chunk_slots.sort(-1).values)
 
 
-def test_per_kv_head_retrieval_uses_summed_group_queries():
-    torch.manual_seed(2)
-    mem = bank(capacity=32)
-    mem.write(*segment(1, 32, 0))
-    q = torch.randn(1, 4, 3, D)
-    found = mem.retrieve(q, 2, per_kv_head=True)
-    ref = brute_force(mem, q.view(1, 2, 2, 3, D).sum(2), 2)  # one search per KV head
-    assert torch.equal(found.chunk_slots.sort(-1).values, ref.sort(-1).values)
-
-
 def test_underfull_memory_pads_with_invalid_entries():
     mem = bank(capacity=16)
     mem.write(*segment(1, 4, 0))  # 2 chunks

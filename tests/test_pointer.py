@@ -3,7 +3,9 @@
 import pytest
 import torch
 
-from conftest import make_model
+from conftest import PLAIN, make_model
+
+HEAD = dict(recent_tokens=0, style_rank=0)  # the copy head (with its context gate) on the bare SideNet
 from longmem.errors import LongMemError
 from longmem.memory import load_memory, save_memory
 from longmem.memory.token_log import TokenLog
@@ -28,11 +30,12 @@ def read_text(model, ids, seg=16):
 
 def test_copy_head_leaves_an_empty_memory_alone_and_normalises():
     torch.manual_seed(0)
-    plain = make_model("llama", init="delta", fusion="joint")
-    model = make_model("llama", init="delta", fusion="joint", pointer=True)
+    plain = make_model("llama", **PLAIN)
+    model = make_model("llama", **HEAD)
     model.sidenet.load_state_dict(plain.sidenet.state_dict(), strict=False)
-    ids = torch.randint(0, 256, (1, 16))
-    torch.testing.assert_close(model(ids, memory=model.new_memory(1)).logits, plain(ids).logits)
+    ids = torch.randint(0, 256, (1, 16))  # no 3-token repeat inside it: nothing to copy without a memory
+    torch.testing.assert_close(model(ids, memory=model.new_memory(1)).logits, plain(ids).logits.log_softmax(-1),
+                               atol=1e-5, rtol=1e-5)
     mem = read_text(model, torch.randint(0, 256, (1, 64)))
     assert mem.token_log is not None and not mem.is_empty
     logp = model(ids, memory=mem).logits  # log-probabilities of the mixture
@@ -55,14 +58,14 @@ def test_token_log_matches_keys_across_the_ring():
 
 def test_the_copy_head_predicts_a_repeated_passage_from_memory():
     torch.manual_seed(1)
-    model = make_model("llama", init="delta", fusion="joint", pointer=True)
+    model = make_model("llama", **HEAD)
     text = torch.randint(0, 256, (1, 64))
     mem = read_text(model, text)
     again = text[:, 16:32]  # a segment read before, in the same local context: identical keys
     with torch.no_grad():
-        model.sidenet.pointer.offset.fill_(30.0)  # trust the pointer fully
+        model.sidenet.copy_head.offset.fill_(30.0)  # trust the pointer fully
         out = model(again, memory=mem)
-    ptr, best = model.sidenet.pointer.pointer(out.match_keys, mem.token_log, out.logits.shape[-1])
+    ptr, best = model.sidenet.copy_head.pointer(out.match_keys, mem.token_log, out.logits.shape[-1])
     assert (best > 0.995).all()  # keys are logged in bf16
     assert torch.equal(ptr[0].argmax(-1), text[0, 17:33])  # the token after each source
     assert torch.equal(out.logits[0].argmax(-1), text[0, 17:33])
@@ -72,30 +75,28 @@ def test_the_copy_head_predicts_a_repeated_passage_from_memory():
 def test_the_copy_head_can_be_switched_off_at_inference():
     """copy_head_enabled = False (the ablation switch): the SideNet's own logits, in a forward pass and
     in incremental decoding, as if the model had no copy head."""
-    from longmem.inference.decode import decode, new_cache
-
     torch.manual_seed(1)
-    model = make_model("llama", init="delta", fusion="joint", pointer=True)
+    model = make_model("llama", **HEAD)
     text = torch.randint(0, 256, (1, 64))
     mem = read_text(model, text)
     again = text[:, 16:32]
     with torch.no_grad():
-        model.sidenet.pointer.offset.fill_(30.0)
+        model.sidenet.copy_head.offset.fill_(30.0)
         mixed = model(again, memory=mem).logits
         model.copy_head_enabled = False
         off = model(again, memory=mem).logits
-        cache = new_cache(model, 1, mem.end_position, memory=mem)
-        steps = torch.cat([decode(model, cache, again[:, i : i + 1], mem) for i in range(again.shape[1])], 1)
-        head, model.sidenet.pointer = model.sidenet.pointer, None
+        cache = model.new_cache(1, mem.end_position, memory=mem)
+        steps = torch.cat([model(again[:, i : i + 1], mem, cache=cache).logits for i in range(again.shape[1])], 1)
+        head, model.sidenet.copy_head = model.sidenet.copy_head, None
         plain = model(again, memory=mem).logits
-        model.sidenet.pointer = head
+        model.sidenet.copy_head = head
     assert not torch.allclose(mixed.log_softmax(-1), off.log_softmax(-1), atol=1e-2)
     torch.testing.assert_close(off, plain)
     torch.testing.assert_close(steps, off, atol=2e-3, rtol=1e-3)
 
 
 def test_copy_head_memory_saves_and_loads_its_token_ids(tmp_path):
-    model = make_model("llama", init="delta", fusion="joint", pointer=True)
+    model = make_model("llama", **HEAD)
     mem = read_text(model, torch.randint(0, 256, (1, 64)))
     save_memory(mem, tmp_path / "m")
     back = load_memory(tmp_path / "m")
@@ -108,11 +109,11 @@ def test_copy_head_memory_saves_and_loads_its_token_ids(tmp_path):
 def test_a_sidenet_without_copy_head_loads_with_a_fresh_one(tmp_path):
     from longmem.model.longmem import LongMemModel
 
-    plain = make_model("llama", init="delta", fusion="joint")
+    plain = make_model("llama", **PLAIN)
     plain.save_pretrained(tmp_path / "s")
     model = LongMemModel.from_backbone(tmp_path / "s", plain.backbone, plain.tokenizer,
-                                       config=__import__("dataclasses").replace(plain.config, pointer=True))
-    assert model.sidenet.pointer is not None
+                                       config=__import__("dataclasses").replace(plain.config, copy_head=True))
+    assert model.sidenet.copy_head is not None
     with pytest.raises(Exception, match="do not fit"):  # and a copy head's weights do not load without one
         model.save_pretrained(tmp_path / "p")
         LongMemModel.from_backbone(tmp_path / "p", plain.backbone, plain.tokenizer, config=plain.config)
@@ -120,19 +121,19 @@ def test_a_sidenet_without_copy_head_loads_with_a_fresh_one(tmp_path):
 
 def test_copy_head_trains():
     torch.manual_seed(2)
-    model = make_model("llama", init="delta", fusion="joint", pointer=True)
+    model = make_model("llama", **HEAD)
     mem = read_text(model, torch.randint(0, 256, (1, 64)))
     ids = torch.randint(0, 256, (1, 16))
     out = model(ids, memory=mem, labels=ids)
     out.loss.backward()
-    head = model.sidenet.pointer
+    head = model.sidenet.copy_head
     for param in (head.agree, head.slope, head.offset, head.sharpness):
         assert param.grad is not None and param.grad.abs().sum() > 0
 
 
 def test_a_row_with_an_empty_log_gets_finite_gradients():
     torch.manual_seed(3)
-    model = make_model("llama", init="delta", fusion="joint", pointer=True)
+    model = make_model("llama", **HEAD)
     mem = model.new_memory(2)
     text = torch.randint(0, 256, (2, 32))
     for a in range(0, 32, 16):
@@ -141,17 +142,17 @@ def test_a_row_with_an_empty_log_gets_finite_gradients():
     ids = torch.randint(0, 256, (2, 16))
     out = model(ids, memory=mem, labels=ids)
     out.loss.backward()
-    for param in model.sidenet.pointer.parameters():
+    for param in model.sidenet.copy_head.parameters():
         assert torch.isfinite(param.grad).all()
     assert torch.isfinite(out.logits).all()
 
 
 def test_sparse_mixing_equals_the_dense_mixture():
     torch.manual_seed(2)
-    model = make_model("llama", init="delta", fusion="joint", pointer=True)
-    text = torch.randint(0, 16, (1, 64))  # a small alphabet: candidates repeat ids
+    model = make_model("llama", **(HEAD | dict(copy_gate=False)))
+    text = torch.randint(0, 16, (1, 64))  # a small alphabet: candidates repeat ids, exact matches abound
     mem = read_text(model, text)
-    head = model.sidenet.pointer
+    head = model.sidenet.copy_head
     with torch.no_grad():
         head.offset.fill_(1.0)
         out = model(text[:, 8:24], memory=mem)
@@ -161,8 +162,14 @@ def test_sparse_mixing_equals_the_dense_mixture():
         logits = torch.randn(1, 16, 256)
         lam = torch.sigmoid(head.slope * (best - 0.95) / 0.05 + head.agree * ptr.amax(-1) + head.run * run
                             + head.offset)[..., None]
-        dense = torch.log((1 - lam * ptr.sum(-1, keepdim=True)) * logits.softmax(-1) + lam * ptr)
-        torch.testing.assert_close(head(logits, out.match_keys, mem.token_log), dense, atol=1e-3, rtol=1e-4)
+        keys = (1 - lam * ptr.sum(-1, keepdim=True)) * logits.softmax(-1) + lam * ptr
+        context = (text[:, 8:24], 64 + torch.arange(16)[None])
+        ids_n, w_n, lam_n = head.exact(mem.token_log, context, logits.log_softmax(-1))
+        assert (lam_n > 0).any()  # the exact source is at work too
+        exact = torch.zeros(1, 16, 256).scatter_add(-1, ids_n, w_n)
+        dense = torch.log((1 - lam_n[..., None]) * keys + lam_n[..., None] * exact)
+        torch.testing.assert_close(head(logits, out.match_keys, mem.token_log, context=context), dense,
+                                   atol=1e-3, rtol=1e-4)
 
 
 def test_a_match_that_continues_the_previous_one_wins():
@@ -232,13 +239,13 @@ def test_suffix_matches_equal_a_brute_force_search(seed):
 
 def test_exact_matches_copy_a_passage_the_keys_do_not_recognise():
     torch.manual_seed(6)
-    model = make_model("llama", init="delta", fusion="joint", pointer=True, pointer_ngram=3)
+    model = make_model("llama", **HEAD)
     text = torch.randint(0, 256, (1, 64))
     mem = read_text(model, text)
     again = torch.cat([torch.randint(0, 256, (1, 8)), text[:, 20:36]], 1)  # new context, then a repeat
     with torch.no_grad():
-        model.sidenet.pointer.offset.fill_(-30.0)  # the key match is switched off
-        model.sidenet.pointer.length_bias.fill_(30.0)  # exact matches are trusted fully
+        model.sidenet.copy_head.offset.fill_(-30.0)  # the key match is switched off
+        model.sidenet.copy_head.length_bias.fill_(30.0)  # exact matches are trusted fully
         out = model(again, memory=mem)
     pred = out.logits[0].argmax(-1)
     assert torch.equal(pred[10:], text[0, 23:37])  # from the third copied token on: the source's successor
@@ -248,47 +255,29 @@ def test_exact_matches_copy_a_passage_the_keys_do_not_recognise():
 
 
 def test_exact_match_gate_trains_and_decoding_agrees():
-    from longmem.inference.decode import decode, new_cache
-
     torch.manual_seed(7)
-    model = make_model("llama", init="delta", fusion="joint", pointer=True, pointer_ngram=2)
+    model = make_model("llama", **HEAD)
     text = torch.randint(0, 32, (1, 64))
     mem = read_text(model, text)
     ids = torch.cat([text[:, 5:15], torch.randint(0, 32, (1, 6))], 1)
     out = model(ids, memory=mem, labels=ids)
     out.loss.backward()
-    head = model.sidenet.pointer
+    head = model.sidenet.copy_head
     assert head.length_bias.grad.abs().sum() > 0 and head.length_sharp.grad is not None
     with torch.no_grad():
         full = model(ids, memory=mem).logits
-        cache = new_cache(model, 1, mem.end_position, memory=mem)
-        steps = torch.cat([decode(model, cache, ids[:, i : i + 1], mem) for i in range(ids.shape[1])], 1)
+        cache = model.new_cache(1, mem.end_position, memory=mem)
+        steps = torch.cat([model(ids[:, i : i + 1], mem, cache=cache).logits for i in range(ids.shape[1])], 1)
     torch.testing.assert_close(steps, full, atol=2e-3, rtol=1e-3)
-
-
-def test_a_copy_head_without_exact_matches_loads_with_fresh_ones(tmp_path):
-    from dataclasses import replace
-
-    from longmem.model.longmem import LongMemModel
-
-    keys_only = make_model("llama", init="delta", fusion="joint", pointer=True)
-    with torch.no_grad():
-        keys_only.sidenet.pointer.offset.fill_(-3.0)  # a trained value must survive the upgrade
-    keys_only.save_pretrained(tmp_path / "k")
-    model = LongMemModel.from_backbone(tmp_path / "k", keys_only.backbone, keys_only.tokenizer,
-                                       config=replace(keys_only.config, pointer_ngram=3))
-    assert model.sidenet.pointer.ngram == 3 and model.sidenet.pointer.offset.item() == -3.0
-    with pytest.raises(LongMemError, match="at least 2"):
-        make_model("llama", init="delta", fusion="joint", pointer=True, pointer_ngram=1)
 
 
 def test_local_exact_matches_copy_inside_the_context_without_a_memory():
     torch.manual_seed(8)
-    model = make_model("llama", init="delta", fusion="joint", pointer=True, pointer_ngram=3, pointer_local=True)
+    model = make_model("llama", **HEAD)
     part = torch.randint(0, 256, (1, 8))
     ids = torch.cat([part, torch.randint(0, 256, (1, 2)), part], 1)  # [1,18]: 8 tokens said twice
     with torch.no_grad():
-        model.sidenet.pointer.length_bias.fill_(30.0)
+        model.sidenet.copy_head.length_bias.fill_(30.0)
         for memory in (None, model.new_memory(1)):
             pred = model(ids, memory=memory).logits[0].argmax(-1)
             assert torch.equal(pred[12:17], ids[0, 13:18])  # from the third repeated token on
@@ -297,14 +286,13 @@ def test_local_exact_matches_copy_inside_the_context_without_a_memory():
 def test_context_gate_starts_neutral_trains_and_decoding_agrees(tmp_path):
     from dataclasses import replace
 
-    from longmem.inference.decode import decode, new_cache
     from longmem.model.longmem import LongMemModel
 
     torch.manual_seed(9)
-    plain = make_model("llama", init="delta", fusion="joint", pointer=True, pointer_ngram=2)
+    plain = make_model("llama", **(HEAD | dict(copy_gate=False)))
     plain.save_pretrained(tmp_path / "p")  # a head without the gate gains a fresh (zero) one
     model = LongMemModel.from_backbone(tmp_path / "p", plain.backbone, plain.tokenizer,
-                                       config=replace(plain.config, pointer_context=True))
+                                       config=replace(plain.config, copy_gate=True))
     model.float()
     text = torch.randint(0, 32, (1, 64))
     mem = read_text(model, text)
@@ -313,14 +301,14 @@ def test_context_gate_starts_neutral_trains_and_decoding_agrees(tmp_path):
         torch.testing.assert_close(model(ids, memory=mem).logits, plain(ids, memory=read_text(plain, text)).logits)
     out = model(ids, memory=mem, labels=ids)
     out.loss.backward()
-    gate = model.sidenet.pointer.context.weight
+    gate = model.sidenet.copy_head.context.weight
     assert gate.grad is not None and gate.grad.abs().sum() > 0
     with torch.no_grad():
         gate.normal_(0, 0.5)  # a trained gate moves the mixture, and decoding reads it the same way
         full = model(ids, memory=mem).logits
         assert (full - plain(ids, memory=read_text(plain, text)).logits).abs().max() > 1e-3
-        cache = new_cache(model, 1, mem.end_position, memory=mem)
-        steps = torch.cat([decode(model, cache, ids[:, i : i + 1], mem) for i in range(ids.shape[1])], 1)
+        cache = model.new_cache(1, mem.end_position, memory=mem)
+        steps = torch.cat([model(ids[:, i : i + 1], mem, cache=cache).logits for i in range(ids.shape[1])], 1)
     torch.testing.assert_close(steps, full, atol=2e-3, rtol=1e-3)
-    with pytest.raises(LongMemError, match="pointer_context"):
-        make_model("llama", init="delta", fusion="joint", pointer=True, pointer_context=True)
+    with pytest.raises(LongMemError, match="copy_gate"):
+        make_model("llama", copy_head=False, copy_gate=True)

@@ -8,7 +8,7 @@ import torch
 from longmem.errors import LongMemError
 from longmem.memory import load_memory, save_memory
 
-from conftest import make_model
+from conftest import PLAIN, make_model
 
 T = 16
 
@@ -60,13 +60,14 @@ def test_a_full_tier_is_read_by_the_split_kernel_with_the_same_logits(monkeypatc
     torch.testing.assert_close(got, banded_oracle(model, ids), atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("init", ["identity", "delta"])
-def test_identity_and_delta_sidenets_keep_backbone_logits_with_the_tier(init):
-    model = make_model("llama", recent_tokens=T, init=init, memory_size=16)
+def test_a_bare_sidenet_keeps_backbone_logits_with_the_tier_until_the_bank_is_read():
+    model = make_model("llama", memory_size=16, **(PLAIN | dict(recent_tokens=T)))
     ids = torch.randint(0, 256, (2, 3 * T))
-    for out in read(model, ids, model.new_memory(2)):
-        if init == "identity" or out.stats is None:
+    outs = read(model, ids, model.new_memory(2))
+    for out in outs:
+        if out.stats is None:  # nothing retrieved from the bank: the backbone reading the tier
             assert (out.logits - out.backbone_logits).abs().max() < 1e-4
+    assert outs[0].stats is None and outs[-1].stats is not None
 
 
 def test_the_tier_changes_what_the_next_segment_sees():
@@ -81,20 +82,8 @@ def test_the_tier_changes_what_the_next_segment_sees():
     assert (a[1].backbone_logits - empty.backbone_logits).abs().max() > 1e-4
 
 
-def test_later_tokens_never_change_earlier_logits_across_segments():
-    model = make_model("llama", recent_tokens=T, init="paper", memory_size=32)
-    ids = torch.randint(0, 256, (1, 4 * T))
-    other = ids.clone()
-    other[0, 3 * T + 2 :] = torch.randint(0, 256, (T - 2,))
-    a = read(model, ids, model.new_memory(1))
-    b = read(model, other, model.new_memory(1))
-    for s in range(3):
-        torch.testing.assert_close(a[s].logits, b[s].logits)
-    torch.testing.assert_close(a[3].logits[:, :2], b[3].logits[:, :2])
-
-
 def test_rows_never_mix_and_reset_empties_a_row():
-    model = make_model("llama", recent_tokens=T, init="paper", memory_size=32)
+    model = make_model("llama", recent_tokens=T, memory_size=32, trained=True)
     ids = torch.randint(0, 256, (2, 3 * T))
     both = read(model, ids, model.new_memory(2))
     alone = read(model, ids[1:], model.new_memory(1))

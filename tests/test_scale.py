@@ -136,7 +136,7 @@ def test_approximate_indexes_save_and_load_their_config(tmp_path, kind):
 def test_model_reads_with_an_approximate_memory(kind):
     from conftest import make_model
 
-    model = make_model(retrieval=kind, init="paper")
+    model = make_model(retrieval=kind, trained=True)
     memory = model.new_memory(1)
     assert memory.index_name == kind
     ids = torch.randint(0, 256, (1, 16))
@@ -177,12 +177,14 @@ def test_int8_bank_retrieves_close_entries_and_saves_loads_exactly(tmp_path):
 
 def test_model_reads_an_int8_memory_almost_like_a_float_one():
     from conftest import make_model
+    from longmem.evals.scoring import variant
     from longmem.inference.reader import perplexity
 
-    model = make_model(init="paper", memory_size=256)
+    model = make_model(trained=True, memory_size=256)
     ids = torch.randint(0, 256, (160,), generator=torch.Generator().manual_seed(19))
     ref = model.new_memory(1)
-    int8 = MemoryBank(1, ref.num_kv_heads, ref.head_dim, 256, ref.chunk_size, dtype="int8", meta=ref.meta)
+    int8 = variant(model, memory_dtype="int8").new_memory(1)  # the same tier and token log, the bank in int8
+    assert int8.dtype_name == "int8" and int8.recent is not None
     a = perplexity(model, ids, mode="memory", memory=ref)
     b = perplexity(model, ids, mode="memory", memory=int8)
     assert int8.num_tokens() == ref.num_tokens() > 0
@@ -230,7 +232,7 @@ def test_model_reads_a_mapped_memory_with_its_short_term_tier_like_a_loaded_one(
     from conftest import make_model
     from longmem.inference.reader import read
 
-    model = make_model(init="paper", recent_tokens=16, memory_size=128)
+    model = make_model(trained=True, recent_tokens=16, memory_size=128)
     ids = torch.randint(0, 256, (200,), generator=torch.Generator().manual_seed(20))
     save_memory(read(model, ids, model.new_memory(1)), tmp_path / "m")
     expect = model.memory_meta()

@@ -25,7 +25,7 @@ SEA = "Call me Ishmael. Some years ago, never mind how long precisely, having li
 
 def perturbed():
     """A tiny model whose SideNet is no identity, so a memory changes what it says."""
-    model = make_model("llama", init="paper")
+    model = make_model("llama", trained=True)
     gen = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for p in model.trainable_parameters():

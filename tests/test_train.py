@@ -35,7 +35,7 @@ def setup_dirs(tmp_path_factory):
 
 def config(root: Path, backbone: Path, out: str, **kw) -> TrainConfig:
     model = dict(backbone=str(backbone), segment_length=16, memory_size=64, chunk_size=2, topk=8,
-                 memory_dtype="float32")
+                 memory_dtype="float32", memory_layer=1, style_rank=8)  # the shipped layout, one later block
     base = dict(model=model, corpus=str(root / "corpus"), output_dir=str(root / out), steps=6, batch_size=2,
                 warmup_steps=2, eval_every=3, eval_tokens=48, save_every=3, log_every=1, dtype="float32")
     return TrainConfig(**(base | kw))
@@ -101,7 +101,7 @@ def test_memory_only_holds_earlier_text_of_the_same_document(setup_dirs):
             assert trainer.memory.num_tokens(row) == 0 or trainer.memory.row_chunks(row)[2].max() <= batch.positions[row].max()
 
 
-@pytest.mark.parametrize("trainable", ["memory_block", "lora"])
+@pytest.mark.parametrize("trainable", ["memory_path", "lora"])
 def test_trainable_sets(setup_dirs, trainable):
     root, backbone = setup_dirs
     trainer = Trainer(config(root, backbone, f"set-{trainable}", trainable=trainable, steps=3,
@@ -110,9 +110,8 @@ def test_trainable_sets(setup_dirs, trainable):
     trainer.train()
     after = trainer.model.sidenet.state_dict()
     moved = {k for k in before if not torch.equal(before[k], after[k])}
-    mem = f"blocks.{trainer.model.sidenet.memory_index}."
-    if trainable == "memory_block":
-        assert moved and all(k.startswith(mem) for k in moved)
+    if trainable == "memory_path":
+        assert moved and all(k.startswith("blocks.") for k in moved)
     else:
         assert moved and all("lora_" in k or k.endswith(".gate") for k in moved)
         ids = torch.randint(0, 256, (1, 16))
@@ -179,7 +178,6 @@ def test_delta_sidenet_trains_on_recall_spans(setup_dirs):
     root, backbone = setup_dirs
     cfg = config(root, backbone, "recall", steps=8, eval_every=-1, save_every=0, recall_prob=1.0,
                  recall_min=4, recall_max=8, batch_size=1)
-    cfg.model.init, cfg.model.fusion = "delta", "joint"
     trainer = Trainer(cfg, progress=False).setup()
     assert not any(p.requires_grad for p in trainer.model.sidenet.norm.parameters())
     trainer.train()
@@ -189,56 +187,51 @@ def test_delta_sidenet_trains_on_recall_spans(setup_dirs):
 
 def test_copy_head_alone_trains_on_recall_spans_and_resumes(setup_dirs):
     root, backbone = setup_dirs
-    model = dict(backbone=str(backbone), segment_length=16, memory_size=64, chunk_size=2, topk=8,
-                 memory_dtype="float32", init="delta", fusion="joint", pointer=True)
     cfg = config(root, backbone, "pointer", steps=6, eval_every=-1, save_every=3, recall_prob=1.0,
-                 recall_min=4, recall_max=8, batch_size=1, trainable="pointer", model=model)
+                 recall_min=4, recall_max=8, batch_size=1, trainable="copy_head")
     trainer = Trainer(cfg, progress=False).setup()
     before = params(trainer)
     trainer.train()
     after = params(trainer)
     changed = {k for k in before if not torch.equal(before[k], after[k])}
-    assert changed and all(k.startswith("pointer.") for k in changed)  # only the copy head moved
+    assert changed and all(k.startswith("copy_head.") for k in changed)  # only the copy head moved
     assert any(trainer._overwritten)  # recall sources avoid text that earlier spans overwrote
     resumed = Trainer(cfg, resume=True, progress=False).setup()
     assert resumed._overwritten == trainer._overwritten
+    headless = cfg.model.to_dict() | dict(copy_head=False, copy_gate=False)
     with pytest.raises(Exception, match="copy head"):
-        Trainer(config(root, backbone, "bad", trainable="pointer"), progress=False).setup()
+        Trainer(config(root, backbone, "bad", trainable="copy_head", model=headless), progress=False).setup()
 
 
 def test_copy_head_trains_on_synthetic_facts_and_resumes_their_state(setup_dirs):
     root, backbone = setup_dirs
     model = dict(backbone=str(backbone), segment_length=128, memory_size=512, chunk_size=2, topk=8,
-                 memory_dtype="float32", init="delta", fusion="joint", pointer=True, pointer_ngram=3,
-                 pointer_context=True)
+                 memory_dtype="float32", memory_layer=1)
     cfg = config(root, backbone, "facts", steps=20, eval_every=-1, save_every=10, fact_prob=1.0, batch_size=1,
-                 trainable="pointer", model=model, log_every=1)
+                 trainable="copy_head", model=model, log_every=1)
     trainer = Trainer(cfg, progress=False).setup()
-    gate = trainer.model.sidenet.pointer.context.weight.detach().clone()
+    gate = trainer.model.sidenet.copy_head.context.weight.detach().clone()
     trainer.train()
     rows = [json.loads(line) for line in (root / "facts" / "metrics.jsonl").read_text().splitlines()]
     assert any("fact_loss" in r for r in rows)  # questions were asked and scored
-    assert not torch.equal(gate, trainer.model.sidenet.pointer.context.weight)  # the context gate learned
+    assert not torch.equal(gate, trainer.model.sidenet.copy_head.context.weight)  # the context gate learned
     resumed = Trainer(cfg, resume=True, progress=False).setup()
     assert resumed.facts.state_dict() == trainer.facts.state_dict()
 
 
-@pytest.mark.parametrize("layers", ["memory", "all"])
-def test_a_style_adapter_alone_trains_without_memory(setup_dirs, layers):
+def test_a_style_adapter_alone_trains_without_memory(setup_dirs):
     root, backbone = setup_dirs
-    model = dict(backbone=str(backbone), segment_length=16, memory_size=64, chunk_size=2, topk=8,
-                 memory_dtype="float32", init="delta", fusion="joint", style_rank=4, style_layers=layers)
     cfg = config(root, backbone, "style", steps=4, eval_every=-1, save_every=0, trainable="style",
-                 read_memory=False, model=model)
+                 read_memory=False)
     trainer = Trainer(cfg, progress=False).setup()
     before = params(trainer)
     trainer.train()
     changed = {k for k, v in params(trainer).items() if not torch.equal(before[k], v)}
-    later = {f"styles.{i}.{w}.weight" for i in range(len(trainer.model.sidenet.blocks)) for w in ("up", "down")}
-    assert changed == {"style.up.weight", "style.down.weight"} | (later if layers == "all" else set())
+    assert changed == {"style.up.weight", "style.down.weight"}
     assert trainer.memory.is_empty  # nothing was read into memory
+    plain = cfg.model.to_dict() | dict(style_rank=0)
     with pytest.raises(Exception, match="style adapter"):
-        Trainer(config(root, backbone, "bad", trainable="style"), progress=False).setup()
+        Trainer(config(root, backbone, "bad", trainable="style", model=plain), progress=False).setup()
 
 
 RUN_FILES = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))

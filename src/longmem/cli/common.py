@@ -11,8 +11,8 @@ from longmem.errors import LongMemError
 
 def model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sidenet", default="default",
-                   help="trained SideNet directory; 'default' (the SideNet shipped for the built-in backbone) "
-                        "or 'fresh' (a new identity SideNet)")
+                   help="trained SideNet (or baseline) directory; 'default' (the SideNet shipped for the built-in "
+                        "backbone) or 'fresh' (a new, untrained SideNet)")
     p.add_argument("--backbone", help=f"backbone name, HF id, directory or .gguf (default {DEFAULT_BACKBONE})")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="compute dtype")
     p.add_argument("--retrieval", choices=list(RETRIEVAL_BACKENDS),
@@ -24,9 +24,11 @@ def model_args(p: argparse.ArgumentParser) -> None:
 
 
 def load_model(args: argparse.Namespace, **overrides):
-    """The LongMemModel the CLI flags describe."""
-    from longmem.model.longmem import LongMemModel
+    """The model the CLI flags describe: a LongMemModel, or a baseline (``--model-kind``, else the kind the
+    ``--sidenet`` directory names)."""
+    from longmem.kinds import MODEL_KINDS, kind_of
 
+    kind = MODEL_KINDS[getattr(args, "model_kind", None) or kind_of(args.sidenet)]
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if args.retrieval:
         overrides["retrieval"] = args.retrieval
@@ -34,7 +36,7 @@ def load_model(args: argparse.Namespace, **overrides):
         overrides["retrieval_nprobe"] = args.nprobe
     if getattr(args, "memory_dtype", None):
         overrides["memory_dtype"] = args.memory_dtype
-    return LongMemModel.from_pretrained(args.sidenet, backbone=args.backbone, dtype=args.dtype, **overrides)
+    return kind.from_pretrained(args.sidenet, backbone=args.backbone, dtype=args.dtype, **overrides)
 
 
 def positive_args(args: argparse.Namespace, *names: str) -> None:

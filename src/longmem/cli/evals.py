@@ -22,14 +22,6 @@ from longmem.evals.partial import PartialLog, partial_path
 from longmem.evals.results import EvalRecord, check_out_path, git_commit, write_record
 
 
-def load_longmem(args: argparse.Namespace, overrides: dict) -> Any:
-    return load_model(args, **overrides)
-
-
-SCORERS: dict[str, Callable[[argparse.Namespace, dict], Any]] = {"longmem": load_longmem}
-"""Model kinds ``--model-kind`` can load: name -> loader(args, config overrides) -> Scorer.
-Another scorer (e.g. a MemTRM baseline) plugs in by adding an entry here."""
-
 
 def _list(kind: type) -> Callable[[str], list]:
     def parse(text: str) -> list:
@@ -149,7 +141,8 @@ def _common(p: argparse.ArgumentParser, name: str, modes: bool = True) -> None:
                             "chunk bank), window-W (the backbone with a W-token window), window (W = what the "
                             "memory mode sees exactly: segment + short-term tier)")
         p.add_argument("--seed", type=int, help="random seed")
-    p.add_argument("--model-kind", default="longmem", choices=sorted(SCORERS), help="which scorer to load")
+    p.add_argument("--model-kind", choices=("longmem", "memtrm"),
+                   help="what --sidenet holds: LongMem or the MemTRM baseline (default: the kind its directory names)")
     model_args(p)
     p.add_argument("--memory-size", type=int, help="memory capacity in tokens")
     p.add_argument("--chunk-size", type=int, help="memory chunk size")
@@ -183,7 +176,7 @@ def _load(args: argparse.Namespace, **overrides) -> Any:
             raise LongMemError(f"--{name.replace('_', '-')} must be a positive integer, not {value}")
     config = {"memory_size": args.memory_size, "chunk_size": args.chunk_size, "segment_length": args.segment}
     config |= overrides
-    return SCORERS[args.model_kind](args, {k: v for k, v in config.items() if v is not None})
+    return load_model(args, **{k: v for k, v in config.items() if v is not None})
 
 
 def _finish(args: argparse.Namespace, name: str, model: Any, config: Any, results: dict, seconds: float,

@@ -36,10 +36,8 @@ def add_parsers(sub) -> None:
     probe.add_argument("files", nargs="+", type=Path, metavar="FILE", help="UTF-8 text files")
     probe.add_argument("--window", type=int, default=4096, help="tokens read per window (<= native context)")
     probe.add_argument("--windows", type=int, default=4, help="windows per file, evenly spaced")
-    probe.add_argument("--retrieval-heads", choices=["query", "kv"], help="who searches the memory")
     probe.add_argument("--chunk-size", type=int, help="memory chunk size")
     probe.add_argument("--sink-tokens", type=int, help="first tokens of each segment kept out of memory")
-    probe.add_argument("--search-positions", choices=["none", "absolute"], help="position-aware chunk search")
     probe.add_argument("--segment", type=int, help="segment length T")
     model_args(probe)
     probe.add_argument("--json", action="store_true", help="print one JSON object on stdout")
@@ -106,9 +104,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
     from longmem.inference.reader import tokenize
 
     texts = {path: read_text(path) for path in args.files}
-    model = load_model(args, retrieval_heads=args.retrieval_heads, chunk_size=args.chunk_size,
-                       sink_tokens=args.sink_tokens, segment_length=args.segment,
-                       search_positions=args.search_positions)
+    model = load_model(args, chunk_size=args.chunk_size, sink_tokens=args.sink_tokens, segment_length=args.segment)
     rows = []
     for path, text in texts.items():
         ids = tokenize(model, text)

@@ -2,7 +2,7 @@
 
 In-context learning scores thousands of test sentences after the same demonstrations.
 ``SharedPrefix`` decodes the demonstrations once with incremental decoding
-(:mod:`longmem.inference.decode` for the LongMem modes, the Hugging Face key/value cache for the
+(the model's decode cache for the LongMem modes, the Hugging Face key/value cache for the
 backbone), then appends each query, takes its logits and rewinds the caches to the
 prefix. Its logits equal :func:`longmem.evals.scoring.window_logits` on prefix + query
 (the slow twin it is tested against).
@@ -13,7 +13,6 @@ from __future__ import annotations
 import torch
 
 from longmem.model.backbone import with_cache
-from longmem.inference.decode import decode, new_cache
 from longmem.errors import LongMemError
 from longmem.evals.scoring import Context, Scorer
 
@@ -29,8 +28,9 @@ class SharedPrefix:
             self.cache = model.backbone.new_cache()
             model.backbone.model(prefix[None], use_cache=True, **with_cache(model.backbone.model, self.cache))
         else:
-            self.cache = new_cache(model, 1, ctx.start, ctx.mode.window, memory=ctx.memory)
-            decode(model, self.cache, prefix[None], ctx.memory)
+            self.cache = model.new_cache(1, ctx.start, ctx.mode.window, memory=ctx.memory)
+            with torch.no_grad():
+                model(prefix[None], ctx.memory, cache=self.cache)
             self.history = self.cache.match_history  # the copy head's matches of the prefix's last tokens
 
     @torch.no_grad()
@@ -42,7 +42,7 @@ class SharedPrefix:
             hf = self.model.backbone.model
             out = hf(query[None], use_cache=True, **with_cache(hf, self.cache)).logits
         else:
-            out = decode(self.model, self.cache, query[None], self.ctx.memory)
+            out = self.model(query[None], self.ctx.memory, cache=self.cache).logits
         self._rewind(query.shape[0])
         return out[0].float()  # [Q,V]
 
@@ -50,10 +50,5 @@ class SharedPrefix:
         """Drop the last q tokens from every cache."""
         if self.ctx.mode.backbone_only:
             self.cache.crop(-q)
-            return
-        cache = self.cache
-        cache.backbone.crop(-q)
-        for buf in [*cache.blocks, cache.memory_kv, *([cache.match_keys] if cache.match_keys is not None else [])]:
-            buf.length -= q
-        cache.ids = cache.ids[:, : self.n]
-        cache.match_history = self.history
+        else:
+            self.cache.rewind(self.n, self.history)

@@ -6,7 +6,9 @@ positions) from the queries of the last segment. LongMem reads the same window t
 it always does — segment by segment, earlier segments going into memory — and we record
 which memory entries it retrieves for those queries. The score is the share of the
 backbone's attention mass on earlier (memory-eligible) tokens that lands on retrieved
-entries: 1.0 means retrieval found everything the real layer looks at.
+entries: 1.0 means retrieval found everything the real layer looks at. With a short-term tier,
+the tokens it holds are attended exactly: their mass counts as found, for retrieval and for the
+random baseline alike.
 """
 
 from __future__ import annotations
@@ -74,14 +76,15 @@ def retrieval_quality(model: LongMemModel, ids: torch.Tensor, window: int = 4096
         model.write_memory(memory, model(ids[:, a : a + t], memory=memory))
     found = _capture_retrieval(model, ids[:, window - t :], memory)
     heads = probs.shape[0]
-    mask = _expand(found.mask[0], heads)  # [H,T,K]
-    pos = _expand(found.positions[0], heads).clamp(min=0)  # [H,T,K]
+    mask = found.mask[0]  # [H,T,K]
+    pos = found.positions[0].clamp(min=0)  # [H,T,K]
     earlier = probs[:, :, 1 : window - t].sum(-1)  # [H,T] position 0 is the sink
-    hit = (probs.gather(-1, pos) * (mask & (pos > 0))).sum(-1)  # [H,T]
+    tier = _tier_mass(probs, memory)  # [H,T]
+    hit = (probs.gather(-1, pos) * (mask & (pos > 0))).sum(-1) + tier  # [H,T]
     stored = _stored_positions(memory)
     g = torch.Generator().manual_seed(seed)
     rand = stored[torch.randint(0, stored.numel(), (heads, t, model.config.topk), generator=g)]
-    rand_hit = (probs.gather(-1, rand) * (rand > 0)).sum(-1)
+    rand_hit = (probs.gather(-1, rand) * (rand > 0)).sum(-1) + tier
     return RetrievalQuality(
         window=window,
         queries=t,
@@ -114,10 +117,15 @@ def _capture_retrieval(model: LongMemModel, seg: torch.Tensor, memory: MemoryBan
     return seen[0]
 
 
-def _expand(x: torch.Tensor, heads: int) -> torch.Tensor:
-    """[Hs,...] -> [H,...] when a KV group shared one search."""
-    return x.repeat_interleave(heads // x.shape[0], dim=0)
-
-
 def _stored_positions(memory: MemoryBank) -> torch.Tensor:
     return memory.row_chunks(0)[2].flatten()
+
+
+def _tier_mass(probs: torch.Tensor, memory: MemoryBank) -> torch.Tensor:
+    """Attention mass [H,T] on the earlier tokens a short-term tier holds (0 without a tier; the sink excluded)."""
+    recent = memory.recent
+    if recent is None:
+        return torch.zeros(probs.shape[:2])
+    held = recent.held_positions[0][recent.valid[0, recent.slots - recent.held_positions.shape[1] :]]  # [R']
+    held = held[held > 0]
+    return probs[:, :, held].sum(-1)

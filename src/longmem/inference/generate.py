@@ -4,9 +4,9 @@ The window holds at most ``window`` tokens of local context. When it is full, it
 ``evict`` tokens move into the memory — their backbone memory-layer keys/values, written
 with ``model.write_memory`` exactly as reading writes a segment (the window's first
 token, an attention sink, stays out) — and the rest of the window is read again as a
-new window. ``Decoder`` does this with cached keys/values (``decode.py``, one position
-per token); ``ReferenceDecoder`` re-runs the whole window through ``model.forward`` for
-every token: the slow, obviously correct twin the tests compare it with.
+new window. ``Decoder`` does this with the model's decode cache (one position per token);
+the tests compare it with a slow twin that re-runs the whole window through the model for
+every token (``tests/reference.py``).
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from typing import Iterator
 
 import torch
 
-from longmem.inference.decode import new_cache, decode
 from longmem.errors import LongMemError
 from longmem.memory.bank import MemoryBank
 from longmem.model.longmem import LongMemModel, LongMemOutput
@@ -88,7 +87,7 @@ class Decoder:
         self.copy_on_write = copy_on_write  # copy the memory before the first eviction writes to it
         self.lock = lock or contextlib.nullcontext()  # held around every model computation
         first = int(memory.end_position[0]) if start is None else start
-        self.cache = new_cache(model, 1, first, window, memory)
+        self.cache = model.new_cache(1, first, window, memory)
 
     @property
     def window_ids(self) -> torch.Tensor:
@@ -111,8 +110,9 @@ class Decoder:
             raise LongMemError("nothing to feed: no tokens")
         return logits
 
+    @torch.no_grad()
     def _run(self, ids: torch.Tensor) -> torch.Tensor:
-        return decode(self.model, self.cache, ids[None, :], self.memory)[0, -1].float()
+        return self.model(ids[None, :], self.memory, cache=self.cache).logits[0, -1].float()
 
     def _evict(self) -> None:
         cache, e = self.cache, self.evict
@@ -125,45 +125,9 @@ class Decoder:
             out.layer_keys, out.layer_values = cache.layer_kv()  # [L,B,H_kv,n,Dh] for the short-term tier
         self.model.write_memory(self.memory, oldest(out, e))
         keep = cache.ids[0, e:]
-        self.cache = new_cache(self.model, 1, cache.start + e, self.window, self.memory)
+        self.cache = self.model.new_cache(1, cache.start + e, self.window, self.memory)
         if keep.numel():
             self._run(keep)  # read the rest again as a new window with the new memory
-
-
-class ReferenceDecoder(Decoder):
-    """The slow twin: every token re-runs the whole window through ``model.forward``."""
-
-    def __init__(self, model: LongMemModel, memory: MemoryBank, window: int, evict: int,
-                 start: int | None = None, copy_on_write: bool = False):
-        super().__init__(model, memory, window, evict, start, copy_on_write)
-        self.ids = torch.zeros(0, dtype=torch.long)
-        self.start = int(self.cache.start[0])
-
-    @property
-    def window_ids(self) -> torch.Tensor:
-        return self.ids
-
-    def _feed(self, ids: torch.Tensor) -> torch.Tensor:
-        logits = None
-        for token in ids:
-            if self.ids.numel() == self.window:
-                self._evict()
-            self.ids = torch.cat([self.ids, token[None]])
-            logits = self._forward().logits[0, -1].float()
-        if logits is None:
-            raise LongMemError("nothing to feed: no tokens")
-        return logits
-
-    @torch.no_grad()
-    def _forward(self) -> LongMemOutput:
-        positions = self.start + torch.arange(self.ids.numel())[None, :]
-        return self.model(self.ids[None, :], memory=self.memory, positions=positions)
-
-    def _evict(self) -> None:
-        if self.copy_on_write:
-            self.memory, self.copy_on_write = copy_memory(self.memory), False
-        self.model.write_memory(self.memory, oldest(self._forward(), self.evict))
-        self.ids, self.start = self.ids[self.evict :], self.start + self.evict
 
 
 def oldest(out: LongMemOutput, e: int) -> LongMemOutput:

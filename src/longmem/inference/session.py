@@ -40,8 +40,8 @@ def memory_root(root: str | Path | None = None) -> Path:
 def sidenet_fingerprint(model: LongMemModel) -> str:
     """A hash of the SideNet's architecture and (sampled) weights, dtype-independent."""
     digest = hashlib.sha256()
-    cfg = model.config
-    digest.update(f"{cfg.init}|{cfg.fusion}|{cfg.reduction}|{model.backbone.memory_layer}".encode())
+    # the layout tag (memory-delta SideNet, joint fusion) as memories written before the product cut recorded it
+    digest.update(f"delta|joint|{model.config.reduction}|{model.backbone.memory_layer}".encode())
     for name, param in sorted(model.sidenet.state_dict().items()):
         flat = param.detach().reshape(-1)
         sample = flat[:: max(1, flat.numel() // 4096)][:4096].to(torch.bfloat16).to(torch.float32)
@@ -62,9 +62,9 @@ def memory_header(model: LongMemModel, capacity_tokens: int | None = None) -> di
         "num_kv_heads": shape.num_kv_heads,
         "head_dim": shape.head_dim,
         "dtype": model.config.memory_dtype,
-        "search_positions": "absolute" if model.search_rotated else "none",
+        "search_positions": "absolute" if model.backbone.family.rotary else "none",  # how search keys are kept
         "recent_tokens": model.recent_tokens,  # the short-term tier's size (0: none)
-        "pointer_layer": model.config.pointer_layer,  # a copy head's match keys (None without one)
+        "pointer_layer": model.config.copy_layer,  # a copy head's match keys (None without one)
         "capacity_tokens": capacity_tokens or model.config.memory_size,
     }
 
@@ -188,9 +188,9 @@ def read_into(model: LongMemModel, ids: torch.Tensor, memory, start: int, segmen
     memory layer, unless the memory's short-term tier needs every layer's keys/values.
     ``lock`` is held around each segment's computation.
     """
-    if model.config.coupled:
-        raise LongMemError("a coupled-memory model (the MemTRM baseline) writes its memory from its own "
-                           "trainable layer: read text through the model (longmem ppl / eval), not remember")
+    if not model.frozen_memory:
+        raise LongMemError(f"{type(model).__name__} writes its memory from its own trainable layers (e.g. the "
+                           "MemTRM baseline): read text through the model (longmem ppl / eval), not remember")
     t = segment_length or model.config.segment_length
     recent = memory.recent
     for a in range(0, ids.shape[0], t):
@@ -198,7 +198,7 @@ def read_into(model: LongMemModel, ids: torch.Tensor, memory, start: int, segmen
         positions = start + a + torch.arange(seg.shape[1])[None, :]  # [1,T]
         with lock or contextlib.nullcontext():
             if recent is None:
-                keys, values, match = model.backbone.memory_kv(seg, model.config.pointer_layer)
+                keys, values, match = model.backbone.memory_kv(seg, model.config.copy_layer)
                 out = LongMemOutput(None, None, keys, values, positions, input_ids=seg, match_keys=match)
             else:
                 frozen = model.backbone(seg, past=recent)  # every layer's K/V [L,1,H_kv,T,Dh] too
@@ -241,26 +241,55 @@ def _remember(model: LongMemModel, store: NamedMemory, ids: torch.Tensor, source
         manifest = store.create(header)
         check_compatible(manifest, header)
         start_time = time.perf_counter()
-        recent = None
-        if manifest.get("recent_tokens"):  # the short-term tier: the RAM bank's, or the one on disk
-            recent = bank.recent if bank is not None else _tier(model, store.read_state(manifest))
         end = int(manifest["end_position"])
         capacity = int(manifest["capacity_tokens"])
+        saved = store.read_state(manifest) if bank is None else None
+        recent = None
+        if manifest.get("recent_tokens"):  # the short-term tier: the RAM bank's, or the one on disk
+            recent = bank.recent if bank is not None else _tier(model, _tier_state(saved))
+        log = bank.token_log if bank is not None else _token_log(model, capacity, saved)
         rec = Recorder(bank, int(manifest["stream_tokens"]), int(manifest["chunk_size"]), capacity,
-                       float_dtype(manifest["dtype"]), end, recent,
-                       token_log=model.new_token_log(1, capacity))
+                       float_dtype(manifest["dtype"]), end, recent, token_log=log)
         read_into(model, ids, rec, end, lock=lock)
         manifest = store.append(rec.tokens(), rec.first, int(ids.shape[0]), int(rec.end_position[0]), source,
-                                state=recent.state() if recent is not None else None)
+                                state=_state(recent, rec.token_log))
     return manifest, time.perf_counter() - start_time
 
 
 def _tier(model: LongMemModel, state: dict | None):
     """A short-term tier for ``model`` holding ``state`` (empty when None)."""
     tier = model.new_memory(1, capacity=model.config.chunk_size).recent
-    if state is not None:
+    if state:
         tier.load_state(state)
     return tier
+
+
+LOG = "token_log."  # a copy head's token log in a named memory's state, beside the short-term tier's tensors
+
+
+def _state(recent, log: TokenLog | None) -> dict | None:
+    """What a named memory keeps besides its parts: the short-term tier and the copy head's whole token log (ids
+    and match keys of every token it can still match, the sinks and the tier's tokens included), or None."""
+    state = dict(recent.state()) if recent is not None else {}
+    if log is not None:
+        state |= {LOG + name: value for name, value in log.state().items()}
+    return state or None
+
+
+def _tier_state(state: dict | None) -> dict | None:
+    return None if state is None else {k: v for k, v in state.items() if not k.startswith(LOG)}
+
+
+def _log_state(state: dict | None) -> dict:
+    return {} if state is None else {k[len(LOG):]: v for k, v in state.items() if k.startswith(LOG)}
+
+
+def _token_log(model: LongMemModel, capacity: int, state: dict | None) -> TokenLog | None:
+    """The copy head's token log of a memory of ``capacity`` tokens, as saved in ``state`` (empty without one)."""
+    log = model.new_token_log(1, capacity)
+    if log is not None and _log_state(state):
+        log.load_state(_log_state(state))
+    return log
 
 
 def remember(model: LongMemModel, name: str, text: str, source: str = "", root: str | Path | None = None,
@@ -296,9 +325,11 @@ def load_named(model: LongMemModel, name: str, root: str | Path | None = None) -
     manifest = store.manifest()
     check_compatible(manifest, memory_header(model))
     bank = model.new_memory(1, capacity=int(manifest["capacity_tokens"]))
-    manifest, state = store.load_into(bank)
-    if state is not None:
-        bank.recent.load_state(state)
+    manifest, state = store.load_into(bank)  # the parts' ids refill the log; a saved whole log replaces it
+    if _tier_state(state):
+        bank.recent.load_state(_tier_state(state))
+    if bank.token_log is not None and _log_state(state):
+        bank.token_log.load_state(_log_state(state))
     return bank, manifest
 
 

@@ -214,20 +214,15 @@ class MemoryBank:
         self.count[row] += n
 
     # ------------------------------------------------------------------ read
-    def retrieve(self, queries: torch.Tensor, num_chunks: int, per_kv_head: bool = False) -> Retrieved | None:
-        """queries [B,H,T,Dh] -> the K = num_chunks * csz best entries per token and searching head.
+    def retrieve(self, queries: torch.Tensor, num_chunks: int) -> Retrieved | None:
+        """queries [B,Hs,T,Dh] -> the K = num_chunks * csz best entries per token and searching head.
 
-        Every query head searches its KV head's chunks (Hs = H). With ``per_kv_head`` the
-        query heads of a group search once, with the sum of their queries, and share the
-        result (Hs = H_kv). Returns None while every row is empty.
+        Every searching head searches its KV head's chunks (query head h: KV head h // (Hs / H_kv)).
+        Returns None while every row is empty.
         """
         if self.is_empty:
             return None
-        b, hq, t, d = queries.shape
-        group = hq // self.num_kv_heads
-        if per_kv_head:
-            queries = queries.view(b, self.num_kv_heads, group, t, d).sum(2)  # [B,Hkv,T,Dh]
-        hs = queries.shape[1]
+        b, hs, t, d = queries.shape
         slots, valid = self.index.search(queries, num_chunks, self.start, self.count)  # [B,Hs,T,n]
         # canonical order, oldest chunk first (invalid last): results do not depend on the ring layout
         age = (slots - self.start.view(b, 1, 1, 1)) % self.capacity + (~valid) * self.capacity

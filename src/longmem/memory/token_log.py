@@ -4,7 +4,7 @@ The bank stores keys/values and positions for attention; the copy head (``pointe
 also needs to know *which token* sits at an earlier position and which one follows it, and
 to find the earlier positions whose context looks like the current one. A ring of the last
 ``span`` tokens per row keeps both: their ids, and their match keys (pre-rotary keys of the
-copy head's early ``pointer_layer``, unit length, bf16) — in a copied passage a token's key is
+copy head's early ``copy_layer``, unit length, bf16) — in a copied passage a token's key is
 nearly identical to its source's, because the frozen layer sees the same local context (a
 duplicate detector that needs no training). ``lookup(positions)`` gives the id at each
 position, or -1 where it is unknown (older than the ring, not yet read, or a memory restored
@@ -120,6 +120,20 @@ class TokenLog:
                 got = pos[idx.gather(-1, order.indices)]
                 positions[row, :, a : a + block] = torch.where(order.values > float("-inf"), got, UNKNOWN)
         return sims, positions
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """All tensors, for saving (names are stable): ids [B,S], end [B], keys [B,Hkv,S,Dh] if any."""
+        out = {"ids": self.ids, "end": self.end}
+        return out | ({"keys": self.keys} if self.keys is not None else {})
+
+    def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore what ``state`` saved (shapes and dtypes must match this log's)."""
+        for name, value in tensors.items():
+            current = getattr(self, name)
+            if current is None or current.shape != value.shape or current.dtype != value.dtype:
+                raise ValueError(f"token_log.{name}: {tuple(value.shape)} {value.dtype} does not fit this log")
+            setattr(self, name, value.clone())
+        self.version += 1
 
     def reset(self, rows: list[int] | None = None) -> None:
         rows = range(self.ids.shape[0]) if rows is None else rows

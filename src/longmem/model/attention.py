@@ -143,18 +143,6 @@ def memory_attention(
     return out.reshape(b, h, t, d), lse.reshape(b, h, t), probs.reshape(b, h, t, -1)
 
 
-def gated_fusion(
-    local: torch.Tensor, mem: torch.Tensor, mem_lse: torch.Tensor, gate: torch.Tensor
-) -> torch.Tensor:
-    """Paper fusion per head: (1 - sigmoid(g)) * A + sigmoid(g) * M.
-
-    local/mem [B,H,T,Dh], mem_lse [B,H,T], gate [H]. Tokens with no memory entry keep A.
-    """
-    g = torch.sigmoid(gate.float()).view(1, -1, 1, 1)  # [1,H,1,1]
-    g = torch.where(torch.isfinite(mem_lse).unsqueeze(-1), g, torch.zeros_like(g))  # [B,H,T,1]
-    return ((1 - g) * local.float() + g * mem.float()).to(local.dtype)
-
-
 def joint_fusion(
     local: torch.Tensor, local_lse: torch.Tensor, mem: torch.Tensor, mem_lse: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -165,3 +153,34 @@ def joint_fusion(
     share = torch.sigmoid(mem_lse - local_lse).nan_to_num(0.0)  # exp(m) / (exp(l) + exp(m))
     out = (1 - share).unsqueeze(-1) * local.float() + share.unsqueeze(-1) * mem.float()
     return out.to(local.dtype), share
+
+
+def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal attention of the last Tn window tokens: q [B,H,Tn,Dh], k/v [B,H_kv,N,Dh] -> [B,H,Tn,Dh]."""
+    b, h, tn, d = q.shape
+    hkv, n = k.shape[1], k.shape[2]
+    if tn == 1:  # one new token sees every key: its G query heads per KV head are rows, K/V are not copied
+        out = F.scaled_dot_product_attention(q.reshape(b, hkv, h // hkv, d), k, v, scale=scale)  # [B,Hkv,G,Dh]
+        return out.reshape(b, h, 1, d)
+    k, v = expand_kv(k, h), expand_kv(v, h)
+    if tn == n:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=_allowed(tn, n), scale=scale)
+
+
+def cached_attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
+    """``cached_attention`` with its log-sum-exp: -> out [B,H,Tn,Dh], lse [B,H,Tn] (fp32)."""
+    b, h, tn, d = q.shape
+    hkv, n = k.shape[1], k.shape[2]
+    qg = q.reshape(b, hkv, h // hkv * tn, d)  # [B,Hkv,G*Tn,Dh]: query head h reads KV head h // G
+    scores = torch.matmul(qg.float(), k.float().transpose(-1, -2)) * scale  # [B,Hkv,G*Tn,N]
+    scores = scores.view(b, hkv, h // hkv, tn, n).masked_fill(~_allowed(tn, n), float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # [B,Hkv,G,Tn]
+    probs = torch.exp(scores - lse.unsqueeze(-1)).view(b, hkv, -1, n)
+    out = torch.matmul(probs, v.float()).view(b, h, tn, d)  # [B,H,Tn,Dh]
+    return out.to(q.dtype), lse.reshape(b, h, tn)
+
+
+def _allowed(tn: int, n: int) -> torch.Tensor:
+    """[Tn,N] True where new token i (window position n-Tn+i) may attend to window token j."""
+    return torch.arange(n)[None, :] <= torch.arange(n - tn, n)[:, None]

@@ -1,43 +1,36 @@
 """Copy head: a pointer to the tokens that followed earlier look-alikes of the current token.
 
-For every token, the pre-rotary key of an early layer of the frozen backbone
-(``pointer_layer``) is matched against the keys of everything the memory has read
-(``TokenLog.match``, cosine, top k per KV head). In a passage that repeats earlier text the
-best match is the source itself (early layers see mostly the local context, so a copied
-token's key is nearly identical to its source's: cosine 0.99-1.0 at SmolLM2's layers 2-3,
-bench/copy_probe.py), and the token that followed it is the next token. The head turns
-the matches into a distribution over the vocabulary and mixes it with the model's own
-(kNN-LM style, weights learned):
+Two sources, mixed into the next-token distribution kNN-LM style (weights learned):
+
+**Key matches.** For every token, the pre-rotary key of an early layer of the frozen backbone
+(``copy_layer``) is matched against the keys of everything the memory has read (``TokenLog.match``,
+cosine, top k per KV head). In a passage that repeats earlier text the best match is the source
+itself (early layers see mostly the local context, so a copied token's key is nearly identical to its
+source's: cosine 0.99-1.0 at SmolLM2's layers 2-3, bench/copy_probe.py), and the token that followed
+it is the next token:
 
     p(v) = (1 - lam * m) * softmax(logits)(v) + lam * mean_h sum_k w[h,k] * [id(pos[h,k] + 1) == v]
 
 w = softmax over a head's k matches of b_h * (sim - 1) / 0.01 + s * [the previous token's matches
-include the position right before this match] (a match that continues a copy beats a
-look-alike elsewhere), m = the pointer's known mass,
-lam = sigmoid(a * f + g * agree + e * run + c) with f = (mean over heads of the best similarity
-- 0.95) / 0.05, agree = the largest mass the pointer gives one token and run = how many of the
-previous tokens (up to RUN) had their best match right before this token's best match (mean
-over heads, / RUN): copying is trusted as much as the match is exact, its candidates agree
-and it continues a copied run (an induction signal: a common phrase matches for a token or
-two, a repeated passage for many). (A gate that also read the SideNet's hidden
-state learned, on book text, to suppress copying in unfamiliar contexts such as a passkey:
-30% passkey accuracy against 100% without it; removed.) Only the <= H_kv * k candidate ids
-change from the model's log-probabilities (no dense [B,T,V] pointer is built). With an
-empty memory nothing is mixed: the logits are the SideNet's own.
+include the position right before this match] (a match that continues a copy beats a look-alike
+elsewhere), m = the pointer's known mass, lam = sigmoid(a * f + g * agree + e * run + c) with
+f = (mean over heads of the best similarity - 0.95) / 0.05, agree = the largest mass the pointer gives
+one token and run = how many of the previous tokens (up to RUN) had their best match right before
+this token's best match (mean over heads, / RUN): copying is trusted as much as the match is exact,
+its candidates agree and it continues a copied run (an induction signal).
 
-With ``ngram`` > 0 a second source mixes in on top: exact token-id suffix matches in the
-log (``memory.suffix``; at least ``ngram`` tokens, extended up to 32). Its candidates are
-weighted by softmax(kappa * length) and it is trusted by lam_n = sigmoid(u[bucket(longest
-length)] + g_n * agree_n): a long verbatim match is strong evidence whatever the frozen layers
-make of the text (e.g. a passkey stated at the very start of a document, where early-layer
-keys are atypical, or a question that repeats the wording of a fact):
+**Exact matches.** Token-id suffix matches of at least MIN_MATCH tokens (extended up to 32) in the log
+and in the context being read (``memory.suffix``), so that an empty memory gets the same local copies
+and the memory is not credited with them. Candidates are weighted by softmax(kappa * length) and
+trusted by lam_n = sigmoid(u[bucket(longest length)] + g_n * agree_n + h * entropy + local bias
+[+ w . hidden]):
 
     p = (1 - lam_n) * p_keys + lam_n * sum_i w_i * [id(pos_i + 1) == v]
 
-With ``context_dim`` (``pointer_context``) lam_n's logit also adds w . h, a linear read of the
-SideNet's final hidden state (zero at the start). Trained on book text alone such a gate only learns
-to distrust copying; trained with synthetic facts (``data/facts.py``) it learns to trust a short
-match where a question restates something stated earlier (passkey 78% -> 95%).
+With ``context_dim`` (``copy_gate``) lam_n's logit also reads the SideNet's final hidden state
+(zero at the start); trained with synthetic facts (``train/facts.py``) it learns to trust a short
+match where a question restates something stated earlier (passkey 78% -> 95%). Only the candidate ids
+change from the model's log-probabilities (no dense [B,T,V] pointer is built).
 """
 
 from __future__ import annotations
@@ -54,8 +47,7 @@ from longmem.memory.token_log import TokenLog
 SIM_ORIGIN, SIM_SCALE = 0.95, 0.05  # f = 0 at cosine 0.95, 1 at an exact match
 RUN = 4  # previous tokens a copied run is counted over (decoding keeps their match positions as history)
 LENGTH_EDGES = (3, 4, 5, 6, 8, 11, 16, 23, 32)  # exact-match length buckets: <3, 3, 4, 5, 6-7, ..., 32
-EXACT_PARAMS = ("pointer.length_bias", "pointer.length_sharp", "pointer.ngram_agree", "pointer.uncertain",
-                "pointer.local_bias")  # the exact source's
+MIN_MATCH = 3  # exact matches count from this many tokens
 LENGTH_REP = (2.0, 3.0, 4.0, 5.0, 6.5, 9.0, 13.0, 19.0, 27.0, 32.0)  # a typical length in each bucket
 
 
@@ -72,31 +64,25 @@ class Candidates(NamedTuple):
 class CopyHead(nn.Module):
     """Learned mixing of a key-match pointer into the next-token distribution."""
 
-    def __init__(self, num_kv_heads: int, topk: int = 4, ngram: int = 0, local: bool = False, context_dim: int = 0):
+    def __init__(self, num_kv_heads: int, topk: int = 4, context_dim: int = 0):
         super().__init__()
         self.topk = topk
-        self.ngram = ngram  # exact suffix source: shortest n-gram that counts (0: off)
-        self.local = local  # exact matches in the context being read too (not only in memory)
         self.sharpness = nn.Parameter(torch.ones(num_kv_heads))  # b_h: nats per 0.01 of cosine
         self.slope = nn.Parameter(torch.tensor(6.0))  # a
         self.agree = nn.Parameter(torch.tensor(2.0))  # g
         self.run = nn.Parameter(torch.tensor(4.0))  # e
         self.follow = nn.Parameter(torch.tensor(3.0))  # s: nats for a match that continues the previous one
         self.offset = nn.Parameter(torch.tensor(-8.0))  # c: lam = 0.98 at an exact, unanimous run; 0.5 without run
+        rep = torch.tensor(LENGTH_REP)
+        self.length_bias = nn.Parameter(-4.0 + 1.6 * rep.log2())  # [NB] u(l): trust by match-length bucket
+        self.length_sharp = nn.Parameter(torch.tensor(1.0))  # kappa: nats per matched token among hits
+        self.ngram_agree = nn.Parameter(torch.tensor(2.0))  # g_n
+        self.uncertain = nn.Parameter(torch.tensor(0.0))  # h: trust per unit of the model's normalised entropy
+        self.local_bias = nn.Parameter(torch.tensor(0.0))  # added when the longest match is in the context
         self.context: nn.Linear | None = None
-        if ngram:
-            if ngram < 2:
-                raise ValueError(f"pointer_ngram={ngram}: an exact match needs at least 2 tokens")
-            rep = torch.tensor(LENGTH_REP)
-            self.length_bias = nn.Parameter(-4.0 + 1.6 * rep.log2())  # [NB] u(l): trust by match-length bucket
-            self.length_sharp = nn.Parameter(torch.tensor(1.0))  # kappa: nats per matched token among hits
-            self.ngram_agree = nn.Parameter(torch.tensor(2.0))  # g_n
-            self.uncertain = nn.Parameter(torch.tensor(0.0))  # h: trust per unit of the model's normalised entropy
-            if local:
-                self.local_bias = nn.Parameter(torch.tensor(0.0))  # added when the longest match is in the context
-            if context_dim:  # trust read from the model's own state (e.g. "a stated fact is being asked for")
-                self.context = nn.Linear(context_dim, 1, bias=False)
-                nn.init.zeros_(self.context.weight)  # neutral at the start: the head's trust is unchanged
+        if context_dim:  # trust read from the model's own state (e.g. "a stated fact is being asked for")
+            self.context = nn.Linear(context_dim, 1, bias=False)
+            nn.init.zeros_(self.context.weight)  # neutral at the start: the head's trust is unchanged
 
     def candidates(self, keys: torch.Tensor, log: TokenLog, history: torch.Tensor | None = None) -> Candidates:
         """keys [B,Hkv,T,Dh] -> the key-match candidates (see ``Candidates``). ``history``
@@ -128,7 +114,7 @@ class CopyHead(nn.Module):
         logp [B,T,V] the model's log-probabilities (hidden [B,T,D]: the SideNet's final states, read
         by a head with a context gate) -> candidate ids [B,T,M], their weights [B,T,M] (fp32, sum 1
         where any match; softmax of kappa * length) and lam_n [B,T] (0 without a match)."""
-        pos, length, nxt, local = suffix_matches(log, *context, logp.shape[1], self.ngram, local=self.local)
+        pos, length, nxt, local = suffix_matches(log, *context, logp.shape[1], MIN_MATCH, local=True)
         found = (pos >= 0) & (nxt >= 0)  # [B,T,M]
         score = torch.where(found, self.length_sharp * length.float(), torch.full_like(length, -1e4, dtype=torch.float))
         w = torch.softmax(score, -1) * found  # [B,T,M]
@@ -138,9 +124,8 @@ class CopyHead(nn.Module):
         with torch.no_grad():  # a feature, not a path for gradients; one product-sum pass over the vocabulary
             entropy = -torch.einsum("btv,btv->bt", logp.exp(), logp) / math.log(logp.shape[-1])  # [B,T] in [0, 1]
         u = self.length_bias[bucket] + self.ngram_agree * _id_mass(ids, w).amax(-1) + self.uncertain * entropy
-        if self.local:
-            from_context = (local & found & (length == longest)).any(-1)  # [B,T] the longest match is local
-            u = u + self.local_bias * from_context
+        from_context = (local & found & (length == longest)).any(-1)  # [B,T] the longest match is local
+        u = u + self.local_bias * from_context
         if self.context is not None:
             if hidden is None:
                 raise ValueError("a copy head with a context gate needs the SideNet's hidden states")
@@ -179,13 +164,12 @@ class CopyHead(nn.Module):
         kept = 1 - lam * w.sum(-1)  # [B,T] the model's share (the mass of unknown ids stays with it)
         w = lam[..., None] * w
         logp = torch.log_softmax(logits.float(), -1)  # [B,T,V]
-        if self.ngram:
-            if context is None:
-                raise ValueError("a copy head with exact matches needs the context ids")
-            ids_n, w_n, lam_n = self.exact(log, context, logp, hidden)  # [B,T,M] x2, [B,T]
-            kept = (1 - lam_n) * kept
-            ids = torch.cat([ids, ids_n], -1)
-            w = torch.cat([(1 - lam_n)[..., None] * w, lam_n[..., None] * w_n], -1)
+        if context is None:
+            raise ValueError("the copy head's exact matches need the context ids")
+        ids_n, w_n, lam_n = self.exact(log, context, logp, hidden)  # [B,T,M] x2, [B,T]
+        kept = (1 - lam_n) * kept
+        ids = torch.cat([ids, ids_n], -1)
+        w = torch.cat([(1 - lam_n)[..., None] * w, lam_n[..., None] * w_n], -1)
         mass = _id_mass(ids, w)  # [B,T,N']
         kept = kept.clamp_min(1e-30)[..., None]  # [B,T,1]
         mixed = torch.log((kept * logp.gather(-1, ids).exp() + mass).clamp_min(1e-30))  # [B,T,N']

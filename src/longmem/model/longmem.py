@@ -1,8 +1,10 @@
 """LongMemModel: frozen backbone + SideNet -> logits, loss, and the K/V to store.
 
-Data flow for one segment: ids -> backbone (H_0..H_L, K/V of layer m) -> SideNet
-(x_0 = H_0, residual differences, retrieval at block m // r) -> norm -> LM head. The
-forward pass only *reads* the memory; ``write_memory`` stores the segment afterwards.
+Data flow for one segment: ids -> backbone (H_0..H_L, K/V of layer m) -> SideNet (the memory block
+reads the short-term tier and retrieves from the bank; its change rides on the residual stream) ->
+norm -> LM head -> copy head. The forward pass only *reads* the memory; ``write_memory`` stores the
+segment afterwards. The same forward decodes incrementally when given a ``DecodeCache``
+(``new_cache``): only the new tokens are computed, against the window cached so far.
 """
 
 from __future__ import annotations
@@ -13,34 +15,32 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import nn
 
-from longmem.model.backbone import FrozenBackbone
-from longmem.model.hub import load_model_and_tokenizer
-from longmem.config import DEFAULT_BACKBONE, FORMAT_VERSION, LongMemConfig, from_dict
-from longmem.files import load_checked_safetensors, load_json, load_versioned, save_json, sha256
+from longmem.config import DEFAULT_BACKBONE, RUNTIME_FIELDS, LongMemConfig, from_dict
 from longmem.errors import LongMemError
-from longmem.model.families import apply_rope
-from longmem.memory.bank import MemoryBank
-from longmem.memory.bank import float_dtype
+from longmem.memory.bank import MemoryBank, float_dtype
 from longmem.memory.search.exact import IndexConfig
 from longmem.memory.tier import RecentCache
 from longmem.memory.token_log import TokenLog
-from longmem.model.copy_head import EXACT_PARAMS
-from longmem.model.sidenet import MemoryContext, MemoryStats, SideNet
+from longmem.model import saved
+from longmem.model.backbone import FrozenBackbone
+from longmem.model.blocks import MemoryContext, MemoryStats
+from longmem.model.cache import DecodeCache, KVBuffer, memory_state
+from longmem.model.copy_head import RUN
+from longmem.model.families import apply_rope
+from longmem.model.hub import load_model_and_tokenizer
+from longmem.model.sidenet import SideNet
 
-KIND = "longmem-sidenet"
-WEIGHTS = "model.safetensors"
-ARCHITECTURE_FIELDS = ("backbone", "backbone_fingerprint", "memory_layer", "reduction", "init")
+ARCHITECTURE_FIELDS = ("backbone", "backbone_fingerprint", "memory_layer", "reduction")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
 class LongMemOutput:
-    """Result of one segment."""
+    """Result of one segment (or of the new tokens of a decode step)."""
 
-    logits: torch.Tensor | None  # [B,T,V]
+    logits: torch.Tensor | None  # [B,T,V] (log-probabilities once the copy head mixes)
     loss: torch.Tensor | None  # scalar mean cross-entropy over labelled tokens
     mem_keys: torch.Tensor  # [B,H_kv,T,Dh] backbone memory-layer keys of this segment
     mem_values: torch.Tensor  # [B,H_kv,T,Dh]
@@ -56,6 +56,8 @@ class LongMemOutput:
 class LongMemModel(nn.Module):
     """A frozen causal LM with a long-term memory read by a trainable SideNet."""
 
+    kind = saved.KIND
+
     def __init__(self, config: LongMemConfig, backbone: FrozenBackbone, tokenizer=None):
         super().__init__()
         if config.segment_length > backbone.native_context:
@@ -68,15 +70,20 @@ class LongMemModel(nn.Module):
         self.config = dataclasses.replace(
             config,
             memory_layer=backbone.memory_layer,
-            pointer_layer=_pointer_layer(config, backbone.num_layers),
+            copy_layer=_copy_layer(config, backbone.num_layers),
             backbone_fingerprint=config.backbone_fingerprint or backbone.fingerprint,
         )
-        self.sidenet = SideNet(backbone, self.config).to(backbone.dtype)
+        self.sidenet = self.build_sidenet(backbone, self.config).to(backbone.dtype)
         self._rope_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self.recent_tokens = self._resolve_recent()
         self.copy_head_enabled = True
         """False leaves the copy head's mixture out (an ablation; the token log is still kept): the logits
         are the SideNet's alone."""
+
+    @staticmethod
+    def build_sidenet(backbone: FrozenBackbone, config: LongMemConfig) -> nn.Module:
+        """The trainable part (a baseline builds its own)."""
+        return SideNet(backbone, config.reduction, config.style_rank, config.copy_head, config.copy_gate)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -90,23 +97,26 @@ class LongMemModel(nn.Module):
     ) -> "LongMemModel":
         """Load a saved SideNet directory (or build a fresh one when ``path`` is None).
 
-        ``path`` may also be ``"default"``: the SideNet shipped with this package for the
-        backbone (a fresh one when none ships for it), or ``"fresh"``: a new SideNet.
-        ``overrides`` set runtime config fields (memory_size, segment_length, ...).
+        ``path`` may also be ``"default"``: the SideNet shipped with this package for the backbone
+        (a fresh one when none ships for it), or ``"fresh"``: a new SideNet. ``overrides`` set config
+        fields (memory_size, segment_length, retrieval, ...; of a saved SideNet only those that are not
+        its architecture). The memory settings (``RUNTIME_FIELDS``: memory_size, retrieval, memory_dtype)
+        are never taken from a directory: without an override they are the defaults (65,536 tokens).
         """
         if dtype not in DTYPES:
             raise LongMemError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
         if path == "default":
-            path = shipped_sidenet(backbone or DEFAULT_BACKBONE)
+            path = saved.shipped_sidenet(backbone or DEFAULT_BACKBONE)
         elif path == "fresh":
             path = None
+        config_cls = cls.config_class()
         if path is None:
-            config = from_dict(LongMemConfig, ({"backbone": backbone} if backbone else {}) | overrides)
+            config = from_dict(config_cls, ({"backbone": backbone} if backbone else {}) | overrides)
             model, tokenizer = load_model_and_tokenizer(config.backbone, DTYPES[dtype])
             frozen = FrozenBackbone(model, config.memory_layer, config.reduction, config.backbone)
             return cls(config, frozen, tokenizer)
         path = Path(path)
-        config = read_config(path)
+        config = cls.read_config(path)
         fixed = sorted(set(overrides) & set(ARCHITECTURE_FIELDS))
         if fixed:
             raise LongMemError(f"cannot override {', '.join(fixed)} of a trained SideNet")
@@ -116,50 +126,47 @@ class LongMemModel(nn.Module):
         frozen = FrozenBackbone(model, config.memory_layer, config.reduction, name)
         return cls.from_backbone(path, frozen, tokenizer, config)
 
+    @staticmethod
+    def config_class() -> type:
+        return LongMemConfig
+
+    @classmethod
+    def read_config(cls, path: Path) -> LongMemConfig:
+        """The config of a saved directory of this model's kind, its memory settings (``RUNTIME_FIELDS``) at their
+        defaults: they belong to the memory a model reads, not to the model."""
+        config = saved.read_config(path, cls.config_class(), cls.kind)
+        fields = cls.config_class().__dataclass_fields__
+        return dataclasses.replace(config, **{name: fields[name].default for name in RUNTIME_FIELDS})
+
     @classmethod
     def from_backbone(
         cls, path: str | Path, backbone: FrozenBackbone, tokenizer=None, config: LongMemConfig | None = None
     ) -> "LongMemModel":
-        """Load SideNet weights from ``path`` onto an already loaded backbone."""
+        """Load SideNet weights from ``path`` onto an already loaded backbone.
+
+        Parts the directory lacks start fresh when their fresh form changes nothing (a copy head added to a
+        SideNet without one, its context gate, a style adapter); any other mismatch is an error.
+        """
         path = Path(path)
-        config = config or read_config(path)
+        config = config or cls.read_config(path)
         if backbone.fingerprint != config.backbone_fingerprint:
             raise LongMemError(
                 f"SideNet {path} was trained for backbone {config.backbone_fingerprint}, "
                 f"not {backbone.fingerprint} ({backbone.name or 'given model'})"
             )
         model = cls(config, backbone, tokenizer)
-        meta = load_json(path / "config.json")
-        weights = path / WEIGHTS
-        state = load_checked_safetensors(weights, meta.get("weights_sha256"), "SideNet weights")
+        state = saved.read_weights(path, cls.kind)
         missing, unexpected = model.sidenet.load_state_dict(state, strict=False)
-        if config.pointer and not any(k.startswith("pointer.") for k in state):
-            missing = [k for k in missing if not k.startswith("pointer.")]  # adding a fresh copy head
-        if config.pointer_ngram:  # adding fresh exact matches to a copy head; the newer scalars start neutral (0)
-            fresh = EXACT_PARAMS if "pointer.length_bias" not in state else ("pointer.uncertain", "pointer.local_bias")
-            missing = [k for k in missing if k not in fresh]
-        if config.pointer_context:  # adding a fresh context gate (zeros: the head's trust unchanged)
-            missing = [k for k in missing if k != "pointer.context.weight"]
-        if config.style_rank:  # adding a fresh style adapter (up = 0: nothing changes)
-            missing = [k for k in missing if not k.startswith(("style.", "styles."))]
+        missing = [k for k in missing if not _fresh_part(k, state)]
         if missing or unexpected:
-            raise LongMemError(f"SideNet weights {weights} do not fit this architecture "
+            raise LongMemError(f"SideNet weights {path / saved.WEIGHTS} do not fit this architecture "
                                f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
         return model.to(backbone.dtype)
 
     def save_pretrained(self, path: str | Path, dtype: torch.dtype | None = None) -> Path:
         """Write ``config.json`` + SideNet ``model.safetensors`` (the backbone is referenced)."""
-        path = Path(path)
-        if path.exists() and not path.is_dir():
-            raise LongMemError(f"{path} exists and is not a directory")
-        path.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().to(dtype or v.dtype).contiguous() for k, v in self.sidenet.state_dict().items()}
-        tmp = path / (WEIGHTS + ".tmp")
-        save_file(state, str(tmp), metadata={"format": "pt"})
-        tmp.replace(path / WEIGHTS)
-        meta = {"kind": KIND, "format_version": FORMAT_VERSION, "weights_sha256": sha256(path / WEIGHTS)}
-        save_json(path / "config.json", meta | {"config": self.config.to_dict()})
-        return path
+        return saved.write(Path(path), state, self.config.to_dict(), kind=self.kind)
 
     # ------------------------------------------------------------------ memory
     def new_memory(
@@ -187,7 +194,7 @@ class LongMemModel(nn.Module):
     def new_token_log(self, batch_size: int, capacity: int | None = None) -> TokenLog | None:
         """A copy head's token log for a bank of ``capacity`` tokens (None without a head): it keeps
         everything the bank, the tier and two segments can hold."""
-        if not self.config.pointer:
+        if not self.config.copy_head:
             return None
         span = (capacity or self.config.memory_size) + (self.recent_tokens or 0) + 2 * self.config.segment_length
         shape = self.backbone.attn_shape
@@ -230,7 +237,7 @@ class LongMemModel(nn.Module):
                 raise LongMemError("this segment was read without the copy head's match keys; cannot write it")
             log.note(out.input_ids, out.positions, valid, keys=out.match_keys)
         search = None
-        if self.search_rotated:
+        if self.backbone.family.rotary:  # search keys rotated to their absolute positions
             cos, sin = self._rope_absolute(out.positions)  # [B,T,Dh]
             search = apply_rope(out.mem_keys.float(), cos[:, None], sin[:, None])  # [B,Hkv,T,Dh]
         if memory.recent is None:
@@ -251,11 +258,6 @@ class LongMemModel(nn.Module):
         cos, sin = self._rope_at(("shift", d), torch.tensor([-d]))  # [1,Dh]
         return apply_rope(keys, cos.float(), sin.float())
 
-    @property
-    def search_rotated(self) -> bool:
-        """Whether chunk search compares keys and queries rotated to their absolute positions."""
-        return self.backbone.family.rotary and self.config.search_positions == "absolute"
-
     def _rope_absolute(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin [...,Dh] (fp32) at absolute positions [...]."""
         return self.backbone.family.rope_exact(self.backbone.model, positions, torch.float32)
@@ -268,113 +270,155 @@ class LongMemModel(nn.Module):
         positions: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         backbone_logits: bool = False,
+        cache: DecodeCache | None = None,
     ) -> LongMemOutput:
         """One segment: input_ids [B,T] (+ memory to read) -> LongMemOutput.
 
-        positions [B,T] are absolute token positions in each row's document (default:
-        right after what the memory has seen). labels [B,T] use -100 for no target.
+        positions [B,T] are absolute token positions in each row's document (default: right after what
+        the memory has seen). labels [B,T] use -100 for no target. With ``cache`` (``new_cache``) the
+        tokens extend the cached window: only they are computed, and the logits equal this forward run
+        on the whole window (``positions`` then come from the cache).
         """
         b, t = input_ids.shape
         if memory is not None and memory.batch_size != b:
             raise LongMemError(f"memory has {memory.batch_size} rows but the batch has {b}")
-        if positions is None:
-            start = memory.end_position if memory is not None else torch.zeros(b, dtype=torch.long)
-            positions = start[:, None] + torch.arange(t)[None, :]  # [B,T]
-        past = memory.recent if memory is not None else None
-        frozen = self.backbone(input_ids, past=past)
-        offset = past.slots if past is not None else 0  # the segment follows the short-term slots
-        rope = self._rope(t, offset) if self.backbone.family.rotary else None
+        if cache is None:
+            if positions is None:
+                start = memory.end_position if memory is not None else torch.zeros(b, dtype=torch.long)
+                positions = start[:, None] + torch.arange(t)[None, :]  # [B,T]
+            past = memory.recent if memory is not None else None
+            frozen = self.backbone(input_ids, past=past)
+            offset = past.slots if past is not None else 0  # the segment follows the short-term slots
+            rope = self._rope(t, offset) if self.backbone.family.rotary else None
+        else:
+            cache.check(memory, t)
+            local = torch.arange(cache.length, cache.length + t)  # [T] places in the window
+            frozen = self.backbone(input_ids, cache=cache.backbone,
+                                   position_ids=(cache.offset + local)[None, :].expand(b, t))
+            positions = cache.start[:, None] + local[None, :]  # [B,T] absolute
+            rope = None if cache.rope is None else (cache.rope[0][local], cache.rope[1][local])
+            cache.memory_kv.append(frozen.mem_keys, frozen.mem_values)
+            cache.ids = torch.cat([cache.ids, input_ids], 1)
         ctx = self._context(memory, positions)
-        h, stats = self.sidenet(frozen.hidden, rope, ctx)  # [B,T,D]
+        h, stats = self.sidenet(frozen.hidden, rope, ctx, None if cache is None else cache.blocks)  # [B,T,D]
         logits = self.backbone.head(h)  # [B,T,V]
         match = self.match_keys(frozen.hidden)
-        # [B,T,V]: log-probs once the copy head reads
-        logits = self.copy_head_logits(logits, match, memory, context=(input_ids, positions), hidden=h)
+        logits = self._copy(logits, match, memory, (input_ids, positions) if cache is None else None, h, cache)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
         base = self.backbone.logits(frozen.hidden[-1]) if backbone_logits else None
-        mem_keys, mem_values = frozen.mem_keys, frozen.mem_values  # [B,H_kv,T,Dh] what the memory gets
-        if self.config.coupled:  # MemTRM: the trainable memory layer writes its own (soon stale) K/V
-            with torch.no_grad():
-                _, mem_keys, mem_values = self.sidenet.memory_block.project(frozen.hidden[self.backbone.memory_layer])
+        mem_keys, mem_values = self.memory_entries(frozen)
         return LongMemOutput(logits, loss, mem_keys, mem_values, positions, base, stats,
                              frozen.layer_keys, frozen.layer_values, input_ids, match)
 
-    def copy_head_logits(self, logits: torch.Tensor, match: torch.Tensor | None, memory: MemoryBank | None,
-                         context: tuple[torch.Tensor, torch.Tensor] | None = None,
-                         hidden: torch.Tensor | None = None) -> torch.Tensor:
-        """logits [B,T,V] -> the copy head's mixture (log-probabilities, fp32), or the logits unchanged
-        without a head or while the memory's token log is empty (unless the head also matches the
-        context itself, ``pointer_local``). match [B,H_kv,T,Dh] and context (ids, positions [B,C]
-        of the window ending with these T tokens) and hidden [B,T,D] (the SideNet's final states) as
-        ``CopyHead.forward`` takes them."""
-        return self.copy_head_step(logits, match, memory, None, context, hidden)[0]
+    def memory_entries(self, frozen) -> tuple[torch.Tensor, torch.Tensor]:
+        """What a segment writes to the bank: the frozen memory layer's K/V [B,H_kv,T,Dh] (never stale)."""
+        return frozen.mem_keys, frozen.mem_values
 
-    def copy_head_step(self, logits: torch.Tensor, match: torch.Tensor | None, memory: MemoryBank | None,
-                       history: torch.Tensor | None, context: tuple[torch.Tensor, torch.Tensor] | None,
-                       hidden: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``copy_head_logits`` for incremental decoding: history [B,H_kv,P,k] holds the match
-        positions of the previous tokens of the window -> (log-probabilities, these tokens' match
-        positions [B,H_kv,T,k]; None without a head at work)."""
-        log = getattr(memory, "token_log", None)
+    @property
+    def frozen_memory(self) -> bool:
+        """Whether the memory holds the frozen backbone's K/V only (so the backbone alone can fill it)."""
+        return True
+
+    def _copy(self, logits: torch.Tensor, match: torch.Tensor | None, memory: MemoryBank | None,
+              context: tuple[torch.Tensor, torch.Tensor] | None, hidden: torch.Tensor,
+              cache: DecodeCache | None) -> torch.Tensor:
+        """logits [B,T,V] -> the copy head's mixture (log-probabilities, fp32), or the logits unchanged without
+        a head. match [B,H_kv,T,Dh]: the tokens' match keys; context: ids and positions [B,C] of the window
+        ending with these T tokens (the cache's window when decoding); hidden [B,T,D]: the SideNet's states."""
         if match is None or not self.copy_head_enabled:
-            return logits, None
-        if log is None or log.is_empty:
-            if not self.config.pointer_local:
-                return logits, None
-            b, h, _, d = match.shape  # exact matches in the context work without any memory
+            return logits
+        history = None
+        if cache is not None:  # the window's match keys enter the memory's log when its tokens move there
+            cache.match_keys.append(match, match[..., :0])  # type: ignore[union-attr]
+            context, history = (cache.ids, cache.window_positions()), cache.match_history
+        log = getattr(memory, "token_log", None)
+        if log is None or log.is_empty:  # exact matches in the context work without any memory
+            b, h, _, d = match.shape
             log = TokenLog(b, 1, h, d)
-        head = self.sidenet.pointer
+        head = self.sidenet.copy_head
         cand = head.candidates(match, log, history)
-        return head.mix(logits, cand, log, context, hidden), cand.positions
+        if cache is not None:  # runs and follows count over the last RUN tokens' matches
+            both = cand.positions if history is None else torch.cat([history, cand.positions], 2)
+            cache.match_history = both[:, :, -RUN:]
+        return head.mix(logits, cand, log, context, hidden)
 
     def match_keys(self, hidden: list[torch.Tensor]) -> torch.Tensor | None:
         """The copy head's match keys [B,H_kv,T,Dh] from the frozen hidden states (None without a head)."""
-        if self.sidenet.pointer is None:
+        if getattr(self.sidenet, "copy_head", None) is None:
             return None
-        layer = self.config.pointer_layer
+        layer = self.config.copy_layer
         return self.backbone.keys_at(hidden[layer], layer)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """SideNet parameters only (the backbone is frozen)."""
         return [p for p in self.sidenet.parameters() if p.requires_grad]
 
-    @property
-    def decodes_incrementally(self) -> bool:
-        """Whether ``longmem.inference.decode`` can run this model (not the MemTRM layout: its memory is written
-        by its own forward pass)."""
-        return not (self.config.coupled or self.config.init == "upper")
+    # ------------------------------------------------------------------ decoding
+    decodes_incrementally = True
+    """Whether ``new_cache`` works (not for the MemTRM baseline, whose memory its own forward writes)."""
 
-    @property
-    def position_scheme(self) -> str:
-        """The effective scheme: 'none' for non-rotary backbones, 'auto' -> 'true'."""
-        if not self.backbone.family.rotary:
-            return "none"
-        return "true" if self.config.position_scheme == "auto" else self.config.position_scheme
+    def new_cache(self, batch_size: int, start: torch.Tensor | int, capacity: int | None = None,
+                  memory: MemoryBank | None = None) -> DecodeCache:
+        """An empty decode window whose first token sits at absolute position ``start`` ([B] or int).
 
+        With a ``memory`` that has a short-term tier, the window follows the tier's entries in every
+        attention, as a segment read with that memory does; the memory must not change while the cache
+        is in use.
+        """
+        capacity = capacity or self.config.segment_length
+        if not self.decodes_incrementally:
+            raise LongMemError(f"incremental decoding does not support {type(self).__name__}")
+        recent = memory.recent if memory is not None else None
+        offset = recent.slots if recent is not None else 0
+        if not 0 < capacity <= self.backbone.native_context - offset:
+            raise LongMemError(f"decode window {capacity} must be in 1..{self.backbone.native_context - offset} "
+                               "(the backbone's native context, less any short-term tier)")
+        past = _tier_entries(recent, batch_size)  # per backbone layer: keys, values [B,H_kv,P',Dh]
+        entries = capacity + (past[0][0].shape[2] if past else 0)  # per attention: tier entries, then the window
+        dt = self.backbone.dtype
+        hf = self.backbone.new_cache(entries)
+        buffers = [KVBuffer(entries) for _ in self.sidenet.blocks]
+        if past:
+            for i, (k, v) in enumerate(past):
+                hf.update(k.to(dt), v.to(dt), i)
+            for i, (buf, block) in enumerate(zip(buffers, self.sidenet.blocks)):
+                k, v = (x.to(dt) for x in past[block.layer_index])
+                buf.append(*((k, v) if i == 0 else (torch.cat([k, k]), torch.cat([v, v]))))  # later: both streams
+        rope = None
+        if self.backbone.family.rotary:
+            cos, sin = self.backbone.family.rope_cos_sin(self.backbone.model, torch.arange(offset, offset + capacity),
+                                                         torch.float32)
+            rope = (cos.to(dt), sin.to(dt))
+        start = torch.full((batch_size,), start, dtype=torch.long) if isinstance(start, int) else start.clone()
+        has_head = getattr(self.sidenet, "copy_head", None) is not None
+        return DecodeCache(
+            backbone=hf, blocks=buffers, memory_kv=KVBuffer(capacity), ids=torch.zeros(batch_size, 0, dtype=torch.long),
+            start=start, capacity=capacity, offset=offset, past=past[0][0].shape[2] if past else 0, rope=rope,
+            memory_state=memory_state(memory), match_keys=KVBuffer(capacity) if has_head else None,
+        )
+
+    # ------------------------------------------------------------------ positions
     @property
     def max_distance(self) -> int:
         return self.config.max_distance or self.backbone.native_context
 
     def _context(self, memory: MemoryBank | None, positions: torch.Tensor) -> MemoryContext:
-        scheme = self.position_scheme
+        rotary = self.backbone.family.rotary
         table = None
-        if scheme in ("fixed", "true"):
-            dmax = max(self.max_distance, self.config.fixed_distance)
+        if rotary:
+            dmax = self.max_distance
             cos, sin = self._rope_at(("table", dmax), -torch.arange(dmax + 1))  # key d tokens back
             half = cos.shape[-1] // 2
             table = (cos[:, :half].contiguous(), sin[:, :half].contiguous())  # [Dmax+1,Dh/2]
         return MemoryContext(
             bank=memory,
             query_positions=positions,
-            search_rope=self._rope_absolute(positions) if self.search_rotated and memory is not None else None,
-            scheme=scheme,
+            search_rope=self._rope_absolute(positions) if rotary and memory is not None else None,
             rope_table=table,
             max_distance=self.max_distance,
-            fixed_distance=self.config.fixed_distance,
             num_chunks=self.config.chunks_per_query,
-            per_kv_head=self.config.retrieval_heads == "kv",
             recent=memory.recent if memory is not None else None,
         )
 
@@ -389,28 +433,35 @@ class LongMemModel(nn.Module):
         cos, sin = self._rope_cache[key]
         return cos.to(self.backbone.dtype), sin.to(self.backbone.dtype)
 
-
-SHIPPED = {"smollm2-135m": "smollm2-135m", "smollm2": "smollm2-135m"}  # backbone name -> packaged SideNet
-
-
-def shipped_sidenet(backbone: str) -> Path | None:
-    """The SideNet directory shipped in this package for a built-in backbone, if any."""
-    name = SHIPPED.get(backbone)
-    path = Path(__file__).parent.parent / "assets" / "sidenets" / name if name else None
-    return path if path is not None and (path / "config.json").is_file() else None
+    def _shift_back(self, keys: torch.Tensor, d: int) -> torch.Tensor:
+        """Rotate already-rotated keys [...,N,Dh] (fp32) d positions back."""
+        cos, sin = self._rope_at(("shift", d), torch.tensor([-d]))  # [1,Dh]
+        return apply_rope(keys, cos.float(), sin.float())
 
 
-def read_config(path: Path) -> LongMemConfig:
-    """The LongMemConfig of a saved SideNet directory, with clear errors."""
-    meta = load_versioned(path, "config.json", KIND, "SideNet", FORMAT_VERSION)
-    return from_dict(LongMemConfig, meta.get("config", {}))
+def _fresh_part(key: str, state: dict) -> bool:
+    """Whether a weight missing from a saved SideNet may start fresh (its fresh form changes nothing)."""
+    if key.startswith("copy_head."):  # a whole copy head added, or its context gate (zero at the start)
+        return not any(k.startswith("copy_head.") for k in state) or key == "copy_head.context.weight"
+    return key.startswith("style.")  # a style adapter (up = 0)
 
 
-def _pointer_layer(config: LongMemConfig, num_layers: int) -> int | None:
+def _tier_entries(recent: RecentCache | None, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """A short-term tier's valid entries of every layer: L x (keys, values [B,H_kv,P',Dh]); [] if none."""
+    if recent is None or recent.is_empty():
+        return []
+    valid = recent.valid  # [B,P]
+    if not bool((valid == valid[:1]).all()):
+        raise LongMemError(f"the {batch_size} rows' short-term tiers are filled differently; decode them one by one")
+    idx = valid[0].nonzero().squeeze(1)
+    return [(recent.keys[i][:, :, idx], recent.values[i][:, :, idx]) for i in range(recent.num_layers)]
+
+
+def _copy_layer(config: LongMemConfig, num_layers: int) -> int | None:
     """The copy head's match layer: as configured, else num_layers / 15 (2 of SmolLM2's 30; None without a head)."""
-    if not config.pointer:
+    if not config.copy_head:
         return None
-    layer = max(1, round(num_layers / 15)) if config.pointer_layer is None else config.pointer_layer
+    layer = max(1, round(num_layers / 15)) if config.copy_layer is None else config.copy_layer
     if not 0 <= layer < num_layers:
-        raise LongMemError(f"pointer_layer={layer} is outside the backbone's {num_layers} layers")
+        raise LongMemError(f"copy_layer={layer} is outside the backbone's {num_layers} layers")
     return layer

@@ -1,8 +1,9 @@
 """TrainConfig: every setting of a memory-augmented adaptation run, typed and validated.
 
-A run is described by a JSON or YAML file filling this dataclass; ``--set key=value``
-overrides single fields (``model.memory_size=16384`` reaches into the model config).
-Unknown keys are errors; the resolved config is saved beside every checkpoint.
+A run is described by a JSON or YAML file filling this dataclass; ``base: other.yaml`` (a path
+relative to the file) starts from another run file, whose sections the file's own keys override;
+``--set key=value`` overrides single fields (``model.memory_size=16384`` reaches into the model
+config). Unknown keys are errors; the resolved config is saved beside every checkpoint.
 """
 
 from __future__ import annotations
@@ -16,15 +17,18 @@ from typing import Any
 from longmem.config import LongMemConfig, from_dict
 from longmem.errors import LongMemError
 
-TRAINABLE = ("full", "memory_block", "lora", "pointer", "style", "memory_path")
+TRAINABLE = ("full", "lora", "copy_head", "style", "memory_path")
+KINDS = ("longmem", "memtrm")
 
 
 @dataclass
 class TrainConfig:
     """One adaptation run."""
 
+    kind: str = "longmem"
+    """What is trained: 'longmem' (a SideNet) or 'memtrm' (the MemTRM baseline, ``longmem.baselines.memtrm``)."""
     model: LongMemConfig = field(default_factory=LongMemConfig)
-    """Architecture and memory settings of the model being trained."""
+    """Architecture and memory settings of the model being trained (a ``MemTRMConfig`` for 'memtrm')."""
     init_from: str | None = None
     """Start from this trained SideNet directory instead of a fresh initialisation."""
     corpus: str = "data/books"
@@ -58,9 +62,8 @@ class TrainConfig:
     dtype: str = "bfloat16"
     """Compute dtype: 'bfloat16' (autocast, backbone in bf16) or 'float32'."""
     trainable: str = "full"
-    """Trainable set: 'full' SideNet (paper), 'memory_block' only, 'lora' adapters, 'pointer' (the copy head),
-    'style' (the style adapter) or 'memory_path' (the blocks: the memory block and the copied layers, not
-    the copy head nor the style adapter)."""
+    """Trainable set: 'full' SideNet, 'lora' adapters, 'copy_head', 'style' (the style adapter) or 'memory_path'
+    (the blocks: the memory block and the copied layers, not the copy head nor the style adapter)."""
     lora_rank: int = 8
     """LoRA rank (trainable='lora')."""
     lora_alpha: float = 16.0
@@ -94,8 +97,12 @@ class TrainConfig:
     """dtype of the exported SideNet weights."""
 
     def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise LongMemError(f"kind={self.kind!r} is not one of {', '.join(KINDS)}")
         if isinstance(self.model, dict):
-            self.model = from_dict(LongMemConfig, self.model)
+            from longmem.kinds import MODEL_KINDS
+
+            self.model = from_dict(MODEL_KINDS[self.kind].config_class(), self.model)
         if self.trainable not in TRAINABLE:
             raise LongMemError(f"trainable={self.trainable!r} is not one of {', '.join(TRAINABLE)}")
         if self.dtype not in ("bfloat16", "float32"):
@@ -136,7 +143,29 @@ def parse_set(item: str) -> tuple[list[str], Any]:
     return key.strip().split("."), _parse_value(raw)
 
 
-def _read_mapping(path: Path) -> dict[str, Any]:
+def _read_mapping(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The settings of a run file, over those of its ``base`` (recursively)."""
+    data = _parse(path)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str) or not base:
+        raise LongMemError(f"{path}: base must name another run file, not {base!r}")
+    base_path = (path.parent / base).resolve()
+    if base_path in seen or base_path == path.resolve():
+        raise LongMemError(f"{path}: base {base} leads back to itself")
+    return _merge(_read_mapping(base_path, seen + (path.resolve(),)), data)
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``over``'s keys on top; sections (mappings) merge key by key."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _parse(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise LongMemError(f"no such config file: {path}")
     text = path.read_text(encoding="utf-8")

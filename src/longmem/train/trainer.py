@@ -29,7 +29,8 @@ from longmem.data.tokens import tokenize_corpus
 from longmem.errors import LongMemError
 from longmem.files import save_json
 from longmem.train.lora import add_lora, merge_lora
-from longmem.model.longmem import LongMemModel
+from longmem.kinds import MODEL_KINDS
+from longmem.model.longmem import ARCHITECTURE_FIELDS
 from longmem.inference.reader import perplexity
 from longmem.train.config import TrainConfig
 
@@ -37,10 +38,9 @@ log = logging.getLogger(__name__)
 
 # trainable sets that are one part of the SideNet: mode -> (SideNet attributes, what a model without any lacks)
 ONE_PART = {
-    "memory_block": (("memory_block",), "a memory block"),
-    "pointer": (("pointer",), "a model with a copy head (model.pointer: true)"),
+    "copy_head": (("copy_head",), "a model with a copy head (model.copy_head: true)"),
     "memory_path": (("blocks",), "SideNet blocks"),
-    "style": (("style", "styles"), "a style adapter (model.style_rank > 0)"),
+    "style": (("style",), "a style adapter (model.style_rank > 0)"),
 }
 
 
@@ -61,11 +61,12 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         backbone_dtype = "bfloat16" if cfg.dtype == "bfloat16" else "float32"
         overrides = {k: v for k, v in cfg.model.to_dict().items() if k not in ("backbone_fingerprint",)}
+        kind = MODEL_KINDS[cfg.kind]
         if cfg.init_from:
-            runtime = {k: v for k, v in overrides.items() if k not in ("backbone", "memory_layer", "reduction", "init")}
-            self.model = LongMemModel.from_pretrained(cfg.init_from, dtype=backbone_dtype, **runtime)
+            runtime = {k: v for k, v in overrides.items() if k not in ARCHITECTURE_FIELDS}
+            self.model = kind.from_pretrained(cfg.init_from, dtype=backbone_dtype, **runtime)
         else:
-            self.model = LongMemModel.from_pretrained(None, dtype=backbone_dtype, **overrides)
+            self.model = kind.from_pretrained(None, dtype=backbone_dtype, **overrides)
         self.model.sidenet.float()  # fp32 master weights; compute runs under autocast
         self._select_trainable()
         self.optimizer = self._optimizer()
@@ -112,11 +113,11 @@ class Trainer:
         for name, param in self.model.sidenet.named_parameters():
             if not param.requires_grad:
                 continue
-            if name.startswith(("style.", "styles.")):
+            if name.startswith("style."):
                 groups["style"].append(param)
                 continue
             scalar = param.ndim < 2  # gates and the copy head's scalars; its context gate [1,D] learns at lr
-            kind = "gate" if scalar and (name.endswith(".gate") or name.startswith("pointer.")) \
+            kind = "gate" if scalar and (name.endswith(".gate") or name.startswith("copy_head.")) \
                 else "no_decay" if scalar else "decay"
             groups[kind].append(param)
         settings = {"gate": (cfg.gate_lr, 0.0), "decay": (cfg.lr, cfg.weight_decay), "no_decay": (cfg.lr, 0.0),

@@ -19,7 +19,6 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from longmem.config import FORMAT_VERSION
 from longmem.files import fsync, load_checked_safetensors, load_json, load_versioned, save_json, sha256
 from longmem.errors import LongMemError
 from longmem.memory.bank import DTYPES, STORAGE_DTYPES, STORAGE_NAMES, MemoryBank, float_dtype
@@ -28,6 +27,8 @@ from longmem.memory.io.mapped import map_checked_safetensors
 from longmem.memory.quant import SCALE_DTYPE
 from longmem.memory.tier import RecentCache
 from longmem.memory.token_log import TokenLog
+
+FORMAT_VERSION = 1  # of a saved memory (manifest.json)
 
 KIND = "longmem-memory"
 META_KEYS = ("backbone_fingerprint", "memory_layer")

@@ -1,12 +1,12 @@
 """The same control for the frozen backbone: does another book's text in its own window help it?
 
-LongMem's foreign-bank control (scripts/foreign_bank_control.py) puts another book's memory
+LongMem's foreign-bank control (experiments/foreign_bank_control.py) puts another book's memory
 beside the document's own previous segment. Here the frozen backbone reads each 1024-token
 segment of a held-out novel after its own previous segment (as the short-term tier gives it),
 with and without ``--foreign-tokens`` tokens of another book in front, all inside its native
 8k window: if the backbone gains from the other book too, a memory that gains from it holds
 nothing the backbone would not use itself (same-author idiom), rather than a leak.
-    python scripts/foreign_context_backbone.py [--foreign FILE] [--foreign-tokens 6144] [--max-tokens 24576]
+    python experiments/foreign_context_backbone.py [--foreign FILE] [--foreign-tokens 6144] [--max-tokens 24576]
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def main() -> None:
                      "change": math.exp((with_foreign - own) / scored) - 1, "tokens": scored,
                      "seconds": time.perf_counter() - start})
         print(json.dumps(rows[-1]), flush=True)
-    report = {"command": "python scripts/foreign_context_backbone.py", "commit": git_commit(),
+    report = {"command": "python experiments/foreign_context_backbone.py", "commit": git_commit(),
               "foreign": args.foreign, "foreign_tokens": args.foreign_tokens, "segment": t, "results": rows}
     args.out.write_text(json.dumps(report, indent=2) + "\n")
 

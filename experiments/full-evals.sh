@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The evaluation suite's full protocols (every ChapterBreak boundary at 4k/8k/16k, ICL with 6 seeds and
 # every test sentence, whole held-out books, the passkey grid), LongMem against MemTRM and the backbone.
-#   bash scripts/full-evals.sh [--memtrm DIR]      (MemTRM: `longmem train configs/memtrm.yaml` first)
+#   bash experiments/full-evals.sh [--memtrm DIR]      (MemTRM: `longmem train configs/memtrm.yaml` first)
 # ~40 h on a 2-core CPU. Run it again after an interruption: finished results are skipped, and the
 # unfinished run resumes from its partial file (`--resume`). Results in results/full/.
 set -euo pipefail

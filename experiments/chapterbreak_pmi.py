@@ -2,8 +2,8 @@
 
 Each candidate is scored again after a blank line alone, in each item's mode, by the model that made
 the file (`--sidenet`: the same SideNet); the examples, prefixes and raw scores are the file's own.
-    python scripts/chapterbreak_pmi.py results/chapterbreak/longmem.json --out results/chapterbreak/longmem-pmi.json
-    python scripts/chapterbreak_pmi.py results/chapterbreak/memtrm.json --sidenet runs/memtrm/sidenet \
+    python experiments/chapterbreak_pmi.py results/chapterbreak/longmem.json --out results/chapterbreak/longmem-pmi.json
+    python experiments/chapterbreak_pmi.py results/chapterbreak/memtrm.json --sidenet runs/memtrm/sidenet \
         --out results/chapterbreak/memtrm-pmi.json
 """
 

@@ -4,7 +4,7 @@ With memory, the packaged SideNet answers (nearly) one label for every SST-5 and
 ``longmem eval icl``'s protocol in the ``memory`` mode twice on the same draws — as shipped, and with the copy
 head's mixing turned off (its match keys are still computed and written, so memory holds the same) — and
 writes both accuracies per task.
-    python scripts/icl_copy_head_ablation.py [--tasks sst-5,mr,subj] [--demos 20] [--seeds 1] [--max-test 100]
+    python experiments/icl_copy_head_ablation.py [--tasks sst-5,mr,subj] [--demos 20] [--seeds 1] [--max-test 100]
         [--sidenet default] [--out results/icl/copy-head-ablation.json]
 """
 

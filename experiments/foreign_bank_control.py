@@ -4,8 +4,8 @@
 reads every segment after 1,024 tokens of the other book). This keeps the foreign bank frozen but
 lets the short-term tier hold the document's own previous segment, as in normal reading, so the
 comparison with 'short-term-only' (own tier, empty bank) isolates what a foreign bank adds.
-    python scripts/foreign_bank_control.py [--foreign FILE] [--max-tokens 24576]
-    python scripts/foreign_bank_control.py --drop-foreign-log --own-bank
+    python experiments/foreign_bank_control.py [--foreign FILE] [--max-tokens 24576]
+    python experiments/foreign_bank_control.py --drop-foreign-log --own-bank
         --out results/longmem-facts/foreign-bank-no-log.json   (one command)
 (``--drop-foreign-log``: the copy head's token log of the other book is emptied, so only the
 memory block reads the foreign bank — which of the two carries a foreign bank's effect.
@@ -61,7 +61,7 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
     flags = [f for f, on in (("--drop-foreign-log", args.drop_foreign_log), ("--own-bank", args.own_bank)) if on]
     flags += ["--sidenet", args.sidenet] if args.sidenet != "default" else []
-    command = " ".join(["python scripts/foreign_bank_control.py", *flags] + (["--out", str(args.out)] if flags else []))
+    command = " ".join(["python experiments/foreign_bank_control.py", *flags] + (["--out", str(args.out)] if flags else []))
     report = {"command": command, "commit": git_commit(), "sidenet": args.sidenet, "foreign": args.foreign,
               "drop_foreign_log": args.drop_foreign_log, "own_bank": args.own_bank,
               "memory_size": model.config.memory_size, "results": rows}
