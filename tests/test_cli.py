@@ -162,3 +162,26 @@ def test_approximate_search_flags_reach_the_model(tmp_path, capsys, backbone_dir
     assert json.loads(out)["results"][0]["memory_tokens"] > 0
     code, _, err = run(capsys, "ppl", book, *base(backbone_dir), "--retrieval", "torch-ivf", "--nprobe", 0)
     assert code != 0 and "nprobe" in err and "Traceback" not in err
+
+
+def test_demo_prints_the_four_readings_and_what_they_show(tmp_path, capsys, backbone_dir):
+    book = tmp_path / "book.txt"
+    book.write_text(TEXT * 2)
+    args = ["demo", book, "--backbone", backbone_dir, "--dtype", "float32", "--max-tokens", 300, "--window", 64,
+            "--segment", 32, "--quiet"]
+    code, out, err = run(capsys, *args)
+    assert code == 0, err
+    lines = out.strip().splitlines()
+    assert "300 tokens" in lines[0] and len(lines) == 7
+    assert [line.split()[0] for line in lines[2:6]] == ["LongMem,", "LongMem,", "backbone", "backbone,"]
+    assert lines[-1].startswith("The memory takes") and "64-token sliding window" in lines[-1]
+    code, out, _ = run(capsys, *args, "--json")
+    result = json.loads(out)
+    assert code == 0 and [r["mode"] for r in result["results"]] == ["memory", "no-memory", "backbone", "window-64"]
+    assert result["tokens"] == 300 and all(r["tokens"] == 299 for r in result["results"])
+
+
+def test_demo_without_the_books_says_what_to_run(tmp_path, capsys, monkeypatch, backbone_dir):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run(capsys, "demo", "--backbone", backbone_dir)
+    assert code == 2 and out == "" and "longmem data books" in err and len(err.strip().splitlines()) == 1

@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from longmem.cli import data, evals, memory, read, serve, train
+from longmem.cli import data, demo, evals, memory, read, serve, train
 from longmem.errors import LongMemError
 
 log = logging.getLogger("longmem")
@@ -45,6 +45,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(title="commands")
 
-    for group in (read, data, train, memory, serve, evals):
+    for group in (demo, read, data, train, memory, serve, evals):
         group.add_parsers(sub)
     return parser

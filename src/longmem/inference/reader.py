@@ -176,3 +176,12 @@ def sliding_window_perplexity(
     return PerplexityResult(mode=f"window-{window}", perplexity=math.exp(mean), nll=mean, tokens=n - 1,
                             seconds=seconds, tokens_per_s=n / seconds, segment_length=stride, memory_tokens=0,
                             segment_nll=seg_nll, token_nll=torch.cat(per_token) if token_nll else None)
+
+
+def side_by_side(model: LongMemModel, ids: torch.Tensor, window: int = 2048, progress: bool = False
+                 ) -> list[PerplexityResult]:
+    """ids [N] read four ways, every token scored once in each: with memory, with the memory kept empty, the
+    bare backbone on the same segments, and the backbone with a ``window``-token sliding window (what users do
+    without a memory)."""
+    runs = [perplexity(model, ids, mode=mode, progress=progress) for mode in ("memory", "no-memory", "backbone")]
+    return runs + [sliding_window_perplexity(model, ids, window, progress=progress)]

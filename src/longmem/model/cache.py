@@ -98,3 +98,48 @@ def memory_state(memory: MemoryBank | None) -> tuple | None:
     """What changes when anything is written to the memory."""
     return None if memory is None else (id(memory), tuple(memory.end_position.tolist()), int(memory.count.sum()),
                                         int(memory.pending_count.sum()))
+
+
+def new_cache(model, batch_size: int, start: torch.Tensor | int, capacity: int, memory: MemoryBank | None
+              ) -> DecodeCache:
+    """An empty window of ``capacity`` tokens for ``model`` (a LongMemModel) whose first token sits at
+    absolute position ``start``; see ``LongMemModel.new_cache``."""
+    backbone, blocks = model.backbone, model.sidenet.blocks
+    recent = memory.recent if memory is not None else None
+    offset = recent.slots if recent is not None else 0
+    if not 0 < capacity <= backbone.native_context - offset:
+        raise LongMemError(f"decode window {capacity} must be in 1..{backbone.native_context - offset} "
+                           "(the backbone's native context, less any short-term tier)")
+    past = _tier_entries(recent, batch_size)  # per backbone layer: keys, values [B,H_kv,P',Dh]
+    entries = capacity + (past[0][0].shape[2] if past else 0)  # per attention: tier entries, then the window
+    dt = backbone.dtype
+    hf = backbone.new_cache(entries)
+    buffers = [KVBuffer(entries) for _ in blocks]
+    if past:
+        for i, (k, v) in enumerate(past):
+            hf.update(k.to(dt), v.to(dt), i)
+        for i, (buf, block) in enumerate(zip(buffers, blocks)):
+            k, v = (x.to(dt) for x in past[block.layer_index])
+            buf.append(*((k, v) if i == 0 else (torch.cat([k, k]), torch.cat([v, v]))))  # later: both streams
+    rope = None
+    if backbone.family.rotary:
+        cos, sin = backbone.family.rope_cos_sin(backbone.model, torch.arange(offset, offset + capacity), torch.float32)
+        rope = (cos.to(dt), sin.to(dt))
+    start = torch.full((batch_size,), start, dtype=torch.long) if isinstance(start, int) else start.clone()
+    has_head = getattr(model.sidenet, "copy_head", None) is not None
+    return DecodeCache(
+        backbone=hf, blocks=buffers, memory_kv=KVBuffer(capacity), ids=torch.zeros(batch_size, 0, dtype=torch.long),
+        start=start, capacity=capacity, offset=offset, past=past[0][0].shape[2] if past else 0, rope=rope,
+        memory_state=memory_state(memory), match_keys=KVBuffer(capacity) if has_head else None,
+    )
+
+
+def _tier_entries(recent, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """A short-term tier's valid entries of every layer: L x (keys, values [B,H_kv,P',Dh]); [] if none."""
+    if recent is None or recent.is_empty():
+        return []
+    valid = recent.valid  # [B,P]
+    if not bool((valid == valid[:1]).all()):
+        raise LongMemError(f"the {batch_size} rows' short-term tiers are filled differently; decode them one by one")
+    idx = valid[0].nonzero().squeeze(1)
+    return [(recent.keys[i][:, :, idx], recent.values[i][:, :, idx]) for i in range(recent.num_layers)]

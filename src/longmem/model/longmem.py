@@ -26,7 +26,7 @@ from longmem.memory.token_log import TokenLog
 from longmem.model import saved
 from longmem.model.backbone import FrozenBackbone
 from longmem.model.blocks import MemoryContext, MemoryStats
-from longmem.model.cache import DecodeCache, KVBuffer, memory_state
+from longmem.model.cache import DecodeCache, new_cache
 from longmem.model.copy_head import RUN
 from longmem.model.families import apply_rope
 from longmem.model.hub import load_model_and_tokenizer
@@ -367,37 +367,9 @@ class LongMemModel(nn.Module):
         attention, as a segment read with that memory does; the memory must not change while the cache
         is in use.
         """
-        capacity = capacity or self.config.segment_length
         if not self.decodes_incrementally:
             raise LongMemError(f"incremental decoding does not support {type(self).__name__}")
-        recent = memory.recent if memory is not None else None
-        offset = recent.slots if recent is not None else 0
-        if not 0 < capacity <= self.backbone.native_context - offset:
-            raise LongMemError(f"decode window {capacity} must be in 1..{self.backbone.native_context - offset} "
-                               "(the backbone's native context, less any short-term tier)")
-        past = _tier_entries(recent, batch_size)  # per backbone layer: keys, values [B,H_kv,P',Dh]
-        entries = capacity + (past[0][0].shape[2] if past else 0)  # per attention: tier entries, then the window
-        dt = self.backbone.dtype
-        hf = self.backbone.new_cache(entries)
-        buffers = [KVBuffer(entries) for _ in self.sidenet.blocks]
-        if past:
-            for i, (k, v) in enumerate(past):
-                hf.update(k.to(dt), v.to(dt), i)
-            for i, (buf, block) in enumerate(zip(buffers, self.sidenet.blocks)):
-                k, v = (x.to(dt) for x in past[block.layer_index])
-                buf.append(*((k, v) if i == 0 else (torch.cat([k, k]), torch.cat([v, v]))))  # later: both streams
-        rope = None
-        if self.backbone.family.rotary:
-            cos, sin = self.backbone.family.rope_cos_sin(self.backbone.model, torch.arange(offset, offset + capacity),
-                                                         torch.float32)
-            rope = (cos.to(dt), sin.to(dt))
-        start = torch.full((batch_size,), start, dtype=torch.long) if isinstance(start, int) else start.clone()
-        has_head = getattr(self.sidenet, "copy_head", None) is not None
-        return DecodeCache(
-            backbone=hf, blocks=buffers, memory_kv=KVBuffer(capacity), ids=torch.zeros(batch_size, 0, dtype=torch.long),
-            start=start, capacity=capacity, offset=offset, past=past[0][0].shape[2] if past else 0, rope=rope,
-            memory_state=memory_state(memory), match_keys=KVBuffer(capacity) if has_head else None,
-        )
+        return new_cache(self, batch_size, start, capacity or self.config.segment_length, memory)
 
     # ------------------------------------------------------------------ positions
     @property
@@ -444,17 +416,6 @@ def _fresh_part(key: str, state: dict) -> bool:
     if key.startswith("copy_head."):  # a whole copy head added, or its context gate (zero at the start)
         return not any(k.startswith("copy_head.") for k in state) or key == "copy_head.context.weight"
     return key.startswith("style.")  # a style adapter (up = 0)
-
-
-def _tier_entries(recent: RecentCache | None, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """A short-term tier's valid entries of every layer: L x (keys, values [B,H_kv,P',Dh]); [] if none."""
-    if recent is None or recent.is_empty():
-        return []
-    valid = recent.valid  # [B,P]
-    if not bool((valid == valid[:1]).all()):
-        raise LongMemError(f"the {batch_size} rows' short-term tiers are filled differently; decode them one by one")
-    idx = valid[0].nonzero().squeeze(1)
-    return [(recent.keys[i][:, :, idx], recent.values[i][:, :, idx]) for i in range(recent.num_layers)]
 
 
 def _copy_layer(config: LongMemConfig, num_layers: int) -> int | None:
