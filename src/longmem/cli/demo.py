@@ -21,7 +21,7 @@ def add_parsers(sub) -> None:
     demo = sub.add_parser("demo", help="the first look: a held-out novel read with and without memory (~3 min)")
     demo.add_argument("file", nargs="?", type=Path, default=DEFAULT_BOOK,
                       help=f"a UTF-8 text (default {DEFAULT_BOOK}, held out from training: `longmem data books`)")
-    demo.add_argument("--max-tokens", type=int, default=24576, help="read the first N tokens (default 24576)")
+    demo.add_argument("--max-tokens", type=int, default=16384, help="read the first N tokens (default 16384)")
     demo.add_argument("--whole", action="store_true", help="read the whole text (Persuasion: 115,862 tokens, ~20 min)")
     demo.add_argument("--window", type=int, default=2048, help="the backbone's sliding window (default 2048)")
     demo.add_argument("--memory-size", type=int, help="memory capacity in tokens (default 65536)")
