@@ -34,6 +34,7 @@ WORDS = ("the of and to in a is that it was for on are as with his they at be th
          "several change answer room sea against top turned learn point city play toward five using himself usually").split()
 POSITIONS = (40, 700, 1500, 2300, 3100, 3200, 3300, 3350)  # where the committed log-probabilities are read
 TOP = 5
+GOLDEN_SETTINGS = {"dtype": "float32", "memory_dtype": "float32"}  # fp32: the same numbers on any CPU's kernels
 
 pytestmark = [
     pytest.mark.slow,
@@ -82,15 +83,15 @@ def measure(model) -> dict:
 def packaged():
     from longmem.model.longmem import LongMemModel
 
-    return LongMemModel.from_pretrained("default")
+    return LongMemModel.from_pretrained("default", **GOLDEN_SETTINGS)
 
 
 def test_the_packaged_sidenet_gives_its_committed_numbers(packaged):
     want = json.loads(GOLDEN.read_text())
     got = measure(packaged)
     assert got["tokens"] == want["tokens"]
-    assert got["ppl_memory"] == pytest.approx(want["ppl_memory"], rel=0.01)
-    assert got["ppl_empty"] == pytest.approx(want["ppl_empty"], rel=0.01)
+    assert got["ppl_memory"] == pytest.approx(want["ppl_memory"], rel=0.005)
+    assert got["ppl_empty"] == pytest.approx(want["ppl_empty"], rel=0.005)
     assert got["margin"] == pytest.approx(want["margin"], abs=0.01) and got["margin"] > 0.05  # memory helps
     assert got["repeat_ppl_memory"] < 2.0  # the repeated start is recalled from memory
     for p, row in want["logprobs"].items():
@@ -98,4 +99,4 @@ def test_the_packaged_sidenet_gives_its_committed_numbers(packaged):
         lp = dict(zip(got["logprobs"][p]["ids"], got["logprobs"][p]["logprobs"]))
         for token, value in zip(row["ids"], row["logprobs"]):
             if token in lp:
-                assert lp[token] == pytest.approx(value, abs=0.1), (p, token)
+                assert lp[token] == pytest.approx(value, abs=0.05), (p, token)
