@@ -42,7 +42,7 @@ def _label_map(text: str) -> dict[str, str]:
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     """Register ``longmem eval passkey|ppl|chapterbreak|icl`` under the top-level parser."""
-    ev = sub.add_parser("eval", help="evaluations: passkey, ppl, chapterbreak, icl (results JSON + plots)")
+    ev = sub.add_parser("eval", help="evaluations: passkey, recall, ppl, chapterbreak, icl (results JSON + plots)")
     names = ev.add_subparsers(title="evaluations")
     ev.set_defaults(func=lambda args: _usage(ev))
 
@@ -61,6 +61,26 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     pk.add_argument("--resume", action="store_true", help=RESUME_HELP)
     _common(pk, "passkey")
     pk.set_defaults(func=cmd_passkey)
+
+    rc = names.add_parser("recall", help="keyed recall (RULER-style): single, multi-key, multi-value, multi-query "
+                                         "needles, variable tracking, fact update")
+    rc.add_argument("--tasks", type=_list(str), help="comma-separated tasks (default: all of "
+                                                     "single,multikey,multivalue,multiquery,vartrack,update)")
+    rc.add_argument("--lengths", type=_list(int), help="prompt lengths N in tokens (default 4096,8192,16384)")
+    rc.add_argument("--trials", type=int, help="prompts per task and length (default 20)")
+    rc.add_argument("--filler", help="prose file for the filler (default data/books/test/austen-emma.txt)")
+    rc.add_argument("--keys", type=int, help="statements with different keys in multikey, multiquery, update "
+                                             "(default 4)")
+    rc.add_argument("--values", type=int, help="values of the one key in multivalue (default 4)")
+    rc.add_argument("--queries", type=int, help="keys asked at once in multiquery (default 2)")
+    rc.add_argument("--hops", type=int, help="links of a variable chain in vartrack (default 2)")
+    rc.add_argument("--chains", type=int, help="variable chains in vartrack (default 1)")
+    rc.add_argument("--digits", type=int, help="digits of a value (default 7)")
+    rc.add_argument("--templates", help="the wording: 'ruler' (default), 'heldout' (the project's own, never "
+                                        "trained on) or a JSON file of fields of longmem.evals.recall.RecallTemplates")
+    rc.add_argument("--resume", action="store_true", help=RESUME_HELP)
+    _common(rc, "recall")
+    rc.set_defaults(func=cmd_recall)
 
     pp = names.add_parser("ppl", help="perplexity of held-out books by length bucket, memory size, chunk size")
     pp.add_argument("files", nargs="*", type=Path, metavar="FILE",
@@ -209,6 +229,34 @@ def cmd_passkey(args: argparse.Namespace) -> int:
     for mode, s in result.summary().items():
         lines.append(f"{mode:>14}  {s['accuracy']:8.1%}  " + "  ".join(f"{v:7.0%}" for v in s["by_length"].values()))
     code = _finish(args, "passkey", model, config, result.to_dict(), seconds, passkey_heatmap, "\n".join(lines))
+    partial.finish()
+    return code
+
+
+def cmd_recall(args: argparse.Namespace) -> int:
+    from longmem.evals.plots import recall_bars
+    from longmem.evals.recall import TEMPLATE_SETS, RecallConfig, RecallTrial, check_filler, recall
+    from longmem.files import load_json
+
+    templates = args.templates
+    if templates is not None and templates not in TEMPLATE_SETS:
+        templates = load_json(Path(templates))
+    config = _config(RecallConfig, tasks=args.tasks, lengths=args.lengths, trials=args.trials, modes=args.modes,
+                     filler=args.filler, seed=args.seed, keys=args.keys, values=args.values, queries=args.queries,
+                     hops=args.hops, chains=args.chains, digits=args.digits, templates=templates)
+    check_filler(config)
+    check_out_path(args.out)
+    model = _load(args)
+    result, seconds, partial = _run_resumable(
+        args, "recall", config, model, RecallTrial,
+        lambda done, hook: recall(model, config, progress=not args.quiet, done=done, on_trial=hook))
+    summary = result.summary()
+    lines = [f"{'task':>11}  {'mode':>14}  accuracy  " + "  ".join(f"{n:>7}" for n in config.lengths)]
+    for task, modes in summary.items():
+        for mode, s in modes.items():
+            lines.append(f"{task:>11}  {mode:>14}  {s['accuracy']:8.1%}  "
+                         + "  ".join(f"{v:7.0%}" for v in s["by_length"].values()))
+    code = _finish(args, "recall", model, config, result.to_dict(), seconds, recall_bars, "\n".join(lines))
     partial.finish()
     return code
 

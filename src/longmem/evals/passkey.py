@@ -40,7 +40,7 @@ INTRO = ("There is an important piece of information hidden inside a lot of irre
 NEEDLE = "\nThe pass key is {key}. Remember it. {key} is the pass key.\n"
 QUESTION = "\nWhat is the pass key? The pass key is"
 ANSWER = " {key}"
-_BOUNDARY = (".", "!", "?", "\n", '"')
+SENTENCE_ENDS = (".", "!", "?", "\n", '"')
 
 
 @dataclass
@@ -183,7 +183,7 @@ class PromptBuilder:
     def boundary(self, filler: torch.Tensor, i: int) -> int:
         """The first index >= i (within 64 tokens) right after a sentence or line end."""
         for j in range(i, min(i + 64, filler.shape[0])):
-            if j == 0 or self.tokenizer.decode(filler[j - 1 : j]).rstrip(" ").endswith(_BOUNDARY):
+            if j == 0 or self.tokenizer.decode(filler[j - 1 : j]).rstrip(" ").endswith(SENTENCE_ENDS):
                 return j
         return i
 

@@ -50,6 +50,27 @@ def passkey_heatmap(results: dict, out: Path) -> Path:
     return save_png(fig, out)
 
 
+def recall_bars(results: dict, out: Path) -> Path:
+    """One panel per recall task: accuracy by prompt length, one bar per mode."""
+    plt = pyplot()
+    summary = results["summary"]
+    fig, axes = plt.subplots(1, len(summary), figsize=(3.4 * len(summary) + 1, 3.4), squeeze=False,
+                             layout="constrained")
+    for ax, (task, modes) in zip(axes[0], summary.items()):
+        width = 0.8 / max(1, len(modes))
+        for i, (mode, m) in enumerate(modes.items()):
+            lengths = list(m["by_length"])
+            ax.bar([j + (i - (len(modes) - 1) / 2) * width for j in range(len(lengths))],
+                   list(m["by_length"].values()), width, label=mode)
+            ax.set_xticks(range(len(lengths)), [f"{int(n) // 1024}k" if int(n) >= 1024 else n for n in lengths])
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("prompt length (tokens)")
+        ax.set_title(task)
+    axes[0][0].set_ylabel("accuracy")
+    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    return save_png(fig, out)
+
+
 def ppl_curves(results: dict, out: Path) -> Path:
     """Perplexity vs memory size per length bucket (backbone dashed, short-term tier only dotted);
     chunk-size ablation."""

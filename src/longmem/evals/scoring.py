@@ -27,6 +27,8 @@ from typing import Any, Protocol
 import torch
 
 from longmem.errors import LongMemError
+from longmem.inference.generate import Decoder
+from longmem.model.backbone import cache_of, with_cache
 from longmem.inference.reader import segments
 
 BASE_MODES = ("memory", "no-memory", "backbone", "short-term-only")
@@ -193,11 +195,49 @@ def next_token_logits(model: Scorer, ctx: Context, local: torch.Tensor) -> torch
 
 
 @torch.no_grad()
-def greedy(model: Scorer, ctx: Context, local: torch.Tensor, n: int) -> list[int]:
-    """Greedily decode n tokens after local [L]: one window pass per token (L + n - 1 must fit)."""
+def greedy(model: Scorer, ctx: Context, local: torch.Tensor, n: int, stop: int | None = None) -> list[int]:
+    """Greedily decode up to n tokens after local [L] (ending with ``stop`` if it comes): one window
+    pass per token (L + n - 1 must fit). The slow twin of ``decode``."""
     ids, out = local, []
     for _ in range(n):
         token = int(next_token_logits(model, ctx, ids).argmax())
         out.append(token)
+        if token == stop:
+            break
         ids = torch.cat([ids, torch.tensor([token])])
+    return out
+
+
+@torch.no_grad()
+def decode(model: Scorer, ctx: Context, local: torch.Tensor, n: int, stop: int | None = None) -> list[int]:
+    """``greedy`` with caches: the backbone's key/value cache in the backbone modes, the model's decode
+    cache over the context's memory otherwise (one position per new token). Scorers that cannot decode
+    incrementally (the MemTRM baseline) take the slow path."""
+    if local.shape[0] + n - 1 > ctx.mode.window:
+        raise LongMemError(f"{local.shape[0]} + {n} tokens do not fit the {ctx.mode.window}-token window "
+                           f"of {ctx.mode.name}")
+    model.eval()
+    if ctx.mode.backbone_only:
+        hf = model.backbone.model
+        past, ids, out = None, local[None], []
+        for _ in range(n):
+            step = hf(ids, use_cache=True, **with_cache(hf, past))
+            past = cache_of(step)
+            token = int(step.logits[0, -1].float().argmax())
+            out.append(token)
+            if token == stop:
+                break
+            ids = torch.tensor([[token]])
+        return out
+    if not getattr(model, "decodes_incrementally", False):
+        return greedy(model, ctx, local, n, stop)
+    memory = ctx.memory if ctx.memory is not None else model.new_memory(1)
+    decoder = Decoder(model, memory, ctx.mode.window, model.config.chunk_size, start=ctx.start)
+    logits, out = decoder.feed(local), []
+    for _ in range(n):
+        token = int(logits.argmax())
+        out.append(token)
+        if token == stop or len(out) == n:
+            break
+        logits = decoder.feed(torch.tensor([token]))
     return out
