@@ -3,7 +3,7 @@
 #   bash scripts/eval-default.sh [SIDENET_DIR] [OUT_DIR]
 # Needs `longmem data books`. Writes JSON (each with its command and config) to OUT_DIR.
 set -euo pipefail
-SIDENET=${1:-runs/default/stage5/sidenet}
+SIDENET=${1:-runs/default/stage6/sidenet}
 OUT=${2:-results/default}
 BOOKS=(data/books/test/austen-persuasion.txt data/books/test/austen-emma.txt)
 mkdir -p "$OUT"
@@ -17,3 +17,6 @@ longmem ppl "${BOOKS[@]}" --sidenet "$SIDENET" --foreign-memory data/books/train
 longmem eval passkey --sidenet "$SIDENET" --lengths 4096,8192,16384,32768 --depths 0,0.25,0.5,0.75,1 --trials 2 \
   --memory-size 65536 \
   --modes memory,no-memory --quiet --out "$OUT/passkey.json"
+# keyed recall (RULER-style): every task at 4k, with memory vs the same local window
+longmem eval recall --sidenet "$SIDENET" --lengths 4096 --trials 10 --modes memory,no-memory --quiet \
+  --out "$OUT/recall.json"

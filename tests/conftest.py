@@ -68,8 +68,8 @@ is the backbone exactly)."""
 def make_model(family: str = "llama", dtype=torch.float32, trained: bool = False, **config) -> LongMemModel:
     """A LongMemModel on a tiny random backbone, in the shipped layout unless ``config`` says otherwise (memory
     layer 1 of 4, so that one later copied block follows the memory block; copy head on layer 1; a short-term
-    tier on Llama). ``trained``: the parts that start at zero (style adapter, context gate, memory log-bias)
-    get random values, so that every path of the shipped layout is at work."""
+    tier on Llama). ``trained``: the parts that start at zero (style adapter, context gates, memory log-bias)
+    get random values and the keyed matches are trusted, so that every path of the shipped layout is at work."""
     hf = (tiny_llama() if family == "llama" else tiny_gpt2()).to(dtype)
     defaults = dict(backbone=f"tiny-{family}", chunk_size=2, topk=8, memory_size=64, segment_length=16,
                     memory_dtype="float32", memory_layer=1, style_rank=8)
@@ -92,7 +92,8 @@ def make_memtrm(family: str = "llama", **config):
 
 
 def perturb(model: LongMemModel, seed: int = 0, scale: float = 0.1) -> LongMemModel:
-    """Give the SideNet's zero-initialised parts (style adapter's up, context gate, memory gate) random values."""
+    """Give the SideNet's zero-initialised parts (style adapter's up, context gates, memory gate) random values,
+    and trust the copy head's keyed matches (a fresh head barely does)."""
     g = torch.Generator().manual_seed(seed)
     sidenet = model.sidenet
     with torch.no_grad():
@@ -100,9 +101,11 @@ def perturb(model: LongMemModel, seed: int = 0, scale: float = 0.1) -> LongMemMo
         if sidenet.style is not None:
             params.append(sidenet.style.up.weight)
         if sidenet.copy_head is not None and sidenet.copy_head.context is not None:
-            params.append(sidenet.copy_head.context.weight)
+            params += [sidenet.copy_head.context.weight, sidenet.copy_head.keyed_context.weight]
         for p in params:
             p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.dtype) * scale)
+        if sidenet.copy_head is not None:
+            sidenet.copy_head.keyed_bias.fill_(0.0)
     return model
 
 

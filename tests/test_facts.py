@@ -67,6 +67,73 @@ def test_fact_words_avoid_the_passkey_wording():
     words = FactWords(byte_tokenizer())
     rng = random.Random(0)
     for _ in range(200):
-        s, q, a = (words.tokenizer.decode(x) for x in words.fact(rng))
+        s, q, a = (words.tokenizer.decode(x) for x in words.fact(rng)[:3])
         assert not set(s.lower().replace(".", " ").split()) & EXCLUDED
         assert "pass key" not in q.lower()
+
+
+def test_keyed_questions_name_the_subject_but_end_with_the_shared_words():
+    words = FactWords(byte_tokenizer())
+    rng = random.Random(1)
+    for _ in range(100):
+        s, q, a, subject = words.fact(rng, keyed=True)
+        s, q, a = (words.tokenizer.decode(x) for x in (s, q, a))
+        assert subject in q and not q.rstrip().endswith(subject.split()[-1] + " is")
+        copula = q.split()[-1]
+        assert q.split()[-2] != subject.split()[-1]  # the subject is not right before the answer
+        assert f"{copula}{a}" in s  # the copula then the answer, as stated (a colon included)
+    s, q, a, again = words.fact(rng, keyed=True, subject="the lamp of Mabel")
+    assert again == "the lamp of Mabel" and "lamp of Mabel" in words.tokenizer.decode(s)
+
+
+def test_an_updated_subject_is_asked_for_its_latest_value():
+    tok = byte_tokenizer()
+    stream = DocumentStream(corpus([40000]), batch_size=1, segment_length=256, shuffle=False)
+    planter = FactPlanter(FactWords(tok), batch_size=1, prob=1.0, seed=5, keyed=1.0, update=0.5)
+    statements: list[str] = []
+    asked = updated = 0
+    for _ in range(120):
+        batch = next(stream)
+        before = list(planter.waiting[0])
+        new, answers, written = planter.plant(batch, near=512, reach=16384)
+        p0 = int(batch.positions[0, 0])
+        for _, start, end in sorted(written, key=lambda w: w[1]):
+            if not answers[0, start - p0 - 1 : end - p0].any():
+                statements.append(tok.decode(new.input_ids[0, start - p0 : end - p0]).lower())
+        subjects_now = [f.subject for f in planter.waiting[0]]
+        assert len(subjects_now) == len(set(subjects_now))  # a subject waits once, with its newest value
+        for fact in before:
+            if fact in planter.waiting[0]:
+                continue
+            if fact.subject in subjects_now:  # restated with a new value
+                updated += 1
+                continue
+            asked += 1
+            said = [s for s in statements if fact.subject.lower() + " " in s]
+            assert tok.decode(fact.answer).strip(" :.").lower() in said[-1]  # the latest value is asked for
+    assert asked >= 5 and updated >= 3
+
+
+def test_training_text_never_uses_an_evaluation_template():
+    """The keyed-recall evaluation's wordings (RULER's and the project's own held-out ones) never occur in
+    what the training generator writes: its literal pieces of three or more words are searched for."""
+    import string
+
+    from longmem.evals.recall import HELD_OUT_TEMPLATES, RecallTemplates
+    from longmem.evals.passkey import INTRO, NEEDLE, QUESTION
+
+    texts = [getattr(t, f) for t in (RecallTemplates(), HELD_OUT_TEMPLATES) for f in t.__dataclass_fields__]
+    pieces = set()
+    for text in texts + [INTRO, NEEDLE, QUESTION]:
+        for literal, *_ in string.Formatter().parse(text):
+            words = literal.split()
+            pieces |= {" ".join(words[i : i + 3]).lower() for i in range(len(words) - 2)}
+    words = FactWords(byte_tokenizer())
+    rng = random.Random(0)
+    out = []
+    for i in range(3000):
+        out += [words.tokenizer.decode(x) for x in words.fact(rng, keyed=i % 2 == 0)[:3]]
+    written = " ".join(" ".join(o.split()) for o in out).lower()
+    assert len(pieces) > 40
+    hits = sorted(p for p in pieces if p in written)
+    assert not hits, hits

@@ -155,6 +155,7 @@ def test_sparse_mixing_equals_the_dense_mixture():
     head = model.sidenet.copy_head
     with torch.no_grad():
         head.offset.fill_(1.0)
+        head.keyed_bias.fill_(0.0)  # keyed matches trusted at 0.5 where there is one
         out = model(text[:, 8:24], memory=mem)
         ids, w, best, run, _ = head.candidates(out.match_keys, mem.token_log)
         ptr, _ = head.pointer(out.match_keys, mem.token_log, 256)
@@ -167,7 +168,11 @@ def test_sparse_mixing_equals_the_dense_mixture():
         ids_n, w_n, lam_n = head.exact(mem.token_log, context, logits.log_softmax(-1))
         assert (lam_n > 0).any()  # the exact source is at work too
         exact = torch.zeros(1, 16, 256).scatter_add(-1, ids_n, w_n)
-        dense = torch.log((1 - lam_n[..., None]) * keys + lam_n[..., None] * exact)
+        ids_k, w_k, lam_k = head.keyed_source(mem.token_log, context, 16)
+        assert (lam_k > 0.1).any()  # and the keyed one
+        keyed = torch.zeros(1, 16, 256).scatter_add(-1, ids_k, w_k)
+        dense = torch.log((1 - lam_k[..., None]) * ((1 - lam_n[..., None]) * keys + lam_n[..., None] * exact)
+                          + lam_k[..., None] * keyed)
         torch.testing.assert_close(head(logits, out.match_keys, mem.token_log, context=context), dense,
                                    atol=1e-3, rtol=1e-4)
 

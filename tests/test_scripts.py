@@ -35,12 +35,12 @@ def test_train_default_resumes_a_stage_with_a_checkpoint_and_skips_a_finished_on
     assert done.returncode == 0, done.stderr
     assert calls[0] == "train configs/stage2-copy-head.yaml --resume"
     assert calls[1:] == ["train configs/stage3-facts.yaml", "train configs/stage4-style.yaml",
-                         "train configs/stage5-refit.yaml"]  # stages without a checkpoint start fresh
+                         "train configs/stage5-refit.yaml", "train configs/stage6-keyed.yaml"]  # no checkpoint: fresh
     assert all((ROOT / c.split()[1]).is_file() for c in calls)  # every stage's run file exists
 
 
 @pytest.mark.parametrize("args, code, stages", [(["--until", "1"], 0, 1), (["--until", "3"], 0, 3),
-                                                (["--until", "9"], 2, 0), (["--bogus"], 2, 0)])
+                                                (["--until", "9"], 2, 0), ([], 0, 6), (["--bogus"], 2, 0)])
 def test_train_default_options(tmp_path, args, code, stages):
     done, calls = run_script(tmp_path, "scripts/train-default.sh", *args)
     assert done.returncode == code

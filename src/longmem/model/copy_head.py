@@ -1,6 +1,6 @@
 """Copy head: a pointer to the tokens that followed earlier look-alikes of the current token.
 
-Two sources, mixed into the next-token distribution kNN-LM style (weights learned):
+Three sources, mixed into the next-token distribution kNN-LM style (weights learned):
 
 **Key matches.** For every token, the pre-rotary key of an early layer of the frozen backbone
 (``copy_layer``) is matched against the keys of everything the memory has read (``TokenLog.match``,
@@ -27,6 +27,17 @@ trusted by lam_n = sigmoid(u[bucket(longest length)] + g_n * agree_n + h * entro
 
     p = (1 - lam_n) * p_keys + lam_n * sum_i w_i * [id(pos_i + 1) == v]
 
+**Keyed matches.** A question that names its key many tokens back and ends with words every
+statement of its form shares ("... for amber-acorn mentioned in the provided text is") has no exact
+match that tells the statements apart. ``memory.keyed`` finds where the question's rarest words were
+said and, within a few tokens after, the question's last token: the token after it is a candidate,
+weighted by softmax(o * key words matched + l * anchor length - r * recency rank) and trusted by
+lam_k = sigmoid(g_b * best match + g_a * agree + bias [+ w_k . hidden]):
+
+    p = (1 - lam_k) * p + lam_k * sum_i w_i * [id(pos_i + 1) == v]
+
+A fresh head trusts them at sigmoid(-8) = 3e-4; stage 6 of the recipe (``keyed_prob`` facts) trains it.
+
 With ``context_dim`` (``copy_gate``) lam_n's logit also reads the SideNet's final hidden state
 (zero at the start); trained with synthetic facts (``train/facts.py``) it learns to trust a short
 match where a question restates something stated earlier (passkey 78% -> 95%). Only the candidate ids
@@ -41,6 +52,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from longmem.memory.keyed import keyed_matches, overlap_scale
 from longmem.memory.suffix import suffix_matches
 from longmem.memory.token_log import TokenLog
 
@@ -48,6 +60,7 @@ SIM_ORIGIN, SIM_SCALE = 0.95, 0.05  # f = 0 at cosine 0.95, 1 at an exact match
 RUN = 4  # previous tokens a copied run is counted over (decoding keeps their match positions as history)
 LENGTH_EDGES = (3, 4, 5, 6, 8, 11, 16, 23, 32)  # exact-match length buckets: <3, 3, 4, 5, 6-7, ..., 32
 MIN_MATCH = 3  # exact matches count from this many tokens
+KEYED_FRESH_BIAS = -8.0  # a fresh head's keyed trust: sigmoid(-8) = 3e-4, learned from there
 LENGTH_REP = (2.0, 3.0, 4.0, 5.0, 6.5, 9.0, 13.0, 19.0, 27.0, 32.0)  # a typical length in each bucket
 
 
@@ -83,6 +96,17 @@ class CopyHead(nn.Module):
         if context_dim:  # trust read from the model's own state (e.g. "a stated fact is being asked for")
             self.context = nn.Linear(context_dim, 1, bias=False)
             nn.init.zeros_(self.context.weight)  # neutral at the start: the head's trust is unchanged
+        # keyed matches (memory/keyed.py): the statement found by the question's key words
+        self.keyed_overlap = nn.Parameter(torch.tensor(4.0))  # nats per key word matched, among candidates
+        self.keyed_length = nn.Parameter(torch.tensor(0.5))  # nats per anchor token matched
+        self.keyed_recent = nn.Parameter(torch.tensor(0.5))  # nats per rank of recency (the latest wins)
+        self.keyed_best = nn.Parameter(torch.tensor(0.0))  # trust per key word the best candidate matched
+        self.keyed_agree = nn.Parameter(torch.tensor(0.0))  # trust when the candidates agree
+        self.keyed_bias = nn.Parameter(torch.tensor(KEYED_FRESH_BIAS))  # fresh: lam_k = 3e-4 wherever a match is
+        self.keyed_context: nn.Linear | None = None
+        if context_dim:
+            self.keyed_context = nn.Linear(context_dim, 1, bias=False)
+            nn.init.zeros_(self.keyed_context.weight)
 
     def candidates(self, keys: torch.Tensor, log: TokenLog, history: torch.Tensor | None = None) -> Candidates:
         """keys [B,Hkv,T,Dh] -> the key-match candidates (see ``Candidates``). ``history``
@@ -132,6 +156,27 @@ class CopyHead(nn.Module):
             u = u + hidden.float() @ self.context.weight[0].float()  # [B,T] (weights may be stored in bf16)
         return ids, w, torch.sigmoid(u) * found.any(-1)
 
+    def keyed_source(self, log: TokenLog, context: tuple[torch.Tensor, torch.Tensor], queries: int,
+                     hidden: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Keyed matches for the last ``queries`` tokens of context (ids [B,C], positions [B,C]) ->
+        candidate ids [B,T,S], weights [B,T,S] (fp32, sum 1 where any) and lam_k [B,T] (0 without one):
+        weights = softmax(overlap * o + anchor length * l - recency rank * r), lam_k = sigmoid(best
+        overlap * g_b + agreement * g_a + bias [+ w . hidden])."""
+        pos, overlap, length, nxt = keyed_matches(log, *context, queries)  # [B,T,S] each
+        found = (pos >= 0) & (nxt >= 0)
+        ov = overlap / overlap_scale(log.span + context[0].shape[1])  # [B,T,S] ~ key words matched
+        recency = (pos[..., :, None] < pos[..., None, :]).sum(-1).float()  # [B,T,S] 0 = the latest candidate
+        score = self.keyed_overlap * ov + self.keyed_length * length.float() - self.keyed_recent * recency
+        w = torch.softmax(torch.where(found, score, torch.full_like(score, -1e4)), -1) * found
+        ids = nxt.clamp_min(0)
+        best = torch.where(found, ov, 0.0).amax(-1)  # [B,T]
+        u = self.keyed_best * best + self.keyed_agree * _id_mass(ids, w).amax(-1) + self.keyed_bias
+        if self.keyed_context is not None:
+            if hidden is None:
+                raise ValueError("a copy head with a context gate needs the SideNet's hidden states")
+            u = u + hidden.float() @ self.keyed_context.weight[0].float()
+        return ids, w, torch.sigmoid(u) * found.any(-1)
+
     def pointer(self, keys: torch.Tensor, log: TokenLog, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
         """keys [B,Hkv,T,Dh] -> the key-match pointer as a dense distribution [B,T,V] (fp32; mass < 1
         where the next id is unknown) and the mean best similarity [B,T] (for analysis and tests)."""
@@ -158,7 +203,8 @@ class CopyHead(nn.Module):
             ) -> torch.Tensor:
         """logits [B,T,V] and their key-match candidates -> log-probabilities [B,T,V] (fp32):
 
-        p = (1 - lam_n) * [(1 - lam * m) * p_model + lam * pointer] + lam_n * exact pointer."""
+        p = (1 - lam_n) * [(1 - lam * m) * p_model + lam * pointer] + lam_n * exact pointer, then
+        p = (1 - lam_k) * p + lam_k * keyed pointer (with keyed matches)."""
         ids, w = cand.ids, cand.weights  # [B,T,N] x2
         lam = self.weight(_id_mass(ids, w), cand.best, cand.run)  # [B,T]
         kept = 1 - lam * w.sum(-1)  # [B,T] the model's share (the mass of unknown ids stays with it)
@@ -170,6 +216,11 @@ class CopyHead(nn.Module):
         kept = (1 - lam_n) * kept
         ids = torch.cat([ids, ids_n], -1)
         w = torch.cat([(1 - lam_n)[..., None] * w, lam_n[..., None] * w_n], -1)
+        # p = (1 - lam_k) * p + lam_k * keyed pointer
+        ids_k, w_k, lam_k = self.keyed_source(log, context, logp.shape[1], hidden)  # [B,T,S] x2, [B,T]
+        kept = (1 - lam_k) * kept
+        ids = torch.cat([ids, ids_k], -1)
+        w = torch.cat([(1 - lam_k)[..., None] * w, lam_k[..., None] * w_k], -1)
         mass = _id_mass(ids, w)  # [B,T,N']
         kept = kept.clamp_min(1e-30)[..., None]  # [B,T,1]
         mixed = torch.log((kept * logp.gather(-1, ids).exp() + mass).clamp_min(1e-30))  # [B,T,N']

@@ -412,9 +412,12 @@ class LongMemModel(nn.Module):
 
 
 def _fresh_part(key: str, state: dict) -> bool:
-    """Whether a weight missing from a saved SideNet may start fresh (its fresh form changes nothing)."""
-    if key.startswith("copy_head."):  # a whole copy head added, or its context gate (zero at the start)
-        return not any(k.startswith("copy_head.") for k in state) or key == "copy_head.context.weight"
+    """Whether a weight missing from a saved SideNet may start fresh (its fresh form changes nothing, or next
+    to nothing)."""
+    if key.startswith("copy_head."):  # a whole copy head added, its context gate (zero at the start) or its
+        # keyed matches (trusted at 3e-4 when fresh)
+        return (not any(k.startswith("copy_head.") for k in state) or key == "copy_head.context.weight"
+                or key.startswith("copy_head.keyed_"))
     return key.startswith("style.")  # a style adapter (up = 0)
 
 

@@ -75,7 +75,11 @@ class TrainConfig:
     recall_max: int = 256
     """Longest recall span, in tokens."""
     fact_prob: float = 0.0
-    """Probability that a row's segment gets a synthetic fact, asked about segments later (``data/facts.py``)."""
+    """Probability that a row's segment gets a synthetic fact, asked about segments later (``train/facts.py``)."""
+    keyed_prob: float = 0.0
+    """Share of facts asked by key: the question names the subject but ends with words every statement shares."""
+    update_prob: float = 0.0
+    """Share of new facts that restate a waiting fact's subject with a new value (the latest is asked for)."""
     read_memory: bool = True
     """False: segments are read without any memory (no short-term tier, no bank), e.g. to train a style
     adapter on what the text teaches without memory."""
@@ -110,8 +114,9 @@ class TrainConfig:
         for name in ("steps", "batch_size", "log_every", "lora_rank", "keep_checkpoints"):
             if getattr(self, name) <= 0:
                 raise LongMemError(f"{name}={getattr(self, name)} must be positive")
-        if not 0.0 <= self.fact_prob <= 1.0:
-            raise LongMemError(f"fact_prob={self.fact_prob} must be in [0, 1]")
+        for name in ("fact_prob", "keyed_prob", "update_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise LongMemError(f"{name}={getattr(self, name)} must be in [0, 1]")
         if not 0.0 <= self.recall_prob <= 1.0 or not 1 <= self.recall_min <= self.recall_max:
             raise LongMemError(
                 f"recall_prob={self.recall_prob} must be in [0, 1] and 1 <= recall_min <= recall_max")

@@ -32,8 +32,16 @@ from longmem.train.stream import IGNORE_INDEX, Batch
 COPULAS = ("is", "was")
 STATEMENTS = ("{X} {c} {v}.", "It is known that {x} {c} {v}.", "Note this: {x} {c} {v}.",
               "They all agreed that {x} {c} {v}.", "In the letter, {x} {c} {v}.")
+KEYED_STATEMENTS = STATEMENTS + ("The record for {x} {c}: {v}.", "Write it down: for {x} the figure {c}: {v}.")
+"""The statements of facts asked by key (some with a colon before the value: the answer starts with it)."""
 QUESTIONS = ("Tell me about {x}. {X} {c}", "And {x}? {X} {c}", "Now, as to {x}: {x} {c}",
              "Which one? Recall that {x} {c}", "I asked again. {X} {c}", "Q: {x}? A: {X} {c}")
+KEYED_QUESTIONS = ("Tell me about {x}. It {c}", "And what of {x}? Its value {c}", "Think back to {x}. That one {c}",
+                   "Q: {x}? A: the answer {c}", "Of all of them, I mean {x}. It {c}",
+                   "Which value went with {x}? The value {c}")
+"""Questions that name the subject but do not end by restating it: the words right before the answer are
+shared by every statement of the form, and only the subject's words, further back, tell which one is meant
+(``memory/keyed.py``)."""
 SUBJECTS = ("the {a} {b}", "the {a} of {N}", "{N}'s {a}", "the {a} of the {b}", "the {a} {b} of {N}")
 FALLBACK_WORDS = ("lamp", "river", "coat", "garden", "window", "letter", "horse", "silver", "candle", "bridge",
                   "orchard", "ribbon", "kettle", "harbour", "meadow", "lantern", "basket", "violin", "chapel", "mirror")
@@ -50,9 +58,10 @@ class Fact:
     position: int  # absolute position of the statement's first token
     question: list[int]  # the question's ids, ending right before the answer
     answer: list[int]  # the answer's ids, its closing "." included (the book text follows it)
+    subject: str = ""  # what the statement is about (an update restates it with a new value)
 
     def to_list(self) -> list:
-        return [self.doc, self.position, self.question, self.answer]
+        return [self.doc, self.position, self.question, self.answer, self.subject]
 
 
 class FactWords:
@@ -74,27 +83,36 @@ class FactWords:
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def fact(self, rng: random.Random) -> tuple[list[int], list[int], list[int]]:
-        """-> (statement ids, question ids ending right before the answer, answer ids)."""
-        a, b = rng.choice(self.words), rng.choice(self.words)
-        x = rng.choice(SUBJECTS).format(a=a, b=b, N=rng.choice(self.names))
+    def fact(self, rng: random.Random, keyed: bool = False, subject: str | None = None,
+             avoid: frozenset[str] = frozenset()) -> tuple[list[int], list[int], list[int], str]:
+        """-> (statement ids, question ids ending right before the answer, answer ids, subject). ``keyed``:
+        the question does not restate the subject at its end; ``subject``: state a new value of it; else a
+        new subject, not one of ``avoid`` (the subjects still waiting: a question must name one fact)."""
+        x = subject
+        while x is None or (subject is None and x in avoid):
+            a, b = rng.choice(self.words), rng.choice(self.words)
+            x = rng.choice(SUBJECTS).format(a=a, b=b, N=rng.choice(self.names))
         cap = x[0].upper() + x[1:]
         cop = rng.choice(COPULAS)
         digits = rng.randint(1, 7)
         value = str(rng.randrange(10 ** (digits - 1) if digits > 1 else 0, 10**digits)) \
             if rng.random() < 0.5 else rng.choice(self.words if rng.random() < 0.5 else self.names)
-        statement = "\n" + rng.choice(STATEMENTS).format(X=cap, x=x, c=cop, v=value) + "\n"
-        question = "\n" + rng.choice(QUESTIONS).format(X=cap, x=x, c=cop)
-        return self.encode(statement), self.encode(question), self.encode(" " + value + ".")
+        form = rng.choice(KEYED_STATEMENTS if keyed else STATEMENTS)
+        statement = "\n" + form.format(X=cap, x=x, c=cop, v=value) + "\n"
+        question = "\n" + rng.choice(KEYED_QUESTIONS if keyed else QUESTIONS).format(X=cap, x=x, c=cop)
+        answer = (":" if "{c}:" in form else "") + " " + value + "."  # what follows the copula in the statement
+        return self.encode(statement), self.encode(question), self.encode(answer), x
 
 
 class FactPlanter:
     """Plants facts in training batches and asks about them later (state: the waiting facts)."""
 
-    def __init__(self, words: FactWords, batch_size: int, prob: float, seed: int = 0):
-        if not 0.0 <= prob <= 1.0:
-            raise ValueError(f"fact probability {prob} must be in [0, 1]")
-        self.words, self.prob = words, prob
+    def __init__(self, words: FactWords, batch_size: int, prob: float, seed: int = 0, keyed: float = 0.0,
+                 update: float = 0.0):
+        for name, p in (("fact", prob), ("keyed question", keyed), ("update", update)):
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"{name} probability {p} must be in [0, 1]")
+        self.words, self.prob, self.keyed, self.update = words, prob, keyed, update
         self.rng = random.Random(seed)
         self.waiting: list[list[Fact]] = [[] for _ in range(batch_size)]
 
@@ -124,8 +142,14 @@ class FactPlanter:
             self.waiting[row] = [f for f in self.waiting[row] if f.doc == doc and f.position >= p0 - reach]
             asked = [f for f in self.waiting[row] if f.position <= p0 - near and self.rng.random() < 0.5][:questions]
             items = [(f.question + f.answer, f) for f in asked]  # (ids, the fact asked; None: a statement)
-            new = self.words.fact(self.rng) if self.rng.random() < self.prob else None
-            if new is not None:
+            new, old = None, None
+            if self.rng.random() < self.prob:
+                keyed = self.keyed > 0 and self.rng.random() < self.keyed
+                others = [f for f in self.waiting[row] if f not in asked]
+                if self.update > 0 and others and self.rng.random() < self.update:  # a new value for an old subject
+                    old = self.rng.choice(others)
+                new = self.words.fact(self.rng, keyed, old.subject if old is not None else None,
+                                      frozenset(f.subject for f in self.waiting[row]))
                 items.append((new[0], None))
             valid = int((batch.labels[row] != IGNORE_INDEX).sum())  # labelled tokens: room to write in
             while items and sum(len(seq) + 1 for seq, _ in items) + 1 > valid:
@@ -144,7 +168,9 @@ class FactPlanter:
                 labels[row, o + len(seq) - 1] = ids[row, o + len(seq)]  # the book text resumes
                 written.append((row, p0 + o, p0 + o + len(seq)))
                 if fact is None:
-                    self.waiting[row].append(Fact(doc, p0 + o, new[1], new[2]))
+                    if old is not None:  # the latest statement of a subject is the one asked about
+                        self.waiting[row].remove(old)
+                    self.waiting[row].append(Fact(doc, p0 + o, new[1], new[2], new[3]))
                 else:
                     q = len(fact.question)
                     answers[row, o + q - 1 : o + len(seq) - 2] = True  # the answer's tokens (its "." aside)
