@@ -149,11 +149,7 @@ class CopyHead(nn.Module):
             entropy = -torch.einsum("btv,btv->bt", logp.exp(), logp) / math.log(logp.shape[-1])  # [B,T] in [0, 1]
         u = self.length_bias[bucket] + self.ngram_agree * _id_mass(ids, w).amax(-1) + self.uncertain * entropy
         from_context = (local & found & (length == longest)).any(-1)  # [B,T] the longest match is local
-        u = u + self.local_bias * from_context
-        if self.context is not None:
-            if hidden is None:
-                raise ValueError("a copy head with a context gate needs the SideNet's hidden states")
-            u = u + hidden.float() @ self.context.weight[0].float()  # [B,T] (weights may be stored in bf16)
+        u = u + self.local_bias * from_context + _gate(self.context, hidden)
         return ids, w, torch.sigmoid(u) * found.any(-1)
 
     def keyed_source(self, log: TokenLog, context: tuple[torch.Tensor, torch.Tensor], queries: int,
@@ -171,10 +167,7 @@ class CopyHead(nn.Module):
         ids = nxt.clamp_min(0)
         best = torch.where(found, ov, 0.0).amax(-1)  # [B,T]
         u = self.keyed_best * best + self.keyed_agree * _id_mass(ids, w).amax(-1) + self.keyed_bias
-        if self.keyed_context is not None:
-            if hidden is None:
-                raise ValueError("a copy head with a context gate needs the SideNet's hidden states")
-            u = u + hidden.float() @ self.keyed_context.weight[0].float()
+        u = u + _gate(self.keyed_context, hidden)
         return ids, w, torch.sigmoid(u) * found.any(-1)
 
     def pointer(self, keys: torch.Tensor, log: TokenLog, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -227,6 +220,15 @@ class CopyHead(nn.Module):
         if torch.is_grad_enabled():  # log_softmax's backward needs its output as it was
             return (logp + kept.log()).scatter(-1, ids, mixed)
         return logp.add_(kept.log()).scatter_(-1, ids, mixed)  # no [B,T,V] copies when only reading
+
+
+def _gate(linear: nn.Linear | None, hidden: torch.Tensor | None) -> torch.Tensor | float:
+    """A context gate's logit read from the SideNet's final states hidden [B,T,D] -> [B,T] (0 without a gate)."""
+    if linear is None:
+        return 0.0
+    if hidden is None:
+        raise ValueError("a copy head with a context gate needs the SideNet's hidden states")
+    return hidden.float() @ linear.weight[0].float()  # (weights may be stored in bf16)
 
 
 def _id_mass(ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
