@@ -1,10 +1,11 @@
 import random
+import re
 
 import numpy as np
 import torch
 
 from conftest import byte_tokenizer
-from longmem.train.facts import EXCLUDED, FactPlanter, FactWords
+from longmem.train.facts import EXCLUDED, Fact, FactPlanter, FactWords
 from longmem.train.stream import DocumentStream
 from longmem.data.tokens import TokenizedCorpus
 
@@ -76,13 +77,13 @@ def test_keyed_questions_name_the_subject_but_end_with_the_shared_words():
     words = FactWords(byte_tokenizer())
     rng = random.Random(1)
     for _ in range(100):
-        s, q, a, subject = words.fact(rng, keyed=True)
+        s, q, a, subject = words.fact(rng, keyed=True)[:4]
         s, q, a = (words.tokenizer.decode(x) for x in (s, q, a))
         assert subject in q and not q.rstrip().endswith(subject.split()[-1] + " is")
         copula = q.split()[-1]
         assert q.split()[-2] != subject.split()[-1]  # the subject is not right before the answer
         assert f"{copula}{a}" in s  # the copula then the answer, as stated (a colon included)
-    s, q, a, again = words.fact(rng, keyed=True, subject="the lamp of Mabel")
+    s, q, a, again = words.fact(rng, keyed=True, subject="the lamp of Mabel")[:4]
     assert again == "the lamp of Mabel" and "lamp of Mabel" in words.tokenizer.decode(s)
 
 
@@ -133,7 +134,41 @@ def test_training_text_never_uses_an_evaluation_template():
     out = []
     for i in range(3000):
         out += [words.tokenizer.decode(x) for x in words.fact(rng, keyed=i % 2 == 0)[:3]]
+    for i in range(600):  # lists of one subject's values and pairs of two subjects
+        first = words.fact(rng, keyed=True, number=True)
+        facts = [Fact(0, 0, [], [], first.subject, first.value, first.copula, first.form, True, True)]
+        other = words.fact(rng, keyed=True, like=facts[0]) if i % 2 else words.fact(rng, keyed=True, number=True)
+        facts.append(Fact(0, 1, [], [], other.subject, other.value, other.copula, other.form, True, True))
+        out += [words.tokenizer.decode(other.statement)] + [words.tokenizer.decode(x)
+                                                            for x in words.list_question(rng, facts)]
     written = " ".join(" ".join(o.split()) for o in out).lower()
     assert len(pieces) > 40
     hits = sorted(p for p in pieces if p in written)
     assert not hits, hits
+
+
+def test_lists_and_pairs_ask_for_every_value_the_latest_first():
+    tok = byte_tokenizer()
+    stream = DocumentStream(corpus([80000]), batch_size=1, segment_length=256, shuffle=False)
+    planter = FactPlanter(FactWords(tok), batch_size=1, prob=1.0, seed=2, keyed=1.0, listed=0.3, pair=0.5)
+    kinds = {"list": 0, "pair": 0, "one": 0}
+    for _ in range(300):
+        batch = next(stream)
+        before = list(planter.waiting[0])
+        new, answers, written = planter.plant(batch, near=512, reach=16384)
+        gone = [f for f in before if f not in planter.waiting[0]]
+        p0 = int(batch.positions[0, 0])
+        for _, start, end in written:
+            a, b = start - p0, end - p0
+            if not answers[0, a - 1 : b].any():
+                continue  # a statement
+            mask = answers[0, a - 1 : b - 1]  # labels: the token after each position
+            question = tok.decode(new.input_ids[0, a:b][~mask])
+            said = re.split(r", | and ", tok.decode(new.input_ids[0, a:b][mask]).lstrip(": "))
+            group = sorted((f for f in gone if f.subject in question), key=lambda f: -f.position)
+            assert group and said == [f.value for f in group], (question, said)
+            subjects = {f.subject for f in group}
+            kinds["one" if len(group) == 1 else "list" if len(subjects) == 1 else "pair"] += 1
+            if len(group) > 1:
+                assert all(f.number and len(f.value) >= 3 for f in group)
+    assert kinds["list"] >= 3 and kinds["pair"] >= 3 and kinds["one"] >= 5, kinds

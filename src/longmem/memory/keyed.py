@@ -4,15 +4,18 @@ A question such as "What is the special magic number for amber-acorn? ... for am
 with words (" is") that every statement of its form shares, and it names its key many tokens back: an
 n-gram match right before the answer cannot tell the statements apart. A two-step pointer can:
 
-1. **Locate the key.** The key words of a query token are the ``keys`` rarest distinct token ids of
-   its last ``window`` tokens that also occur before that window (rarity: how often an id occurs in
-   everything the log and the context hold up to the query, S tokens; weight ``idf = log((S + 1) /
-   (count + 1))``), ids seen more than ``max_count`` times never being keys. Their ``occurrences`` most recent positions before the query's window are the places
-   the key was mentioned.
-2. **Copy after it.** Within ``reach`` tokens after each such place, a position p whose id equals the
-   query's own (the anchor, e.g. " is") is a candidate; the token at p + 1 is what it predicts. Its
-   ``overlap`` is the idf summed over the query's key words that occur in the ``reach`` tokens up to p,
-   its ``length`` how many ids before p (up to ``MAX_ANCHOR``) equal the query's.
+1. **Locate the key.** A word of the query's last ``window`` tokens (a distinct token id, seen at most
+   ``max_count`` times) may be a key word if it also occurs before that window and, within ``reach``
+   tokens after one of its ``occurrences`` most recent places there, the query's own id occurs (the
+   anchor, e.g. " is"): a word that never led to the anchor cannot name a statement of the question's
+   form. The key words are the ``keys`` rarest of these (rarity: how often an id occurs in everything the
+   log and the context hold up to the query, S tokens; weight ``idf = log((S + 1) / (count + 1))``).
+2. **Copy after it.** Within ``reach`` tokens after each of their places, a position p holding the
+   anchor is a candidate; the token at p + 1 is what it predicts. Its ``overlap`` is the idf summed over
+   the query's key words that occur in the ``reach`` tokens up to p, its ``length`` how many ids before p
+   (up to ``MAX_ANCHOR``) equal the query's, and it is **said** when the ``SAID`` ids after p occur
+   together in the query's window: an answer given already. A list ("... are: 4550622, 9039812, ") asks
+   again after each item with the same anchor (" "); the said mark lets it move on to a value not given.
 
 The ``slots`` candidates of highest overlap (then the most recent) are kept per query. The copy head
 (:mod:`longmem.model.copy_head`) learns how much to trust them. Everything is exact integer work on
@@ -29,7 +32,8 @@ import torch
 from longmem.memory.token_log import UNKNOWN, TokenLog
 
 MAX_ANCHOR = 8  # longest anchor match measured (tokens)
-WINDOW, KEYS, OCCURRENCES, REACH, SLOTS, MAX_COUNT = 32, 4, 8, 12, 8, 64
+WINDOW, KEYS, OCCURRENCES, REACH, SLOTS, MAX_COUNT = 64, 4, 8, 12, 8, 64
+SAID = 3  # ids after a candidate that, found together in the window, mark its answer as given
 
 
 def _row_ids(log: TokenLog, row: int, ids: torch.Tensor, first: int) -> tuple[torch.Tensor, int]:
@@ -44,15 +48,17 @@ def _row_ids(log: TokenLog, row: int, ids: torch.Tensor, first: int) -> tuple[to
 def keyed_matches(log: TokenLog, ids: torch.Tensor, positions: torch.Tensor, queries: int,
                   window: int = WINDOW, keys: int = KEYS, occurrences: int = OCCURRENCES, reach: int = REACH,
                   slots: int = SLOTS, max_count: int = MAX_COUNT
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Keyed matches for the last ``queries`` tokens of ids [B,C] at absolute positions [B,C] (contiguous,
     at or after the log's end) -> candidate positions [B,Q,S] (-1: none), overlap [B,Q,S] (fp32, 0 there),
-    anchor length [B,Q,S] (0 there) and the id after each candidate [B,Q,S] (-1 there)."""
+    anchor length [B,Q,S] (0 there), the id after each candidate [B,Q,S] (-1 there) and whether the
+    candidate's answer was said already [B,Q,S] (bool: its next SAID ids occur together in the window)."""
     b, c = ids.shape
     out_pos = torch.full((b, queries, slots), UNKNOWN, dtype=torch.long)
     out_overlap = torch.zeros(b, queries, slots)
     out_len = torch.zeros(b, queries, slots, dtype=torch.long)
     out_next = torch.full((b, queries, slots), UNKNOWN, dtype=torch.long)
+    out_said = torch.zeros(b, queries, slots, dtype=torch.bool)
     for row in range(b):
         first = int(positions[row, 0])
         seq, lo = _row_ids(log, row, ids[row], first)  # [S] at absolute positions lo..
@@ -76,20 +82,22 @@ def keyed_matches(log: TokenLog, ids: torch.Tensor, positions: torch.Tensor, que
         hi = torch.searchsorted(sorted_key, wid * span + limit[:, None], side="left")  # [Q,W]
         ok = (wid >= 0) & ~dup & (cnt <= max_count) & (hi > lo_w)  # a key word was said before
         idf = torch.where(ok, idf, 0.0)
-        k = min(keys, window)
-        kat = (idf - 1e-6 * torch.arange(window)).topk(k, -1).indices  # [Q,K] ties: the newest word first
-        kidf = idf.gather(1, kat)
-        kid = torch.where(kidf > 0, wid.gather(1, kat), UNKNOWN)  # [Q,K] the key words (-1: none)
-        hi, lo_k = hi.gather(1, kat), lo_w.gather(1, kat)
-        idx = hi[..., None] - 1 - torch.arange(occurrences)  # [Q,K,O] the most recent occurrences
-        has = (idx >= lo_k[..., None]) & (kid[..., None] >= 0)
-        occ = torch.where(has, order[idx.clamp(0, seq.shape[0] - 1)], UNKNOWN)  # [Q,K,O] indices into seq
         # candidates: within reach after an occurrence, the anchor id (the query's own), p + 1 known
-        p = occ[..., None] + 1 + torch.arange(reach)  # [Q,K,O,D]
+        idx = hi[..., None] - 1 - torch.arange(occurrences)  # [Q,W,O] each word's most recent occurrences
+        occ = torch.where((idx >= lo_w[..., None]) & ok[..., None], order[idx.clamp(0, seq.shape[0] - 1)], UNKNOWN)
+        p = occ[..., None] + 1 + torch.arange(reach)  # [Q,W,O,D]
         inside = (occ[..., None] >= 0) & (p + 1 < qi[:, None, None, None])
         pc = p.clamp(0, seq.shape[0] - 2)
         anchor = seq[qi][:, None, None, None]
-        good = inside & (seq[pc] == anchor) & (seq[pc + 1] >= 0) & (anchor >= 0)
+        good = inside & (seq[pc] == anchor) & (seq[pc + 1] >= 0) & (anchor >= 0)  # [Q,W,O,D]
+        idf = torch.where(good.flatten(2).any(-1), idf, 0.0)  # a key word leads to the anchor somewhere
+        k = min(keys, window)
+        kat = (idf - 1e-6 * torch.arange(window)).topk(k, -1).indices  # [Q,K] ties: the newest word first
+        kidf = idf.gather(1, kat)
+        on = kidf > 0  # [Q,K] a key word (else: none)
+        occ = torch.where(on[..., None], occ.gather(1, kat[..., None].expand(-1, -1, occurrences)), UNKNOWN)  # [Q,K,O]
+        at = kat[..., None, None].expand(-1, -1, occurrences, reach)
+        p, good = p.gather(1, at), good.gather(1, at) & on[..., None, None]  # [Q,K,O,D]
         cand = torch.where(good, p, UNKNOWN).reshape(queries, -1)  # [Q,N]
         # overlap: the key words that occur in the reach up to p (from their occurrence lists)
         flat_occ = occ.reshape(queries, 1, -1)  # [Q,1,K*O]
@@ -116,11 +124,18 @@ def keyed_matches(log: TokenLog, ids: torch.Tensor, positions: torch.Tensor, que
         pv_at = (pos[..., None] - backs).clamp_min(0)
         pv = torch.where(keep[..., None] & (pos[..., None] - backs >= 0), seq[pv_at], -2)  # [Q,S',L]
         length = ((pv == qv[:, None, :]) & (qv[:, None, :] >= 0)).long().cumprod(-1).sum(-1)
+        # said: the three ids after the candidate occur together in the query's window (an answer given already)
+        ahead = pos[..., None] + 1 + torch.arange(SAID)  # [Q,S',3]
+        nid = torch.where(keep[..., None] & (ahead < qi[:, None, None]), seq[ahead.clamp(0, seq.shape[0] - 1)], -2)
+        start = qi[:, None] - torch.arange(SAID - 1, window)  # [Q,W'] window positions whose 3 ids are all read
+        tri = torch.where((start >= 0)[..., None], seq[(start[..., None] + torch.arange(SAID)).clamp_min(0)], -3)
+        said = ((nid[:, :, None, :] == tri[:, None, :, :]) & (nid[:, :, None, :] >= 0)).all(-1).any(-1)  # [Q,S']
         out_pos[row, :, :s] = torch.where(keep, pos + lo, UNKNOWN)
         out_overlap[row, :, :s] = torch.where(keep, ov, 0.0)
         out_len[row, :, :s] = torch.where(keep, length, 0)
         out_next[row, :, :s] = torch.where(keep, seq[(pos + 1).clamp(0, seq.shape[0] - 1)], UNKNOWN)
-    return out_pos, out_overlap, out_len, out_next
+        out_said[row, :, :s] = keep & said
+    return out_pos, out_overlap, out_len, out_next, out_said
 
 
 def overlap_scale(span: int) -> float:

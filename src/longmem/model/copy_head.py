@@ -31,8 +31,10 @@ trusted by lam_n = sigmoid(u[bucket(longest length)] + g_n * agree_n + h * entro
 statement of its form shares ("... for amber-acorn mentioned in the provided text is") has no exact
 match that tells the statements apart. ``memory.keyed`` finds where the question's rarest words were
 said and, within a few tokens after, the question's last token: the token after it is a candidate,
-weighted by softmax(o * key words matched + l * anchor length - r * recency rank) and trusted by
-lam_k = sigmoid(g_b * best match + g_a * agree + bias [+ w_k . hidden]):
+weighted by softmax(o * key words matched + l * anchor length - r * recency rank - d * said) and
+trusted by lam_k = sigmoid(g_b * best match not said + g_a * agree + g_l * [any said] + bias [+ w_k .
+hidden]), where "said" marks a candidate whose answer is already in the window (a list moves on to the
+next one, and the trust that it goes on rises):
 
     p = (1 - lam_k) * p + lam_k * sum_i w_i * [id(pos_i + 1) == v]
 
@@ -100,6 +102,8 @@ class CopyHead(nn.Module):
         self.keyed_overlap = nn.Parameter(torch.tensor(4.0))  # nats per key word matched, among candidates
         self.keyed_length = nn.Parameter(torch.tensor(0.5))  # nats per anchor token matched
         self.keyed_recent = nn.Parameter(torch.tensor(0.5))  # nats per rank of recency (the latest wins)
+        self.keyed_said = nn.Parameter(torch.tensor(4.0))  # nats against an answer given already (lists)
+        self.keyed_list = nn.Parameter(torch.tensor(2.0))  # trust where a candidate's answer was given: a list goes on
         self.keyed_best = nn.Parameter(torch.tensor(0.0))  # trust per key word the best candidate matched
         self.keyed_agree = nn.Parameter(torch.tensor(0.0))  # trust when the candidates agree
         self.keyed_bias = nn.Parameter(torch.tensor(KEYED_FRESH_BIAS))  # fresh: lam_k = 3e-4 wherever a match is
@@ -153,21 +157,26 @@ class CopyHead(nn.Module):
         return ids, w, torch.sigmoid(u) * found.any(-1)
 
     def keyed_source(self, log: TokenLog, context: tuple[torch.Tensor, torch.Tensor], queries: int,
-                     hidden: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     hidden: torch.Tensor | None = None, window: int | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Keyed matches for the last ``queries`` tokens of context (ids [B,C], positions [B,C]) ->
         candidate ids [B,T,S], weights [B,T,S] (fp32, sum 1 where any) and lam_k [B,T] (0 without one):
-        weights = softmax(overlap * o + anchor length * l - recency rank * r), lam_k = sigmoid(best
-        overlap * g_b + agreement * g_a + bias [+ w . hidden])."""
-        pos, overlap, length, nxt = keyed_matches(log, *context, queries)  # [B,T,S] each
+        weights = softmax(overlap * o + anchor length * l - recency rank * r - said * d), lam_k =
+        sigmoid(best overlap not said * g_b + agreement * g_a + any said * g_l + bias [+ w . hidden])."""
+        pos, overlap, length, nxt, said = keyed_matches(log, *context, queries)  # [B,T,S] each
         found = (pos >= 0) & (nxt >= 0)
-        ov = overlap / overlap_scale(log.span + context[0].shape[1])  # [B,T,S] ~ key words matched
+        # [B,T,S] ~ key words matched; the scale: the log's span and the model's window (``window``, so that
+        # decoding, whose context grows token by token, scales as the forward pass does; default: the context)
+        ov = overlap / overlap_scale(log.span + (context[0].shape[1] if window is None else window))
         recency = (pos[..., :, None] < pos[..., None, :]).sum(-1).float()  # [B,T,S] 0 = the latest candidate
-        score = self.keyed_overlap * ov + self.keyed_length * length.float() - self.keyed_recent * recency
+        score = (self.keyed_overlap * ov + self.keyed_length * length.float() - self.keyed_recent * recency
+                 - self.keyed_said * said)
         w = torch.softmax(torch.where(found, score, torch.full_like(score, -1e4)), -1) * found
         ids = nxt.clamp_min(0)
-        best = torch.where(found, ov, 0.0).amax(-1)  # [B,T]
-        u = self.keyed_best * best + self.keyed_agree * _id_mass(ids, w).amax(-1) + self.keyed_bias
-        u = u + _gate(self.keyed_context, hidden)
+        best = torch.where(found & ~said, ov, 0.0).amax(-1)  # [B,T] the best answer not given yet
+        listing = (found & said).any(-1)  # [B,T] one of the candidates' answers is in the window already
+        u = self.keyed_best * best + self.keyed_agree * _id_mass(ids, w).amax(-1) + self.keyed_list * listing
+        u = u + self.keyed_bias + _gate(self.keyed_context, hidden)
         return ids, w, torch.sigmoid(u) * found.any(-1)
 
     def pointer(self, keys: torch.Tensor, log: TokenLog, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -192,8 +201,8 @@ class CopyHead(nn.Module):
         return self.mix(logits, self.candidates(keys, log, history), log, context, hidden)
 
     def mix(self, logits: torch.Tensor, cand: Candidates, log: TokenLog,
-            context: tuple[torch.Tensor, torch.Tensor] | None = None, hidden: torch.Tensor | None = None
-            ) -> torch.Tensor:
+            context: tuple[torch.Tensor, torch.Tensor] | None = None, hidden: torch.Tensor | None = None,
+            window: int | None = None) -> torch.Tensor:
         """logits [B,T,V] and their key-match candidates -> log-probabilities [B,T,V] (fp32):
 
         p = (1 - lam_n) * [(1 - lam * m) * p_model + lam * pointer] + lam_n * exact pointer, then
@@ -210,7 +219,7 @@ class CopyHead(nn.Module):
         ids = torch.cat([ids, ids_n], -1)
         w = torch.cat([(1 - lam_n)[..., None] * w, lam_n[..., None] * w_n], -1)
         # p = (1 - lam_k) * p + lam_k * keyed pointer
-        ids_k, w_k, lam_k = self.keyed_source(log, context, logp.shape[1], hidden)  # [B,T,S] x2, [B,T]
+        ids_k, w_k, lam_k = self.keyed_source(log, context, logp.shape[1], hidden, window)  # [B,T,S] x2, [B,T]
         kept = (1 - lam_k) * kept
         ids = torch.cat([ids, ids_k], -1)
         w = torch.cat([(1 - lam_k)[..., None] * w, lam_k[..., None] * w_k], -1)

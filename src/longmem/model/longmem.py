@@ -342,7 +342,7 @@ class LongMemModel(nn.Module):
         if cache is not None:  # runs and follows count over the last RUN tokens' matches
             both = cand.positions if history is None else torch.cat([history, cand.positions], 2)
             cache.match_history = both[:, :, -RUN:]
-        return head.mix(logits, cand, log, context, hidden)
+        return head.mix(logits, cand, log, context, hidden, self.config.segment_length)
 
     def match_keys(self, hidden: list[torch.Tensor]) -> torch.Tensor | None:
         """The copy head's match keys [B,H_kv,T,Dh] from the frozen hidden states (None without a head)."""

@@ -80,6 +80,11 @@ class TrainConfig:
     """Share of facts asked by key: the question names the subject but ends with words every statement shares."""
     update_prob: float = 0.0
     """Share of new facts that restate a waiting fact's subject with a new value (the latest is asked for)."""
+    list_prob: float = 0.0
+    """Share of new keyed facts that give a waiting number fact's subject one more value (up to 4): such a
+    subject is asked for all its values at once, as a list (the latest first)."""
+    pair_prob: float = 0.0
+    """Share of questions about a keyed number fact that also ask for another one's value (two subjects)."""
     read_memory: bool = True
     """False: segments are read without any memory (no short-term tier, no bank), e.g. to train a style
     adapter on what the text teaches without memory."""
@@ -114,7 +119,7 @@ class TrainConfig:
         for name in ("steps", "batch_size", "log_every", "lora_rank", "keep_checkpoints"):
             if getattr(self, name) <= 0:
                 raise LongMemError(f"{name}={getattr(self, name)} must be positive")
-        for name in ("fact_prob", "keyed_prob", "update_prob"):
+        for name in ("fact_prob", "keyed_prob", "update_prob", "list_prob", "pair_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise LongMemError(f"{name}={getattr(self, name)} must be in [0, 1]")
         if not 0.0 <= self.recall_prob <= 1.0 or not 1 <= self.recall_min <= self.recall_max:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -42,6 +42,15 @@ KEYED_QUESTIONS = ("Tell me about {x}. It {c}", "And what of {x}? Its value {c}"
 """Questions that name the subject but do not end by restating it: the words right before the answer are
 shared by every statement of the form, and only the subject's words, further back, tell which one is meant
 (``memory/keyed.py``)."""
+LIST_QUESTIONS = ("List each figure noted for {x}, newest first. They {C}", "Every value ever given to {x}? Latest first, they {C}",
+                  "Go over {x} once more. Its values {C}", "Name them all for {x}, the last one first. They {C}")
+"""Questions for every value a subject was given (statements of one form each time): the answer lists them,
+the latest first, each copied from its own statement (``memory/keyed.py``'s *said* mark moves a list on)."""
+PAIR_QUESTIONS = ("Now {x}, and also {y}. Latest first, they {C}", "Two of them: {x} and {y}. Their values {C}",
+                  "Recall both {x} and {y}; in turn they {C}", "Back to {y} and to {x}. Newest first, they {C}")
+"""Questions for the values of two subjects at once (the one stated last first)."""
+PLURAL = {"is": "are", "was": "were"}
+LIST_MAX = 4  # values one subject is given at most
 SUBJECTS = ("the {a} {b}", "the {a} of {N}", "{N}'s {a}", "the {a} of the {b}", "the {a} {b} of {N}")
 FALLBACK_WORDS = ("lamp", "river", "coat", "garden", "window", "letter", "horse", "silver", "candle", "bridge",
                   "orchard", "ribbon", "kettle", "harbour", "meadow", "lantern", "basket", "violin", "chapel", "mirror")
@@ -59,9 +68,28 @@ class Fact:
     question: list[int]  # the question's ids, ending right before the answer
     answer: list[int]  # the answer's ids, its closing "." included (the book text follows it)
     subject: str = ""  # what the statement is about (an update restates it with a new value)
+    value: str = ""  # the stated value as text
+    copula: str = "is"  # the statement's copula ("is" / "was")
+    form: int = -1  # which of KEYED_STATEMENTS it used (-1: a plain fact)
+    listed: bool = False  # one of several values of its subject: asked for with all of them, as a list
+    number: bool = False  # the value is a number of 3 or more digits (lists and pairs are made of these)
 
     def to_list(self) -> list:
-        return [self.doc, self.position, self.question, self.answer, self.subject]
+        return [self.doc, self.position, self.question, self.answer, self.subject, self.value, self.copula,
+                self.form, self.listed, self.number]
+
+
+class Stated(NamedTuple):
+    """A fact as ids, with what a later restatement or list needs to know of it."""
+
+    statement: list[int]
+    question: list[int]  # ends right before the answer
+    answer: list[int]
+    subject: str
+    value: str
+    copula: str
+    form: int  # index into KEYED_STATEMENTS (plain facts: into STATEMENTS, which it starts with)
+    number: bool
 
 
 class FactWords:
@@ -84,35 +112,62 @@ class FactWords:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def fact(self, rng: random.Random, keyed: bool = False, subject: str | None = None,
-             avoid: frozenset[str] = frozenset()) -> tuple[list[int], list[int], list[int], str]:
-        """-> (statement ids, question ids ending right before the answer, answer ids, subject). ``keyed``:
-        the question does not restate the subject at its end; ``subject``: state a new value of it; else a
-        new subject, not one of ``avoid`` (the subjects still waiting: a question must name one fact)."""
+             avoid: frozenset[str] = frozenset(), like: Fact | None = None, number: bool = False) -> Stated:
+        """A new fact. ``keyed``: the question does not restate the subject at its end; ``subject``: state a
+        new value of it; else a new subject, not one of ``avoid`` (the subjects still waiting: a question must
+        name one fact). ``like``: another value of that fact's subject, in its form and copula; ``number``:
+        the value is a number of 3-7 digits."""
+        if like is not None:
+            subject = like.subject
         x = subject
         while x is None or (subject is None and x in avoid):
             a, b = rng.choice(self.words), rng.choice(self.words)
             x = rng.choice(SUBJECTS).format(a=a, b=b, N=rng.choice(self.names))
         cap = x[0].upper() + x[1:]
-        cop = rng.choice(COPULAS)
-        digits = rng.randint(1, 7)
-        value = str(rng.randrange(10 ** (digits - 1) if digits > 1 else 0, 10**digits)) \
-            if rng.random() < 0.5 else rng.choice(self.words if rng.random() < 0.5 else self.names)
-        form = rng.choice(KEYED_STATEMENTS if keyed else STATEMENTS)
-        statement = "\n" + form.format(X=cap, x=x, c=cop, v=value) + "\n"
+        cop = like.copula if like is not None else rng.choice(COPULAS)
+        number = number or like is not None
+        digits = rng.randint(3 if number else 1, 7)
+        if number or rng.random() < 0.5:
+            value = str(rng.randrange(10 ** (digits - 1) if digits > 1 else 0, 10**digits))
+        else:
+            value = rng.choice(self.words if rng.random() < 0.5 else self.names)
+        forms = KEYED_STATEMENTS if keyed else STATEMENTS
+        form = like.form if like is not None and like.form >= 0 else rng.randrange(len(forms))
+        statement = "\n" + forms[form].format(X=cap, x=x, c=cop, v=value) + "\n"
         question = "\n" + rng.choice(KEYED_QUESTIONS if keyed else QUESTIONS).format(X=cap, x=x, c=cop)
-        answer = (":" if "{c}:" in form else "") + " " + value + "."  # what follows the copula in the statement
-        return self.encode(statement), self.encode(question), self.encode(answer), x
+        answer = (":" if "{c}:" in forms[form] else "") + " " + value + "."  # what follows the copula
+        return Stated(self.encode(statement), self.encode(question), self.encode(answer), x, value, cop,
+                      form, value.isdigit() and len(value) >= 3)
+
+    def list_question(self, rng: random.Random, facts: list[Fact]) -> tuple[list[int], list[int]]:
+        """Every value of one subject, or the values of two subjects -> (question ids, answer ids): the
+        values the latest stated first, after the plural of the latest one's copula (and its colon)."""
+        facts = sorted(facts, key=lambda f: -f.position)
+        subjects = list(dict.fromkeys(f.subject for f in facts))
+        plural = PLURAL[facts[0].copula]
+        if len(subjects) == 1:
+            question = rng.choice(LIST_QUESTIONS).format(x=subjects[0], C=plural)
+        else:
+            x, y = rng.sample(subjects, 2)
+            question = rng.choice(PAIR_QUESTIONS).format(x=x, y=y, C=plural)
+        values = [f.value for f in facts]
+        last = " and " if rng.random() < 0.5 else ", "
+        listed = ", ".join(values[:-1]) + last + values[-1] if len(values) > 1 else values[0]
+        colon = facts[0].form >= 0 and "{c}:" in KEYED_STATEMENTS[facts[0].form]
+        return self.encode("\n" + question), self.encode((":" if colon else "") + " " + listed + ".")
 
 
 class FactPlanter:
     """Plants facts in training batches and asks about them later (state: the waiting facts)."""
 
     def __init__(self, words: FactWords, batch_size: int, prob: float, seed: int = 0, keyed: float = 0.0,
-                 update: float = 0.0):
-        for name, p in (("fact", prob), ("keyed question", keyed), ("update", update)):
+                 update: float = 0.0, listed: float = 0.0, pair: float = 0.0):
+        for name, p in (("fact", prob), ("keyed question", keyed), ("update", update), ("list", listed),
+                        ("pair", pair)):
             if not 0.0 <= p <= 1.0:
                 raise ValueError(f"{name} probability {p} must be in [0, 1]")
         self.words, self.prob, self.keyed, self.update = words, prob, keyed, update
+        self.listed, self.pair = listed, pair
         self.rng = random.Random(seed)
         self.waiting: list[list[Fact]] = [[] for _ in range(batch_size)]
 
@@ -140,40 +195,77 @@ class FactPlanter:
             if bool(batch.reset[row]):
                 self.waiting[row] = []
             self.waiting[row] = [f for f in self.waiting[row] if f.doc == doc and f.position >= p0 - reach]
-            asked = [f for f in self.waiting[row] if f.position <= p0 - near and self.rng.random() < 0.5][:questions]
-            items = [(f.question + f.answer, f) for f in asked]  # (ids, the fact asked; None: a statement)
-            new, old = None, None
+            items = self._questions(self.waiting[row], p0 - near, questions)  # (ids, facts asked, answer length)
+            asked = [f for _, fs, _ in items for f in fs]
+            new, old, like = None, None, None
             if self.rng.random() < self.prob:
                 keyed = self.keyed > 0 and self.rng.random() < self.keyed
                 others = [f for f in self.waiting[row] if f not in asked]
-                if self.update > 0 and others and self.rng.random() < self.update:  # a new value for an old subject
-                    old = self.rng.choice(others)
+                lists = [f for f in others if keyed and f.number and f.form >= 0
+                         and sum(g.subject == f.subject for g in others) < LIST_MAX]
+                if self.listed > 0 and lists and self.rng.random() < self.listed:  # one more value of a subject
+                    like = self.rng.choice(lists)
+                elif self.update > 0 and others and self.rng.random() < self.update:  # a new value for an old one
+                    old = self.rng.choice([f for f in others if not f.listed] or [None])
+                number = keyed and (self.listed > 0 or self.pair > 0) and self.rng.random() < 0.5
                 new = self.words.fact(self.rng, keyed, old.subject if old is not None else None,
-                                      frozenset(f.subject for f in self.waiting[row]))
-                items.append((new[0], None))
+                                      frozenset(f.subject for f in self.waiting[row]), like, number)
+                items.append((new.statement, [], 0))  # a statement
             valid = int((batch.labels[row] != IGNORE_INDEX).sum())  # labelled tokens: room to write in
-            while items and sum(len(seq) + 1 for seq, _ in items) + 1 > valid:
+            while items and sum(len(seq) + 1 for seq, _, _ in items) + 1 > valid:
                 items.pop()
             if not items:
                 continue
             self.rng.shuffle(items)
-            room = valid - sum(len(seq) + 1 for seq, _ in items) - 1
+            room = valid - sum(len(seq) + 1 for seq, _, _ in items) - 1
             gaps = sorted(self.rng.randint(0, room) for _ in items)
             o, used = 1, 0
-            for (seq, fact), gap in zip(items, gaps):
+            for (seq, facts, answer), gap in zip(items, gaps):
                 o += gap - used  # the offsets keep their order and one free token after each write
                 used = gap
                 ids[row, o : o + len(seq)] = torch.tensor(seq)
                 labels[row, o - 1 : o + len(seq) - 1] = torch.tensor(seq)
                 labels[row, o + len(seq) - 1] = ids[row, o + len(seq)]  # the book text resumes
                 written.append((row, p0 + o, p0 + o + len(seq)))
-                if fact is None:
+                if not facts:
                     if old is not None:  # the latest statement of a subject is the one asked about
                         self.waiting[row].remove(old)
-                    self.waiting[row].append(Fact(doc, p0 + o, new[1], new[2], new[3]))
+                    if like is not None:  # several values of one subject: asked for all at once
+                        for f in self.waiting[row]:
+                            f.listed = f.listed or f.subject == like.subject
+                    self.waiting[row].append(Fact(doc, p0 + o, new.question, new.answer, new.subject, new.value,
+                                                  new.copula, new.form if keyed else -1, like is not None,
+                                                  new.number))
                 else:
-                    q = len(fact.question)
+                    q = len(seq) - answer
                     answers[row, o + q - 1 : o + len(seq) - 2] = True  # the answer's tokens (its "." aside)
-                    self.waiting[row].remove(fact)
+                    for f in facts:
+                        self.waiting[row].remove(f)
                 o += len(seq) + 1
         return Batch(ids, labels, batch.positions, batch.reset, batch.doc_index), answers, written
+
+    def _questions(self, waiting: list[Fact], before: int, most: int) -> list[tuple[list[int], list[Fact], int]]:
+        """Questions to write: each fact stated before ``before`` asked with probability 1/2 (oldest first,
+        at most ``most``); a subject with several values asked once all are that old, for all of them; with
+        probability ``pair`` two number facts asked together -> [(question and answer ids, facts asked,
+        answer length)]."""
+        out: list[tuple[list[int], list[Fact], int]] = []
+        taken: list[Fact] = []
+        for f in waiting:
+            if len(out) >= most or f in taken or f.position > before or self.rng.random() >= 0.5:
+                continue
+            group = [g for g in waiting if g.subject == f.subject] if f.listed else [f]
+            if any(g.position > before for g in group):
+                continue
+            if not f.listed and f.number and f.form >= 0 and self.pair > 0 and self.rng.random() < self.pair:
+                mates = [g for g in waiting if g not in taken and g is not f and not g.listed and g.number
+                         and g.form >= 0 and g.position <= before]
+                if mates:
+                    group = [f, self.rng.choice(mates)]
+            taken += group
+            if len(group) == 1 and not f.listed:
+                out.append((f.question + f.answer, group, len(f.answer)))
+                continue
+            question, answer = self.words.list_question(self.rng, group)
+            out.append((question + answer, group, len(answer)))
+        return out

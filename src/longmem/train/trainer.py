@@ -79,7 +79,8 @@ class Trainer:
         self.memory = self.model.new_memory(cfg.batch_size)
         self._overwritten: list[list[tuple[int, int]]] = [[] for _ in range(cfg.batch_size)]
         self.facts = FactPlanter(FactWords(tok), cfg.batch_size, cfg.fact_prob, seed=cfg.seed + 7919 * self.rank,
-                                 keyed=cfg.keyed_prob, update=cfg.update_prob) if cfg.fact_prob > 0 else None
+                                 keyed=cfg.keyed_prob, update=cfg.update_prob, listed=cfg.list_prob,
+                                 pair=cfg.pair_prob) if cfg.fact_prob > 0 else None
         if self.resume:
             self._restore()
         elif self.rank == 0:
