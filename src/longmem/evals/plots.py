@@ -27,6 +27,11 @@ def save_png(fig, out: Path) -> Path:
     return out
 
 
+def _length_labels(lengths: list[str]) -> list[str]:
+    """Prompt lengths as results keys ("4096") -> tick labels ("4k"; short ones as they are)."""
+    return [f"{int(n) // 1024}k" if int(n) >= 1024 else n for n in lengths]
+
+
 def passkey_heatmap(results: dict, out: Path) -> Path:
     """One accuracy heatmap (depth x length) per mode."""
     plt = pyplot()
@@ -38,7 +43,7 @@ def passkey_heatmap(results: dict, out: Path) -> Path:
         depths = list(next(iter(s["grid"].values())))
         grid = [[s["grid"][n][d] for n in lengths] for d in depths]  # [depth][length]
         im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="upper")
-        ax.set_xticks(range(len(lengths)), [f"{int(n) // 1024}k" if int(n) >= 1024 else n for n in lengths])
+        ax.set_xticks(range(len(lengths)), _length_labels(lengths))
         ax.set_yticks(range(len(depths)), depths)
         ax.set_xlabel("prompt length (tokens)")
         ax.set_ylabel("needle depth")
@@ -62,7 +67,7 @@ def recall_bars(results: dict, out: Path) -> Path:
             lengths = list(m["by_length"])
             ax.bar([j + (i - (len(modes) - 1) / 2) * width for j in range(len(lengths))],
                    list(m["by_length"].values()), width, label=mode)
-            ax.set_xticks(range(len(lengths)), [f"{int(n) // 1024}k" if int(n) >= 1024 else n for n in lengths])
+            ax.set_xticks(range(len(lengths)), _length_labels(lengths))
         ax.set_ylim(0, 1)
         ax.set_xlabel("prompt length (tokens)")
         ax.set_title(task)

@@ -135,7 +135,7 @@ class FactWords:
         form = like.form if like is not None and like.form >= 0 else rng.randrange(len(forms))
         statement = "\n" + forms[form].format(X=cap, x=x, c=cop, v=value) + "\n"
         question = "\n" + rng.choice(KEYED_QUESTIONS if keyed else QUESTIONS).format(X=cap, x=x, c=cop)
-        answer = (":" if "{c}:" in forms[form] else "") + " " + value + "."  # what follows the copula
+        answer = _colon(form) + " " + value + "."  # what follows the copula in the statement
         return Stated(self.encode(statement), self.encode(question), self.encode(answer), x, value, cop,
                       form, value.isdigit() and len(value) >= 3)
 
@@ -153,8 +153,13 @@ class FactWords:
         values = [f.value for f in facts]
         last = " and " if rng.random() < 0.5 else ", "
         listed = ", ".join(values[:-1]) + last + values[-1] if len(values) > 1 else values[0]
-        colon = facts[0].form >= 0 and "{c}:" in KEYED_STATEMENTS[facts[0].form]
-        return self.encode("\n" + question), self.encode((":" if colon else "") + " " + listed + ".")
+        return self.encode("\n" + question), self.encode(_colon(facts[0].form) + " " + listed + ".")
+
+
+def _colon(form: int) -> str:
+    """What a statement of form ``form`` puts between its copula and its value: ":" or nothing (plain facts:
+    -1; STATEMENTS, which KEYED_STATEMENTS starts with, have no colon)."""
+    return ":" if form >= 0 and "{c}:" in KEYED_STATEMENTS[form] else ""
 
 
 class FactPlanter:
