@@ -40,11 +40,29 @@ def test_train_default_resumes_a_stage_with_a_checkpoint_and_skips_a_finished_on
 
 
 @pytest.mark.parametrize("args, code, stages", [(["--until", "1"], 0, 1), (["--until", "3"], 0, 3),
-                                                (["--until", "9"], 2, 0), ([], 0, 6), (["--bogus"], 2, 0)])
+                                                (["--until", "9"], 2, 0), ([], 0, 6), (["--bogus"], 2, 0),
+                                                (["--install", "--backbone", "x"], 2, 0)])
 def test_train_default_options(tmp_path, args, code, stages):
     done, calls = run_script(tmp_path, "scripts/train-default.sh", *args)
     assert done.returncode == code
     assert len(calls) == stages
+
+
+def test_train_default_runs_the_recipe_for_another_backbone_in_its_own_folder(tmp_path):
+    (tmp_path / "runs/gemma/stage1/sidenet").mkdir(parents=True)
+    (tmp_path / "runs/gemma/stage1/sidenet/config.json").write_text("{}")  # finished
+    done, calls = run_script(tmp_path, "scripts/train-default.sh", "--backbone", "models/gemma.gguf", "--until", "3",
+                             "--device", "cuda", "--eval")
+    assert done.returncode == 0, done.stderr
+    assert calls[:2] == [
+        "train configs/stage2-copy-head.yaml --set output_dir=runs/gemma/stage2 --set init_from=runs/gemma/stage1/sidenet"
+        " --device cuda",
+        "train configs/stage3-facts.yaml --set output_dir=runs/gemma/stage3 --set init_from=runs/gemma/stage2/sidenet"
+        " --device cuda"]
+    assert calls[2].startswith("ppl ") and "--sidenet runs/gemma/stage3/sidenet" in calls[2]  # then its evaluation
+    (tmp_path / "fresh").mkdir()
+    done, calls = run_script(tmp_path / "fresh", "scripts/train-default.sh", "--backbone", "org/model", "--until", "1")
+    assert calls == ["train configs/stage1-memory.yaml --set output_dir=runs/model/stage1 --set model.backbone=org/model"]
 
 
 def test_full_evals_skip_finished_results_and_resume_the_long_ones(tmp_path):

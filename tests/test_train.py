@@ -241,3 +241,44 @@ RUN_FILES = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 def test_every_shipped_run_file_is_a_valid_config(path):
     cfg = load_train_config(path)
     assert cfg.model.backbone == "smollm2-135m" and cfg.steps > 0
+
+
+def test_gradient_accumulation_averages_the_batches_gradients(setup_dirs):
+    """grad_accum=2: one step reads two batches in turn (memory carried on) and its gradient is the mean of
+    the two batches' own gradients."""
+    root, backbone = setup_dirs
+    acc = Trainer(config(root, backbone, "acc", grad_accum=2, trainable="copy_head"), progress=False).setup()
+    ref = Trainer(config(root, backbone, "ref", trainable="copy_head"), progress=False).setup()
+    batches = [acc.next_batch() for _ in range(2)]
+    assert [ref.next_batch()[0].input_ids.tolist() for _ in range(2)] == [b[0].input_ids.tolist() for b in batches]
+    params = ref.model.trainable_parameters()
+    grads = []
+    for batch, spans in batches:  # the slow twin: each batch's gradient on its own, memory written between
+        ref._accumulate(batch, spans, params, 1)
+        grads.append([p.grad.clone() for p in params])
+        ref.optimizer.zero_grad(set_to_none=True)
+    acc.optimizer.step = lambda: None  # keep the summed gradient to look at
+    acc.optimizer.zero_grad = lambda set_to_none=True: None
+    acc.config.grad_clip = 0.0
+    row = acc.train_step(batches)
+    assert acc.step == 1 and row["tokens"] == sum(int((b.labels != -100).sum()) for b, _ in batches)
+    for p, g1, g2 in zip(acc.model.trainable_parameters(), *grads):
+        assert torch.allclose(p.grad, (g1 + g2) / 2, atol=1e-6)
+
+
+def test_a_training_step_follows_the_model_device(setup_dirs):
+    """With meta as the default device a tensor made without ``device=`` is a meta tensor and mixing it with the
+    model's raises: the same step must run and give the same loss (see test_devices.py)."""
+    root, backbone = setup_dirs
+
+    def steps(trainer: Trainer) -> float:
+        trainer.train_step(trainer.next_batch())
+        return trainer.train_step(trainer.next_batch())["loss"]
+
+    def trainer(out: str) -> Trainer:  # built outside: transformers refuses to load weights onto meta
+        cfg = config(root, backbone, out, fact_prob=1.0, keyed_prob=0.5, recall_prob=0.5)
+        return Trainer(cfg, progress=False).setup()
+
+    expected, second = steps(trainer("plain")), trainer("meta")
+    with torch.device("meta"):
+        assert steps(second) == expected

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from longmem.config import DEFAULT_BACKBONE, RETRIEVAL_BACKENDS
+from longmem.devices import DEVICE_HELP
 from longmem.errors import LongMemError
 
 
@@ -15,6 +16,7 @@ def model_args(p: argparse.ArgumentParser) -> None:
                         "backbone) or 'fresh' (a new, untrained SideNet)")
     p.add_argument("--backbone", help=f"backbone name, HF id, directory or .gguf (default {DEFAULT_BACKBONE})")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="compute dtype")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--retrieval", choices=list(RETRIEVAL_BACKENDS),
                    help="chunk search: torch/faiss exact; torch-ivf, ivf, hnsw approximate")
     p.add_argument("--nprobe", type=int,
@@ -36,7 +38,8 @@ def load_model(args: argparse.Namespace, **overrides):
         overrides["retrieval_nprobe"] = args.nprobe
     if getattr(args, "memory_dtype", None):
         overrides["memory_dtype"] = args.memory_dtype
-    return kind.from_pretrained(args.sidenet, backbone=args.backbone, dtype=args.dtype, **overrides)
+    return kind.from_pretrained(args.sidenet, backbone=args.backbone, dtype=args.dtype,
+                                device=getattr(args, "device", "auto"), **overrides)
 
 
 def positive_args(args: argparse.Namespace, *names: str) -> None:

@@ -13,6 +13,8 @@ def add_parsers(sub) -> None:
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a setting, e.g. --set steps=500 --set model.memory_size=16384")
     train.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    train.add_argument("--device", help="where to train (the run file's device setting; default auto): "
+                                        "auto, cpu, cuda (torchrun: one GPU per rank)")
     train.set_defaults(func=cmd_train)
 
 
@@ -20,7 +22,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from longmem.train.trainer import run
     from longmem.train.config import load_train_config
 
-    config = load_train_config(args.config, args.set)
+    sets = args.set + ([f"device={args.device}"] if args.device else [])
+    config = load_train_config(args.config, sets)
     result = run(config, resume=args.resume, progress=True)
     print(json.dumps({"output_dir": config.output_dir, "validation": result}))
     return 0

@@ -130,8 +130,8 @@ def load_book(path: Path, tokenizer, config: ChapterBreakConfig) -> Book:
         heading_at.append(len(ids))
         ids += encode(text[a:body_at]) + encode(text[body_at:b])
         openings.append(torch.tensor(encode(text[body_at:b].lstrip()[: 40 * config.suffix_tokens])
-                                     [: config.suffix_tokens], dtype=torch.long))
-    return Book(path.stem, torch.tensor(ids, dtype=torch.long), heading_at, openings)
+                                     [: config.suffix_tokens], dtype=torch.long, device="cpu"))
+    return Book(path.stem, torch.tensor(ids, dtype=torch.long, device="cpu"), heading_at, openings)
 
 
 @dataclass
@@ -270,7 +270,7 @@ class Unconditional:
     def __init__(self, model: Scorer):
         self.model = model
         ids = model.tokenizer("\n\n", add_special_tokens=False)["input_ids"][-1:]
-        self.blank = torch.tensor(ids, dtype=torch.long)  # [1]
+        self.blank = torch.tensor(ids, dtype=torch.long, device="cpu")  # [1]
         self.cache: dict[tuple[str, str, int], float] = {}  # (mode, book, chapter) -> log-likelihood
 
     @torch.no_grad()

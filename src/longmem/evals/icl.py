@@ -108,7 +108,7 @@ def test_subset(task: Task, config: IclConfig) -> list[tuple[str, str]]:
 
 
 def encode(model: Scorer, text: str) -> torch.Tensor:
-    return torch.tensor(model.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    return torch.tensor(model.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long, device="cpu")
 
 
 @dataclass
@@ -126,12 +126,12 @@ def classify(logits_of: LogitsOf, query: torch.Tensor, label_ids: list[torch.Ten
     q = query.shape[0]
     if all(ids.shape[0] == 1 for ids in label_ids):  # one pass serves every label
         logits = logits_of(query)[-1]  # [V]
-        logp = torch.log_softmax(logits, -1)[torch.cat(label_ids)]  # [labels]
+        logp = torch.log_softmax(logits, -1)[torch.cat(label_ids).to(logits.device)]  # [labels]
         return Prediction(int(logp.argmax()), int(logits.argmax()))
     scores, token = [], None
     for ids in label_ids:
         logits = logits_of(torch.cat([query, ids[:-1]]))[q - 1 :]  # [C,V]
-        scores.append(float(torch.log_softmax(logits, -1).gather(1, ids[:, None]).sum()))
+        scores.append(float(torch.log_softmax(logits, -1).gather(1, ids[:, None].to(logits.device)).sum()))
         token = int(logits[0].argmax()) if token is None else token
     return Prediction(max(range(len(scores)), key=scores.__getitem__), token)
 
@@ -228,7 +228,8 @@ def icl(model: Scorer, config: IclConfig | None = None, progress: bool = False,
         for s in range(config.seeds):
             if any((task.name, s, k, m.name) not in finished for m in modes for k in config.demos):
                 demos = draw(task, config, s)
-                memory_ids = encode(model, " ".join(demos.memory)) if demos.memory else torch.zeros(0, dtype=torch.long)
+                memory_ids = (encode(model, " ".join(demos.memory)) if demos.memory
+                              else torch.zeros(0, dtype=torch.long, device="cpu"))
                 csz = config.chunk_size
                 scorer = variant(model, chunk_size=csz, memory_size=max(csz, -(-memory_ids.shape[0] // csz) * csz))
             for mode in modes:
@@ -252,7 +253,7 @@ def icl(model: Scorer, config: IclConfig | None = None, progress: bool = False,
 def run_seed(model: Scorer, ctx: Context, mode: Mode, task: Task, tests: list[tuple[str, str]], context: list[str],
              label_ids: list[torch.Tensor], keys: list[str], s: int, config: IclConfig, progress: bool) -> SeedScore:
     keep = mode.window - (max(ids.shape[0] for ids in label_ids) - 1)  # prompt tokens that fit with a label
-    prefix = encode(model, " ".join(context)) if context else torch.zeros(0, dtype=torch.long)
+    prefix = encode(model, " ".join(context)) if context else torch.zeros(0, dtype=torch.long, device="cpu")
     fast = config.shared_prefix and (mode.backbone_only or getattr(model, "decodes_incrementally", False))
     shared = SharedPrefix(model, ctx, prefix) if fast and 0 < prefix.shape[0] < keep else None
     right = right_argmax = truncated = 0

@@ -159,7 +159,7 @@ class PromptBuilder:
             raise LongMemError(f"filler {config.filler} has only {self.filler.shape[0]} tokens")
 
     def encode(self, text: str) -> torch.Tensor:
-        return torch.tensor(self.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+        return torch.tensor(self.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long, device="cpu")
 
     def build(self, length: int, depth: float, rng: random.Random) -> Prompt:
         key = str(rng.randrange(10 ** (self.config.digits - 1), 10**self.config.digits))

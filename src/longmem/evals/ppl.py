@@ -83,7 +83,7 @@ def bucket_label(lo: int, hi: int | None) -> str:
 
 def bucket_stats(token_nll: torch.Tensor, edges: list[int]) -> dict[str, dict]:
     """token_nll [N-1] (NLL of tokens 1..N-1) -> {label: {tokens, nll_sum, nll, perplexity}}."""
-    position = torch.arange(1, token_nll.shape[0] + 1)  # [N-1] position of each scored token
+    position = torch.arange(1, token_nll.shape[0] + 1, device=token_nll.device)  # [N-1] position of each scored token
     out = {}
     for lo, hi in zip(edges, [*edges[1:], None]):
         sel = (position >= lo) & (position < hi if hi is not None else True)

@@ -24,6 +24,7 @@ class SharedPrefix:
         if prefix.shape[0] < 1:
             raise LongMemError("a shared prefix needs at least one token")
         self.model, self.ctx, self.n = model, ctx, prefix.shape[0]
+        prefix = prefix.to(model.device)
         if ctx.mode.backbone_only:
             self.cache = model.backbone.new_cache()
             model.backbone.model(prefix[None], use_cache=True, **with_cache(model.backbone.model, self.cache))
@@ -38,6 +39,7 @@ class SharedPrefix:
         """query [Q] placed after the prefix -> next-token logits [Q,V] (float32)."""
         if self.n + query.shape[0] > self.ctx.mode.window:
             raise LongMemError(f"{self.n + query.shape[0]} tokens do not fit the {self.ctx.mode.window}-token window")
+        query = query.to(self.model.device)
         if self.ctx.mode.backbone_only:
             hf = self.model.backbone.model
             out = hf(query[None], use_cache=True, **with_cache(hf, self.cache)).logits

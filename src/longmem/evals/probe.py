@@ -50,13 +50,13 @@ def backbone_attention(model: LongMemModel, ids: torch.Tensor, last: int) -> tor
     x = norm(out.hidden[backbone.memory_layer])  # [1,W,D]
     q = family.queries(attn, x, shape).float()  # [1,H,W,Dh]
     k = out.mem_keys.float()  # [1,Hkv,W,Dh]
-    w = ids.shape[1]
+    w, dev = ids.shape[1], ids.device
     if family.rotary:
-        cos, sin = family.rope_cos_sin(backbone.model, torch.arange(w), torch.float32)  # [W,Dh]
+        cos, sin = family.rope_cos_sin(backbone.model, torch.arange(w, device=dev), torch.float32)  # [W,Dh]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     k = k.repeat_interleave(shape.num_heads // shape.num_kv_heads, dim=1)  # [1,H,W,Dh]
     scores = (q[:, :, w - last :] @ k.transpose(-1, -2))[0] * shape.scaling  # [H,last,W]
-    future = torch.arange(w)[None, :] > torch.arange(w - last, w)[:, None]  # [last,W]
+    future = torch.arange(w, device=dev)[None, :] > torch.arange(w - last, w, device=dev)[:, None]  # [last,W]
     return scores.masked_fill(future, float("-inf")).softmax(-1)
 
 
@@ -68,7 +68,7 @@ def retrieval_quality(model: LongMemModel, ids: torch.Tensor, window: int = 4096
         raise LongMemError(f"window {window} exceeds the backbone's native context {model.backbone.native_context}")
     if window <= t or ids.shape[0] < window:
         raise LongMemError(f"need at least window={window} > segment={t} tokens, text has {ids.shape[0]}")
-    ids = ids[:window][None, :]  # [1,W]
+    ids = ids[:window][None, :].to(model.device)  # [1,W]
     probs = backbone_attention(model, ids, t)  # [H,T,W] the last segment's queries
     memory = model.new_memory(1)
     model.eval()
@@ -83,7 +83,7 @@ def retrieval_quality(model: LongMemModel, ids: torch.Tensor, window: int = 4096
     hit = (probs.gather(-1, pos) * (mask & (pos > 0))).sum(-1) + tier  # [H,T]
     stored = _stored_positions(memory)
     g = torch.Generator().manual_seed(seed)
-    rand = stored[torch.randint(0, stored.numel(), (heads, t, model.config.topk), generator=g)]
+    rand = stored[torch.randint(0, stored.numel(), (heads, t, model.config.topk), generator=g, device="cpu")]
     rand_hit = (probs.gather(-1, rand) * (rand > 0)).sum(-1) + tier
     return RetrievalQuality(
         window=window,
@@ -125,7 +125,7 @@ def _tier_mass(probs: torch.Tensor, memory: MemoryBank) -> torch.Tensor:
     """Attention mass [H,T] on the earlier tokens a short-term tier holds (0 without a tier; the sink excluded)."""
     recent = memory.recent
     if recent is None:
-        return torch.zeros(probs.shape[:2])
+        return torch.zeros(probs.shape[:2], device=probs.device)
     held = recent.held_positions[0][recent.valid[0, recent.slots - recent.held_positions.shape[1] :]]  # [R']
     held = held[held > 0]
     return probs[:, :, held].sum(-1)

@@ -349,14 +349,14 @@ class PromptBuilder:
         self.ends = self._sentence_ends()
 
     def encode(self, text: str) -> torch.Tensor:
-        return torch.tensor(self.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+        return torch.tensor(self.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long, device="cpu")
 
     def _sentence_ends(self) -> torch.Tensor:
         """Indices j of the filler right after a sentence or line end (where a statement may go)."""
         pieces = self.tokenizer.convert_ids_to_tokens(self.filler.tolist())
         ok = [j + 1 for j, p in enumerate(pieces) if self.tokenizer.convert_tokens_to_string([p]).rstrip(" ")
               .endswith(SENTENCE_ENDS)]
-        return torch.tensor(ok, dtype=torch.long)
+        return torch.tensor(ok, dtype=torch.long, device="cpu")
 
     def build(self, task: Task, length: int, rng: random.Random) -> Prompt:
         intro, question = self.encode(task.intro), self.encode(task.question)
@@ -368,7 +368,7 @@ class PromptBuilder:
         fill = torch.cat([self.filler[start:], self.filler.repeat(n_fill // self.filler.shape[0] + 1)])[:n_fill]
         ends = self.ends[(self.ends > start) & (self.ends < start + n_fill)] - start  # boundaries inside fill
         if ends.numel() < len(statements):
-            ends = torch.arange(1, n_fill)
+            ends = torch.arange(1, n_fill, device="cpu")
         cuts = sorted(int(ends[i]) for i in rng.sample(range(ends.numel()), len(statements)))
         parts, depths, a = [intro], [], 0
         for cut, s in zip(cuts, statements):

@@ -47,6 +47,7 @@ class Scorer(Protocol):
     config: Any
     tokenizer: Any
     backbone: Any
+    device: torch.device  # where it computes: the evaluations move their ids there
 
     def __call__(self, input_ids: torch.Tensor, memory: Any = None, positions: torch.Tensor | None = None,
                  backbone_logits: bool = False) -> Any:
@@ -149,7 +150,7 @@ def prepare(model: Scorer, mode: Mode, head: torch.Tensor, memory: Any = None) -
         raise LongMemError("mode 'short-term-only' needs a model with a short-term tier (recent_tokens > 0)")
     to_bank = {} if mode.name == "memory" else {"to_bank": False}
     model.eval()
-    t = model.config.segment_length
+    t, head = model.config.segment_length, head.to(model.device)
     for a in segments(head.shape[0], t):
         model.write_memory(memory, model(head[a : a + t][None], memory=memory), **to_bank)  # [1,T] per segment
     return Context(mode, memory, int(memory.end_position[0]))
@@ -161,9 +162,10 @@ def window_logits(model: Scorer, ctx: Context, ids: torch.Tensor) -> torch.Tenso
     if ids.shape[0] > ctx.mode.window:
         raise LongMemError(f"{ids.shape[0]} tokens do not fit the {ctx.mode.window}-token window of {ctx.mode.name}")
     model.eval()
+    ids = ids.to(model.device)
     if ctx.mode.backbone_only:
         return model.backbone.model(ids[None]).logits[0].float()
-    positions = ctx.start + torch.arange(ids.shape[0])[None]  # [1,T]
+    positions = ctx.start + torch.arange(ids.shape[0], device=ids.device)[None]  # [1,T]
     return model(ids[None], memory=ctx.memory, positions=positions).logits[0].float()
 
 
@@ -183,6 +185,7 @@ def score(model: Scorer, ctx: Context, local: torch.Tensor, continuation: torch.
         raise LongMemError("scoring needs at least one context token and one continuation token")
     ids = torch.cat([local, continuation[:-1]])  # [L+C-1]
     logits = window_logits(model, ctx, ids)[local.shape[0] - 1 :]  # [C,V]
+    continuation = continuation.to(logits.device)
     logp = torch.log_softmax(logits, -1).gather(1, continuation[:, None])[:, 0]  # [C]
     argmax = logits.argmax(-1)  # [C]
     return ContinuationScore(float(logp.sum()), continuation.shape[0], argmax.tolist(),
@@ -204,7 +207,7 @@ def greedy(model: Scorer, ctx: Context, local: torch.Tensor, n: int, stop: int |
         out.append(token)
         if token == stop:
             break
-        ids = torch.cat([ids, torch.tensor([token])])
+        ids = torch.cat([ids, torch.tensor([token], device=ids.device)])
     return out
 
 
@@ -219,7 +222,7 @@ def decode(model: Scorer, ctx: Context, local: torch.Tensor, n: int, stop: int |
     model.eval()
     if ctx.mode.backbone_only:
         hf = model.backbone.model
-        past, ids, out = None, local[None], []
+        past, ids, out = None, local[None].to(model.device), []
         for _ in range(n):
             step = hf(ids, use_cache=True, **with_cache(hf, past))
             past = cache_of(step)
@@ -227,7 +230,7 @@ def decode(model: Scorer, ctx: Context, local: torch.Tensor, n: int, stop: int |
             out.append(token)
             if token == stop:
                 break
-            ids = torch.tensor([[token]])
+            ids = torch.tensor([[token]], device=model.device)
         return out
     if not getattr(model, "decodes_incrementally", False):
         return greedy(model, ctx, local, n, stop)
@@ -239,5 +242,5 @@ def decode(model: Scorer, ctx: Context, local: torch.Tensor, n: int, stop: int |
         out.append(token)
         if token == stop or len(out) == n:
             break
-        logits = decoder.feed(torch.tensor([token]))
+        logits = decoder.feed(torch.tensor([token], device=model.device))
     return out

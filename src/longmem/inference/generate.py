@@ -112,6 +112,7 @@ class Decoder:
 
     @torch.no_grad()
     def _run(self, ids: torch.Tensor) -> torch.Tensor:
+        ids = ids.to(self.model.device)
         return self.model(ids[None, :], self.memory, cache=self.cache).logits[0, -1].float()
 
     def _evict(self) -> None:
@@ -146,7 +147,8 @@ def copy_memory(bank: MemoryBank) -> MemoryBank:
     """An independent copy of a bank (same chunks, pending tokens, positions; any index)."""
     copy = MemoryBank(bank.batch_size, bank.num_kv_heads, bank.head_dim, bank.capacity * bank.chunk_size,
                       bank.chunk_size, dtype=bank.dtype_name, index=bank.index_config, meta=bank.meta,
-                      recent=deepcopy(bank.recent), token_log=deepcopy(bank.token_log))  # tier, token ids too
+                      recent=deepcopy(bank.recent), token_log=deepcopy(bank.token_log),  # tier, token ids too
+                      device=bank.device)
     for row in range(bank.batch_size):  # stored form: int8 entries are copied, not quantised again
         copy.append_stored(row, bank.row_storage(row), bank.row_positions(row), bank.row_chunk_keys(row))
     for name in ("pending_keys", "pending_values", "pending_search", "pending_positions", "pending_count",
@@ -156,10 +158,11 @@ def copy_memory(bank: MemoryBank) -> MemoryBank:
 
 
 def sample(logits: torch.Tensor, config: GenerationConfig, rng: torch.Generator | None = None) -> int:
-    """logits [V] -> one token id: greedy at temperature 0, else temperature + top-p sampling."""
+    """logits [V] -> one token id: greedy at temperature 0, else temperature + top-p sampling (on the host,
+    with a host generator: a seed draws the same tokens on every device)."""
     if config.temperature == 0:
         return int(logits.argmax())
-    probs = torch.softmax(logits.float() / config.temperature, dim=-1)  # [V]
+    probs = torch.softmax(logits.float().cpu() / config.temperature, dim=-1)  # [V]
     if config.top_p < 1:
         sorted_probs, order = probs.sort(descending=True)
         before = sorted_probs.cumsum(0) - sorted_probs  # mass of the tokens ranked above each one
@@ -226,7 +229,7 @@ class TextStream:
                 yield text[sent:safe]
                 sent = safe
             if len(out) < cfg.max_new_tokens:
-                logits = self.decoder.feed(torch.tensor([token]))
+                logits = self.decoder.feed(torch.tensor([token], device=self.model.device))
         if len(text) > sent:
             yield text[sent:]
         seconds = time.perf_counter() - t1
@@ -269,7 +272,8 @@ def stream(model: LongMemModel, prompt: str | torch.Tensor, memory: MemoryBank |
     if isinstance(prompt, str):
         if model.tokenizer is None:
             raise LongMemError("this model has no tokenizer; pass token ids instead")
-        prompt = torch.tensor(model.tokenizer(prompt, add_special_tokens=False)["input_ids"], dtype=torch.long)
+        ids = model.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        prompt = torch.tensor(ids, dtype=torch.long, device="cpu")
     if memory is None:
         memory, copy_on_write = model.new_memory(1), False
     window, evict = window_sizes(model, config, memory)

@@ -46,7 +46,7 @@ def tokenize(model: LongMemModel, text: str) -> torch.Tensor:
     ids = model.tokenizer(text, add_special_tokens=False)["input_ids"]
     if len(ids) < 2:
         raise LongMemError("text is too short: at least 2 tokens are needed to score it")
-    return torch.tensor(ids, dtype=torch.long)
+    return torch.tensor(ids, dtype=torch.long, device="cpu")
 
 
 def segments(n: int, t: int) -> range:
@@ -61,6 +61,7 @@ def read(
 ) -> MemoryBank:
     """Stream ids [N] through the model segment by segment, filling ``memory`` (row 0)."""
     t = segment_length or model.config.segment_length
+    ids = ids.to(model.device)
     model.eval()
     with tqdm(total=ids.shape[0], unit="tok", desc="reading", disable=not progress, leave=False) as bar:
         for a in segments(ids.shape[0], t):
@@ -94,7 +95,7 @@ def perplexity(
     if mode == "foreign-memory" and memory is None:
         raise LongMemError("mode 'foreign-memory' needs a memory read from another text")
     t = segment_length or model.config.segment_length
-    n = ids.shape[0]
+    n, ids = ids.shape[0], ids.to(model.device)
     if mode in ("memory", "short-term-only") and memory is None:
         memory = model.new_memory(1)
     if mode == "short-term-only" and memory.recent is None:
@@ -108,7 +109,7 @@ def perplexity(
     for a in segments(n - 1, t):
         seg = ids[a : a + t][None, :]  # [1,T]
         labels = ids[a + 1 : a + t + 1][None, :]  # [1,<=T]
-        positions = offset + a + torch.arange(seg.shape[1])[None, :]  # [1,T]
+        positions = offset + a + torch.arange(seg.shape[1], device=seg.device)[None, :]  # [1,T]
         out = model(seg, memory=memory if reads else None, positions=positions, backbone_logits=mode == "backbone")
         logits = (out.backbone_logits if mode == "backbone" else out.logits)[:, : labels.shape[1]]
         losses = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none")
@@ -134,7 +135,7 @@ def perplexity(
         segment_length=t,
         memory_tokens=memory.num_tokens() if reads else 0,
         segment_nll=seg_nll,
-        token_nll=torch.cat(per_token) if token_nll else None,
+        token_nll=torch.cat(per_token).cpu() if token_nll else None,
     )
 
 
@@ -154,7 +155,7 @@ def sliding_window_perplexity(
     if not 0 < stride <= window <= model.backbone.native_context:
         raise LongMemError(f"need 0 < stride={stride} <= window={window} <= native context "
                            f"{model.backbone.native_context}")
-    n = ids.shape[0]
+    n, ids = ids.shape[0], ids.to(model.device)
     nll_sum, seg_nll, per_token, s = 0.0, [], [], 1
     start_time = time.perf_counter()
     bar = tqdm(total=n, initial=1, unit="tok", desc=f"ppl (window {window})", disable=not progress, leave=False)
@@ -175,7 +176,7 @@ def sliding_window_perplexity(
     mean = nll_sum / (n - 1)
     return PerplexityResult(mode=f"window-{window}", perplexity=math.exp(mean), nll=mean, tokens=n - 1,
                             seconds=seconds, tokens_per_s=n / seconds, segment_length=stride, memory_tokens=0,
-                            segment_nll=seg_nll, token_nll=torch.cat(per_token) if token_nll else None)
+                            segment_nll=seg_nll, token_nll=torch.cat(per_token).cpu() if token_nll else None)
 
 
 def side_by_side(model: LongMemModel, ids: torch.Tensor, window: int = 2048, progress: bool = False

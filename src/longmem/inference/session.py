@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from longmem.model.backbone import weights_digest
 from longmem.model.hub import cache_home
 from longmem.errors import LongMemError
 from longmem.inference.generate import GenerationConfig, TextStream, copy_memory, stream
@@ -42,12 +43,7 @@ def sidenet_fingerprint(model: LongMemModel) -> str:
     digest = hashlib.sha256()
     # the layout tag (memory-delta SideNet, joint fusion) as memories written before the product cut recorded it
     digest.update(f"delta|joint|{model.config.reduction}|{model.backbone.memory_layer}".encode())
-    for name, param in sorted(model.sidenet.state_dict().items()):
-        flat = param.detach().reshape(-1)
-        sample = flat[:: max(1, flat.numel() // 4096)][:4096].to(torch.bfloat16).to(torch.float32)
-        digest.update(f"{name}|{tuple(param.shape)}".encode())
-        digest.update(sample.numpy().tobytes())
-    return "sha256:" + digest.hexdigest()[:32]
+    return weights_digest(digest, model.sidenet.state_dict())
 
 
 def memory_header(model: LongMemModel, capacity_tokens: int | None = None) -> dict:
@@ -128,7 +124,7 @@ class Recorder:
         self.token_log = log if log is not None else token_log
         self.first = self.stream = stream_tokens  # stream offsets of the first kept / next token
         self.pieces: list[Tokens] = []
-        self.end_position = torch.tensor([end_position])
+        self.end_position = end_position
 
     @property
     def end_position(self) -> torch.Tensor:
@@ -137,9 +133,9 @@ class Recorder:
 
     @end_position.setter
     def end_position(self, value) -> None:
-        self._end = torch.as_tensor(value, dtype=torch.long).reshape(1).clone()
+        self._end = torch.tensor([int(value)], dtype=torch.long, device="cpu")
         if self.bank is not None:
-            self.bank.end_position = self._end.clone()
+            self.bank.end_position = self._end.to(self.bank.device)
 
     def write(self, keys, values, positions, keep=None, search_keys=None) -> None:
         """As MemoryBank.write, for one row: keys/values [1,H_kv,T,Dh], positions [1,T], keep [1,T]."""
@@ -147,14 +143,14 @@ class Recorder:
             self.bank.write(keys, values, positions, keep, search_keys)
         search = keys if search_keys is None else search_keys
         sel = slice(None) if keep is None else keep[0].nonzero().squeeze(1)
-        d = self.dtype
+        d, host = self.dtype, "cpu"  # the pieces are kept for the disk, in host memory
         ids = match = None
         if self.token_log is not None:  # a copy head's token ids and match keys, as the log noted them
-            ids = self.token_log.lookup(positions[:1])[0][sel].to(torch.int32)
+            ids = self.token_log.lookup(positions[:1])[0][sel].to(host, torch.int32)
             match = self.token_log.keys_at(positions[:1])
-            match = None if match is None else match[0][:, sel]
-        piece = Tokens(keys[0][:, sel].to(d), values[0][:, sel].to(d), search[0][:, sel].to(d), positions[0][sel], ids,
-                       match)
+            match = None if match is None else match[0][:, sel].to(host)
+        piece = Tokens(keys[0][:, sel].to(host, d), values[0][:, sel].to(host, d), search[0][:, sel].to(host, d),
+                       positions[0][sel].to(host), ids, match)
         self.pieces.append(piece)
         self.stream += piece.count
         if positions.shape[1]:
@@ -173,8 +169,8 @@ class Recorder:
     def tokens(self) -> Tokens:
         """Every kept token from stream offset ``first`` on."""
         if not self.pieces:
-            empty = torch.zeros(0, 0, 0, dtype=self.dtype)
-            return Tokens(empty, empty, empty, torch.zeros(0, dtype=torch.long))
+            empty = torch.zeros(0, 0, 0, dtype=self.dtype, device="cpu")
+            return Tokens(empty, empty, empty, torch.zeros(0, dtype=torch.long, device="cpu"))
         return Tokens.cat(self.pieces)
 
 
@@ -192,10 +188,10 @@ def read_into(model: LongMemModel, ids: torch.Tensor, memory, start: int, segmen
         raise LongMemError(f"{type(model).__name__} writes its memory from its own trainable layers (e.g. the "
                            "MemTRM baseline): read text through the model (longmem ppl / eval), not remember")
     t = segment_length or model.config.segment_length
-    recent = memory.recent
+    recent, ids = memory.recent, ids.to(model.device)
     for a in range(0, ids.shape[0], t):
         seg = ids[a : a + t][None, :]  # [1,T]
-        positions = start + a + torch.arange(seg.shape[1])[None, :]  # [1,T]
+        positions = start + a + torch.arange(seg.shape[1], device=seg.device)[None, :]  # [1,T]
         with lock or contextlib.nullcontext():
             if recent is None:
                 keys, values, match = model.backbone.memory_kv(seg, model.config.copy_layer)
@@ -215,7 +211,7 @@ def tokenize(model: LongMemModel, text: str) -> torch.Tensor:
     ids = model.tokenizer(text, add_special_tokens=False)["input_ids"]
     if not ids:
         raise LongMemError("no text to remember (0 tokens)")
-    return torch.tensor(ids, dtype=torch.long)
+    return torch.tensor(ids, dtype=torch.long, device="cpu")
 
 
 @dataclass

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from longmem.devices import canonical
 from longmem.errors import LongMemError
 from longmem.memory.search import IndexConfig, build_index
 from longmem.memory.quant import SCALE_DTYPE, dequantize, quantize
@@ -63,9 +64,11 @@ class MemoryBank:
         recent: RecentCache | None = None,
         storage: dict[str, torch.Tensor] | None = None,
         token_log: TokenLog | None = None,
+        device: torch.device | str = "cpu",
     ):
         """``storage`` (optional): ready K/V tensors as ``new_storage`` makes them, e.g. memory-mapped.
-        ``token_log`` (optional): the ids of the tokens read, by position (for a copy head)."""
+        ``token_log`` (optional): the ids of the tokens read, by position (for a copy head). ``device``: where
+        the bank's tensors and its index live (the model's device; storage and the tier must be there too)."""
         if capacity_tokens % chunk_size:
             raise LongMemError(f"memory capacity {capacity_tokens} is not a multiple of chunk size {chunk_size}")
         if dtype not in STORAGE_DTYPES:
@@ -76,12 +79,19 @@ class MemoryBank:
         self.index_config = index if isinstance(index, IndexConfig) else IndexConfig(kind=index)
         self.dtype_name, self.index_name = dtype, self.index_config.kind
         self.meta = dict(meta or {})
+        self.device = canonical(device)
         dt = float_dtype(dtype)
         b, h, c, s, d = batch_size, num_kv_heads, self.capacity, chunk_size, head_dim
         storage = storage or self.new_storage()
         self.keys, self.values = storage["keys"], storage["values"]  # [B,Hkv,C,csz,Dh] float or int8
         self.key_scale = storage.get("key_scale")  # [B,Hkv,C,csz] int8 storage only
         self.value_scale = storage.get("value_scale")
+        with self.device:  # every tensor made below is on the bank's device
+            self._new_state(b, h, c, s, d, dt)
+        self.recent = recent  # optional short-term tier (every layer's K/V of the last tokens read)
+        self.token_log = token_log  # optional token ids by position (the copy head reads them)
+
+    def _new_state(self, b: int, h: int, c: int, s: int, d: int, dt: torch.dtype) -> None:
         self.positions = torch.zeros(b, c, s, dtype=torch.int64)  # [B,C,csz]
         self.start = torch.zeros(b, dtype=torch.long)  # ring slot of each row's oldest chunk
         self.count = torch.zeros(b, dtype=torch.long)  # chunks held per row
@@ -92,18 +102,19 @@ class MemoryBank:
         self.pending_search = torch.zeros(b, h, s, d, dtype=dt)  # keys the chunk key is averaged from
         self.pending_count = torch.zeros(b, dtype=torch.long)
         self.index = build_index(self.index_config, b, h, c, d, dt)
-        self.recent = recent  # optional short-term tier (every layer's K/V of the last tokens read)
-        self.token_log = token_log  # optional token ids by position (the copy head reads them)
 
     def new_storage(self) -> dict[str, torch.Tensor]:
         """Zeroed K/V storage: keys, values [B,Hkv,C,csz,Dh] (+ key_scale, value_scale [B,Hkv,C,csz] for int8)."""
         shape = (self.batch_size, self.num_kv_heads, self.capacity, self.chunk_size, self.head_dim)
         if self.dtype_name != "int8":
             dt = DTYPES[self.dtype_name]
-            return {"keys": torch.zeros(shape, dtype=dt), "values": torch.zeros(shape, dtype=dt)}
-        return {"keys": torch.zeros(shape, dtype=torch.int8), "values": torch.zeros(shape, dtype=torch.int8),
-                "key_scale": torch.zeros(shape[:-1], dtype=SCALE_DTYPE),
-                "value_scale": torch.zeros(shape[:-1], dtype=SCALE_DTYPE)}
+            return {"keys": torch.zeros(shape, dtype=dt, device=self.device),
+                    "values": torch.zeros(shape, dtype=dt, device=self.device)}
+        on = {"device": self.device}
+        return {"keys": torch.zeros(shape, dtype=torch.int8, **on),
+                "values": torch.zeros(shape, dtype=torch.int8, **on),
+                "key_scale": torch.zeros(shape[:-1], dtype=SCALE_DTYPE, **on),
+                "value_scale": torch.zeros(shape[:-1], dtype=SCALE_DTYPE, **on)}
 
     # ------------------------------------------------------------------ sizes
     def num_tokens(self, row: int | None = None) -> int:
@@ -161,10 +172,11 @@ class MemoryBank:
         p, s = int(self.pending_count[row]), self.chunk_size
         sk = k if sk is None else sk
         dt = self.pending_keys.dtype
-        k = torch.cat([self.pending_keys[row, :, :p], k.to(dt)], 1)  # [Hkv,p+n,Dh]
-        v = torch.cat([self.pending_values[row, :, :p], v.to(dt)], 1)
-        sk = torch.cat([self.pending_search[row, :, :p], sk.to(dt)], 1)
-        pos = torch.cat([self.pending_positions[row, :p], pos.to(torch.int64)])
+        on = self.device  # e.g. tokens replayed from disk onto a GPU bank
+        k = torch.cat([self.pending_keys[row, :, :p], k.to(on, dt)], 1)  # [Hkv,p+n,Dh]
+        v = torch.cat([self.pending_values[row, :, :p], v.to(on, dt)], 1)
+        sk = torch.cat([self.pending_search[row, :, :p], sk.to(on, dt)], 1)
+        pos = torch.cat([self.pending_positions[row, :p], pos.to(on, torch.int64)])
         full = k.shape[1] // s * s
         rest = k.shape[1] - full
         self.pending_keys[row, :, :rest] = k[:, full:]
@@ -198,17 +210,17 @@ class MemoryBank:
         n = cp.shape[0]
         first = max(0, n - self.capacity)  # a write larger than the bank keeps its newest chunks
         stored = {name: t[:, first:] for name, t in stored.items()}
-        cp, chunk_keys = cp[first:], chunk_keys[:, first:]
+        cp, chunk_keys = cp[first:].to(self.device), chunk_keys[:, first:].to(self.device)
         n -= first
         overflow = int(self.count[row]) + n - self.capacity
         if overflow > 0:  # FIFO: evict the oldest chunks
             self.index.evict(row, overflow)
             self.start[row] = (self.start[row] + overflow) % self.capacity
             self.count[row] -= overflow
-        slots = (self.start[row] + self.count[row] + torch.arange(n)) % self.capacity
+        slots = (self.start[row] + self.count[row] + torch.arange(n, device=self.device)) % self.capacity
         for name, value in stored.items():
             target = getattr(self, name)  # [B,Hkv,C,csz(,Dh)]
-            target[row, :, slots] = value.to(target.dtype)
+            target[row, :, slots] = value.to(self.device, target.dtype)
         self.positions[row, slots] = cp
         self.index.add(row, slots, chunk_keys)
         self.count[row] += n
@@ -228,14 +240,15 @@ class MemoryBank:
         age = (slots - self.start.view(b, 1, 1, 1)) % self.capacity + (~valid) * self.capacity
         order = age.argsort(-1)
         slots, valid = slots.gather(-1, order), valid.gather(-1, order)
-        kv_head = torch.arange(hs) // (hs // self.num_kv_heads)  # [Hs]
-        flat = (torch.arange(b)[:, None] * self.num_kv_heads + kv_head[None, :]) * self.capacity  # [B,Hs]
+        kv_head = torch.arange(hs, device=self.device) // (hs // self.num_kv_heads)  # [Hs]
+        rows = torch.arange(b, device=self.device)
+        flat = (rows[:, None] * self.num_kv_heads + kv_head[None, :]) * self.capacity  # [B,Hs]
         flat = flat[:, :, None, None] + slots  # [B,Hs,T,n] index into [B*Hkv*C]
         s = self.chunk_size
         flat = flat.flatten()
         keys = self._gather(self.keys, self.key_scale, flat).view(b, hs, t, num_chunks * s, d)  # [B,Hs,T,K,Dh]
         values = self._gather(self.values, self.value_scale, flat).view(b, hs, t, num_chunks * s, d)
-        row_slot = (torch.arange(b)[:, None, None, None] * self.capacity + slots).flatten()  # [B*Hs*T*n]
+        row_slot = (rows[:, None, None, None] * self.capacity + slots).flatten()  # [B*Hs*T*n]
         positions = self.positions.view(-1, s).index_select(0, row_slot).view(b, hs, t, num_chunks * s)
         mask = valid.repeat_interleave(s, -1)  # [B,Hs,T,K]
         return Retrieved(keys, values, positions, mask, slots)
@@ -288,8 +301,8 @@ class MemoryBank:
         if int(self.count[row]) or n > self.capacity:
             raise LongMemError(f"cannot attach {n} chunks to row {row} (holding {int(self.count[row])} of "
                                f"{self.capacity})")
-        slots = torch.arange(n)
-        self.positions[row, slots] = positions
+        slots = torch.arange(n, device=self.device)
+        self.positions[row, slots] = positions.to(self.device)
         self.index.add(row, slots, chunk_keys)
         self.start[row], self.count[row] = 0, n
 
@@ -298,4 +311,4 @@ class MemoryBank:
         return self.index.keys_of(row, self._row_slots(row))
 
     def _row_slots(self, row: int) -> torch.Tensor:
-        return (self.start[row] + torch.arange(int(self.count[row]))) % self.capacity
+        return (self.start[row] + torch.arange(int(self.count[row]), device=self.device)) % self.capacity

@@ -38,10 +38,12 @@ SAID = 3  # ids after a candidate that, found together in the window, mark its a
 
 def _row_ids(log: TokenLog, row: int, ids: torch.Tensor, first: int) -> tuple[torch.Tensor, int]:
     """Everything known of one row: the log's ids then the context's, with positions from ``lo``: [S], lo."""
+    dev = ids.device
     end = int(log.end[row])
     lo = max(0, end - log.span)
-    known = log.lookup_row(row, torch.arange(lo, end)) if end > lo else torch.empty(0, dtype=torch.long)
-    gap = torch.full((max(0, first - end),), UNKNOWN, dtype=torch.long)  # a context after a gap
+    known = (log.lookup_row(row, torch.arange(lo, end, device=dev)) if end > lo
+             else torch.empty(0, dtype=torch.long, device=dev))
+    gap = torch.full((max(0, first - end),), UNKNOWN, dtype=torch.long, device=dev)  # a context after a gap
     return torch.cat([known.long(), gap, ids.long()]), lo
 
 
@@ -54,11 +56,12 @@ def keyed_matches(log: TokenLog, ids: torch.Tensor, positions: torch.Tensor, que
     anchor length [B,Q,S] (0 there), the id after each candidate [B,Q,S] (-1 there) and whether the
     candidate's answer was said already [B,Q,S] (bool: its next SAID ids occur together in the window)."""
     b, c = ids.shape
-    out_pos = torch.full((b, queries, slots), UNKNOWN, dtype=torch.long)
-    out_overlap = torch.zeros(b, queries, slots)
-    out_len = torch.zeros(b, queries, slots, dtype=torch.long)
-    out_next = torch.full((b, queries, slots), UNKNOWN, dtype=torch.long)
-    out_said = torch.zeros(b, queries, slots, dtype=torch.bool)
+    dev = ids.device
+    out_pos = torch.full((b, queries, slots), UNKNOWN, dtype=torch.long, device=dev)
+    out_overlap = torch.zeros(b, queries, slots, device=dev)
+    out_len = torch.zeros(b, queries, slots, dtype=torch.long, device=dev)
+    out_next = torch.full((b, queries, slots), UNKNOWN, dtype=torch.long, device=dev)
+    out_said = torch.zeros(b, queries, slots, dtype=torch.bool, device=dev)
     for row in range(b):
         first = int(positions[row, 0])
         seq, lo = _row_ids(log, row, ids[row], first)  # [S] at absolute positions lo..
@@ -66,14 +69,14 @@ def keyed_matches(log: TokenLog, ids: torch.Tensor, positions: torch.Tensor, que
         if not bool(known.any()):
             continue
         qi = positions[row, c - queries:].long() - lo  # [Q] query indices into seq
-        back = qi[:, None] - torch.arange(window)[None, :]  # [Q,W]
+        back = qi[:, None] - torch.arange(window, device=dev)[None, :]  # [Q,W]
         wid = torch.where(back >= 0, seq[back.clamp_min(0)], UNKNOWN)  # [Q,W] the query window's ids
-        earlier = torch.ones(window, window, dtype=torch.bool).tril(-1)  # j before i: a repeat of an id
+        earlier = torch.ones(window, window, dtype=torch.bool, device=dev).tril(-1)  # j before i: a repeat of an id
         dup = ((wid[:, :, None] == wid[:, None, :]) & earlier).any(-1)
         # where each id occurs: a sorted (id, index) list; counts and occurrences up to a query only (causal)
         span = seq.shape[0] + 1
-        order = torch.argsort(seq * span + torch.arange(seq.shape[0]))
-        sorted_key = (seq * span + torch.arange(seq.shape[0]))[order]  # [S] ascending
+        order = torch.argsort(seq * span + torch.arange(seq.shape[0], device=dev))
+        sorted_key = (seq * span + torch.arange(seq.shape[0], device=dev))[order]  # [S] ascending
         lo_w = torch.searchsorted(sorted_key, wid * span, side="left")  # [Q,W] the id's first entry
         cnt = torch.searchsorted(sorted_key, wid * span + qi[:, None] + 1, side="left") - lo_w  # [Q,W] seen so far
         total = known.long().cumsum(0)[qi]  # [Q] known tokens up to each query
@@ -83,16 +86,16 @@ def keyed_matches(log: TokenLog, ids: torch.Tensor, positions: torch.Tensor, que
         ok = (wid >= 0) & ~dup & (cnt <= max_count) & (hi > lo_w)  # a key word was said before
         idf = torch.where(ok, idf, 0.0)
         # candidates: within reach after an occurrence, the anchor id (the query's own), p + 1 known
-        idx = hi[..., None] - 1 - torch.arange(occurrences)  # [Q,W,O] each word's most recent occurrences
+        idx = hi[..., None] - 1 - torch.arange(occurrences, device=dev)  # [Q,W,O] each word's most recent occurrences
         occ = torch.where((idx >= lo_w[..., None]) & ok[..., None], order[idx.clamp(0, seq.shape[0] - 1)], UNKNOWN)
-        p = occ[..., None] + 1 + torch.arange(reach)  # [Q,W,O,D]
+        p = occ[..., None] + 1 + torch.arange(reach, device=dev)  # [Q,W,O,D]
         inside = (occ[..., None] >= 0) & (p + 1 < qi[:, None, None, None])
         pc = p.clamp(0, seq.shape[0] - 2)
         anchor = seq[qi][:, None, None, None]
         good = inside & (seq[pc] == anchor) & (seq[pc + 1] >= 0) & (anchor >= 0)  # [Q,W,O,D]
         idf = torch.where(good.flatten(2).any(-1), idf, 0.0)  # a key word leads to the anchor somewhere
         k = min(keys, window)
-        kat = (idf - 1e-6 * torch.arange(window)).topk(k, -1).indices  # [Q,K] ties: the newest word first
+        kat = (idf - 1e-6 * torch.arange(window, device=dev)).topk(k, -1).indices  # [Q,K] ties: the newest word first
         kidf = idf.gather(1, kat)
         on = kidf > 0  # [Q,K] a key word (else: none)
         occ = torch.where(on[..., None], occ.gather(1, kat[..., None].expand(-1, -1, occurrences)), UNKNOWN)  # [Q,K,O]
@@ -101,9 +104,9 @@ def keyed_matches(log: TokenLog, ids: torch.Tensor, positions: torch.Tensor, que
         cand = torch.where(good, p, UNKNOWN).reshape(queries, -1)  # [Q,N]
         # overlap: the key words that occur in the reach up to p (from their occurrence lists)
         flat_occ = occ.reshape(queries, 1, -1)  # [Q,1,K*O]
-        occ_word = torch.arange(k).repeat_interleave(occurrences)  # [K*O] which key word each occurrence is
+        occ_word = torch.arange(k, device=dev).repeat_interleave(occurrences)  # [K*O] which key word each occurrence is
         near = (flat_occ >= 0) & (flat_occ <= cand[..., None]) & (flat_occ > cand[..., None] - reach - 1)  # [Q,N,K*O]
-        present = torch.zeros(queries, cand.shape[1], k, dtype=torch.long)
+        present = torch.zeros(queries, cand.shape[1], k, dtype=torch.long, device=dev)
         present.scatter_reduce_(2, occ_word.expand_as(near), near.long(), reduce="amax")
         overlap = (present.float() * kidf[:, None, :]).sum(-1)  # [Q,N]
         overlap = torch.where(cand >= 0, overlap, -1.0)
@@ -119,16 +122,17 @@ def keyed_matches(log: TokenLog, ids: torch.Tensor, positions: torch.Tensor, que
         ov = overlap.gather(1, top)
         keep = (pos >= 0) & (ov >= 0)
         s = top.shape[1]
-        backs = torch.arange(MAX_ANCHOR)
+        backs = torch.arange(MAX_ANCHOR, device=dev)
         qv = torch.where(qi[:, None] - backs >= 0, seq[(qi[:, None] - backs).clamp_min(0)], UNKNOWN)  # [Q,L]
         pv_at = (pos[..., None] - backs).clamp_min(0)
         pv = torch.where(keep[..., None] & (pos[..., None] - backs >= 0), seq[pv_at], -2)  # [Q,S',L]
         length = ((pv == qv[:, None, :]) & (qv[:, None, :] >= 0)).long().cumprod(-1).sum(-1)
         # said: the three ids after the candidate occur together in the query's window (an answer given already)
-        ahead = pos[..., None] + 1 + torch.arange(SAID)  # [Q,S',3]
+        ahead = pos[..., None] + 1 + torch.arange(SAID, device=dev)  # [Q,S',3]
         nid = torch.where(keep[..., None] & (ahead < qi[:, None, None]), seq[ahead.clamp(0, seq.shape[0] - 1)], -2)
-        start = qi[:, None] - torch.arange(SAID - 1, window)  # [Q,W'] window positions whose 3 ids are all read
-        tri = torch.where((start >= 0)[..., None], seq[(start[..., None] + torch.arange(SAID)).clamp_min(0)], -3)
+        start = qi[:, None] - torch.arange(SAID - 1, window, device=dev)  # [Q,W'] window positions, 3 ids all read
+        three = (start[..., None] + torch.arange(SAID, device=dev)).clamp_min(0)  # [Q,W',3]
+        tri = torch.where((start >= 0)[..., None], seq[three], -3)
         said = ((nid[:, :, None, :] == tri[:, None, :, :]) & (nid[:, :, None, :] >= 0)).all(-1).any(-1)  # [Q,S']
         out_pos[row, :, :s] = torch.where(keep, pos + lo, UNKNOWN)
         out_overlap[row, :, :s] = torch.where(keep, ov, 0.0)

@@ -47,7 +47,7 @@ def _sorted_ends(log: TokenLog, row: int, n: int) -> tuple[torch.Tensor, torch.T
         return cache[key]
     end = int(log.end[row])
     lo = max(0, end - log.span)
-    pos = torch.arange(lo, end)  # [S']
+    pos = torch.arange(lo, end, device=log.device)  # [S']
     ids = log.lookup_row(row, pos)  # [S']
     h, ok = ngram_hashes(ids, n)
     ok[-1:] = False  # the last id has no successor in the log
@@ -65,7 +65,7 @@ def _recent_hits(keys: torch.Tensor, ends: torch.Tensor, qkey_lo: torch.Tensor, 
     entries with the highest keys in range (the most recent ends) [Q,m] (-1: none)."""
     left = torch.searchsorted(keys, qkey_lo, side="left")
     right = torch.searchsorted(keys, qkey_hi, side="right")
-    idx = right[:, None] - 1 - torch.arange(m)[None, :]  # [Q,m]
+    idx = right[:, None] - 1 - torch.arange(m, device=keys.device)[None, :]  # [Q,m]
     hit = idx >= left[:, None]
     if not len(ends):
         return torch.full_like(idx, UNKNOWN)
@@ -82,11 +82,11 @@ def suffix_matches(log: TokenLog, ids: torch.Tensor, positions: torch.Tensor, qu
     then the context's (ends before the query; none unless ``local``) of each order; a hit of both
     orders counts once."""
     b, c = ids.shape
-    slots = 4 * m
-    out_pos = torch.full((b, queries, slots), UNKNOWN, dtype=torch.long)
-    out_len = torch.zeros(b, queries, slots, dtype=torch.long)
-    out_next = torch.full((b, queries, slots), UNKNOWN, dtype=torch.long)
-    in_context = torch.zeros(b, queries, slots, dtype=torch.bool)
+    slots, dev = 4 * m, ids.device
+    out_pos = torch.full((b, queries, slots), UNKNOWN, dtype=torch.long, device=dev)
+    out_len = torch.zeros(b, queries, slots, dtype=torch.long, device=dev)
+    out_next = torch.full((b, queries, slots), UNKNOWN, dtype=torch.long, device=dev)
+    in_context = torch.zeros(b, queries, slots, dtype=torch.bool, device=dev)
     in_context[..., 2 * m :] = True
     for row in range(b):
         end = int(log.end[row])
@@ -101,7 +101,7 @@ def suffix_matches(log: TokenLog, ids: torch.Tensor, positions: torch.Tensor, qu
             return torch.where(inside, context[(at - first).clamp(0, c - 1)], log.lookup_row(row, at))
 
         ws = max(0, first - LONG * n + 1)  # hashes need the LONG * n - 1 ids before the context, no more
-        window = fetch(torch.arange(ws, first + c))  # [W]
+        window = fetch(torch.arange(ws, first + c, device=dev))  # [W]
         qpos = positions[row, c - queries :].long()  # [Q] absolute
         cand = []
         hashes = {order: ngram_hashes(window, order) for order in (n, LONG * n)}
@@ -112,11 +112,11 @@ def suffix_matches(log: TokenLog, ids: torch.Tensor, positions: torch.Tensor, qu
                 keys, ends = _sorted_ends(log, row, order)
                 hits = _recent_hits(keys, ends, qh, qh, m)
             else:
-                hits = torch.full((queries, m), UNKNOWN, dtype=torch.long)
+                hits = torch.full((queries, m), UNKNOWN, dtype=torch.long, device=dev)
             cand.append(torch.where(qok[:, None], hits, UNKNOWN))
         for order in (n, LONG * n) if local else ():  # the context's hits: ends before the query (key hash | pos)
             h, ok = hashes[order]
-            ends = torch.arange(first, first + c - 1)  # the last context id has no successor yet
+            ends = torch.arange(first, first + c - 1, device=dev)  # the last context id has no successor yet
             ok = ok[ends - ws]
             keys = (h[ends - ws] << 32) | (ends - ws)
             order_idx = torch.sort(keys[ok]).indices
@@ -124,11 +124,11 @@ def suffix_matches(log: TokenLog, ids: torch.Tensor, positions: torch.Tensor, qu
             qh, qok = query[order]
             hits = _recent_hits(keys, ends, qh << 32, (qh << 32) | (qpos - 1 - ws).clamp_min(0), m)
             cand.append(torch.where(qok[:, None] & (hits < qpos[:, None]), hits, UNKNOWN))
-        pos = torch.cat(cand + [torch.full((queries, 2 * m), UNKNOWN)] * (not local), 1)  # [Q,4m]
-        earlier = torch.ones(slots, slots, dtype=torch.bool).tril(-1)  # [4m,4m] slot j before slot i
+        pos = torch.cat(cand + [torch.full((queries, 2 * m), UNKNOWN, device=dev)] * (not local), 1)  # [Q,4m]
+        earlier = torch.ones(slots, slots, dtype=torch.bool, device=dev).tril(-1)  # [4m,4m] slot j before slot i
         dup = ((pos[:, :, None] == pos[:, None, :]) & earlier).any(-1)
         pos = torch.where(dup, UNKNOWN, pos)
-        back = torch.arange(MAX_LEN)  # [L]
+        back = torch.arange(MAX_LEN, device=dev)  # [L]
         qv = fetch(qpos[:, None, None] - back)  # [Q,1,L]
         pv = torch.where(pos[:, :, None] >= 0, fetch(pos[:, :, None] - back), UNKNOWN)  # [Q,4m,L]
         same = (qv == pv) & (qv >= 0)

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from longmem.devices import canonical
+
 
 @dataclass
 class Evicted:
@@ -35,12 +37,17 @@ class RecentCache:
 
     def __init__(
         self, batch_size: int, num_layers: int, num_kv_heads: int, head_dim: int, recent: int, sinks: int,
-        dtype: torch.dtype = torch.bfloat16,
+        dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu",
     ):
         b, n, h, d = batch_size, num_layers, num_kv_heads, head_dim
         self.batch_size, self.num_layers, self.num_kv_heads, self.head_dim = b, n, h, d
         self.recent, self.sinks, self.dtype = recent, sinks, dtype
-        p = sinks + recent
+        self.device = canonical(device)
+        with self.device:  # every tensor made here is on the tier's device
+            self._new_state(b, n, h, d, sinks + recent)
+
+    def _new_state(self, b: int, n: int, h: int, d: int, p: int) -> None:
+        recent, dtype = self.recent, self.dtype
         self.keys = torch.zeros(n, b, h, p, d, dtype=dtype)  # [L,B,Hkv,P,Dh] rotated to slot positions
         self.values = torch.zeros(n, b, h, p, d, dtype=dtype)
         self.valid = torch.zeros(b, p, dtype=torch.bool)  # [B,P]
@@ -116,7 +123,7 @@ class RecentCache:
 
     def reset(self, rows: list[int] | None = None) -> None:
         """Empty the tier of the given rows (all rows when None)."""
-        idx = slice(None) if rows is None else torch.tensor(rows, dtype=torch.long)
+        idx = slice(None) if rows is None else torch.tensor(rows, dtype=torch.long, device=self.device)
         self.valid[idx] = False
         self.held_keep[idx] = False
 
@@ -132,4 +139,4 @@ class RecentCache:
             if current.shape != value.shape or current.dtype != value.dtype:
                 raise ValueError(f"recent.{name}: {tuple(value.shape)} {value.dtype}, expected "
                                  f"{tuple(current.shape)} {current.dtype}")
-            setattr(self, name, value.clone())
+            setattr(self, name, value.to(self.device, copy=True))

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from longmem.devices import canonical
+
 UNKNOWN = -1
 
 
@@ -27,12 +29,14 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
 class TokenLog:
     """Per-row ring of the last ``span`` token ids (and match keys) read, indexed by absolute position."""
 
-    def __init__(self, batch_size: int, span: int, num_kv_heads: int = 0, head_dim: int = 0):
+    def __init__(self, batch_size: int, span: int, num_kv_heads: int = 0, head_dim: int = 0,
+                 device: torch.device | str = "cpu"):
         self.span = span
-        self.ids = torch.full((batch_size, span), UNKNOWN, dtype=torch.int32)  # [B,S] id at pos % S
-        self.end = torch.zeros(batch_size, dtype=torch.long)  # [B] position after the last id noted
+        self.device = on = canonical(device)
+        self.ids = torch.full((batch_size, span), UNKNOWN, dtype=torch.int32, device=on)  # [B,S] id at pos % S
+        self.end = torch.zeros(batch_size, dtype=torch.long, device=on)  # [B] position after the last id noted
         self.version = 0  # changes with every write (derived indexes are cached per version)
-        self.keys = (torch.zeros(batch_size, num_kv_heads, span, head_dim, dtype=torch.bfloat16)
+        self.keys = (torch.zeros(batch_size, num_kv_heads, span, head_dim, dtype=torch.bfloat16, device=on)
                      if num_kv_heads else None)  # [B,Hkv,S,Dh] unit-length match keys
 
     def note(self, ids: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor | None = None,
@@ -40,21 +44,21 @@ class TokenLog:
         """Record ids [B,T] (and keys [B,Hkv,T,Dh]) at absolute positions [B,T] (valid [B,T]: which)."""
         self.version += 1
         for row in range(ids.shape[0]):
-            keep = torch.ones(ids.shape[1], dtype=torch.bool) if valid is None else valid[row]
+            keep = torch.ones(ids.shape[1], dtype=torch.bool, device=ids.device) if valid is None else valid[row]
             pos, tok = positions[row][keep][-self.span :], ids[row][keep][-self.span :]
             if pos.numel() == 0:
                 continue
-            self.ids[row, pos % self.span] = tok.to(torch.int32)
+            self.ids[row, pos.to(self.device) % self.span] = tok.to(self.device, torch.int32)
             if self.keys is not None and keys is not None:
                 k = keys[row][:, keep][:, -self.span :]  # [Hkv,n,Dh]
-                self.keys[row][:, pos % self.span] = _unit(k).to(self.keys.dtype)
+                self.keys[row][:, pos.to(self.device) % self.span] = _unit(k).to(self.device, self.keys.dtype)
             self.end[row] = max(int(self.end[row]), int(pos.max()) + 1)
 
     def note_row(self, row: int, ids: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor | None) -> None:
         """Record one row: ids [n], positions [n], keys [Hkv,n,Dh] (e.g. replayed from disk)."""
         ids, positions = ids[-self.span :], positions[-self.span :]  # only the last span can stay
         b, n = self.ids.shape[0], ids.shape[0]
-        valid = torch.zeros(b, n, dtype=torch.bool)
+        valid = torch.zeros(b, n, dtype=torch.bool, device=ids.device)
         valid[row] = True
         full_keys = None if keys is None else keys[:, -self.span :][None].expand(b, -1, -1, -1)
         self.note(ids[None].expand(b, n), positions[None].expand(b, n), valid, full_keys)
@@ -97,9 +101,10 @@ class TokenLog:
         b, h, t, d = queries.shape
         k = min(k, self.span)
         q = _unit(queries)  # [B,Hkv,T,Dh]
-        slots = torch.arange(self.span)
-        sims = torch.full((b, h, t, k), float("-inf"))
-        positions = torch.full((b, h, t, k), UNKNOWN, dtype=torch.long)
+        on = {"device": self.device}
+        slots = torch.arange(self.span, **on)
+        sims = torch.full((b, h, t, k), float("-inf"), **on)
+        positions = torch.full((b, h, t, k), UNKNOWN, dtype=torch.long, **on)
         for row in range(b):
             end = int(self.end[row])
             base = end - end % self.span  # absolute position of slot 0 in the current lap
@@ -132,7 +137,7 @@ class TokenLog:
             current = getattr(self, name)
             if current is None or current.shape != value.shape or current.dtype != value.dtype:
                 raise ValueError(f"token_log.{name}: {tuple(value.shape)} {value.dtype} does not fit this log")
-            setattr(self, name, value.clone())
+            setattr(self, name, value.to(self.device, copy=True))
         self.version += 1
 
     def reset(self, rows: list[int] | None = None) -> None:

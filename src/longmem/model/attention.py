@@ -60,7 +60,7 @@ def local_attention_lse(
         if fused is not None:
             return fused
     if past is None:
-        allowed = torch.ones(t, t, dtype=torch.bool).tril()  # [T,T]
+        allowed = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()  # [T,T]
     else:
         k, v, allowed = _with_past(k, v, past)  # allowed [B,1,T,P+T]
     scores = torch.matmul(q.float(), expand_kv(k, h).float().transpose(-1, -2)) * scale  # [B,H,T,P+T]
@@ -80,7 +80,7 @@ def _flash_lse(
     mask = None
     if past is not None:
         k, v, allowed = _with_past(k, v, past)  # allowed [B,1,T,P+T]
-        mask = torch.zeros(allowed.shape, dtype=q.dtype).masked_fill_(~allowed, float("-inf"))
+        mask = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, float("-inf"))
     try:
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, expand_kv(k.to(q.dtype), h), expand_kv(v.to(q.dtype), h), is_causal=past is None,
@@ -117,7 +117,7 @@ def _with_past(k: torch.Tensor, v: torch.Tensor, past: Past) -> tuple[torch.Tens
     """Prepend past entries: -> keys/values [B,H_kv,P+T,Dh], allowed mask [B,1,T,P+T]."""
     pk, pv, valid = past
     b, t = k.shape[0], k.shape[2]
-    causal = torch.ones(t, t, dtype=torch.bool).tril()  # [T,T]
+    causal = torch.ones(t, t, dtype=torch.bool, device=k.device).tril()  # [T,T]
     allowed = torch.cat([valid[:, None, None, :].expand(b, 1, t, valid.shape[1]),
                          causal.expand(b, 1, t, t)], dim=-1)  # [B,1,T,P+T]
     return torch.cat([pk.to(k.dtype), k], 2), torch.cat([pv.to(v.dtype), v], 2), allowed
@@ -165,7 +165,7 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     k, v = expand_kv(k, h), expand_kv(v, h)
     if tn == n:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=_allowed(tn, n), scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=_allowed(tn, n, q.device), scale=scale)
 
 
 def cached_attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
@@ -174,13 +174,13 @@ def cached_attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scal
     hkv, n = k.shape[1], k.shape[2]
     qg = q.reshape(b, hkv, h // hkv * tn, d)  # [B,Hkv,G*Tn,Dh]: query head h reads KV head h // G
     scores = torch.matmul(qg.float(), k.float().transpose(-1, -2)) * scale  # [B,Hkv,G*Tn,N]
-    scores = scores.view(b, hkv, h // hkv, tn, n).masked_fill(~_allowed(tn, n), float("-inf"))
+    scores = scores.view(b, hkv, h // hkv, tn, n).masked_fill(~_allowed(tn, n, q.device), float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)  # [B,Hkv,G,Tn]
     probs = torch.exp(scores - lse.unsqueeze(-1)).view(b, hkv, -1, n)
     out = torch.matmul(probs, v.float()).view(b, h, tn, d)  # [B,H,Tn,Dh]
     return out.to(q.dtype), lse.reshape(b, h, tn)
 
 
-def _allowed(tn: int, n: int) -> torch.Tensor:
+def _allowed(tn: int, n: int, device: torch.device) -> torch.Tensor:
     """[Tn,N] True where new token i (window position n-Tn+i) may attend to window token j."""
-    return torch.arange(n)[None, :] <= torch.arange(n - tn, n)[:, None]
+    return torch.arange(n, device=device)[None, :] <= torch.arange(n - tn, n, device=device)[:, None]

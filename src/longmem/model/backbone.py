@@ -101,6 +101,10 @@ class FrozenBackbone(nn.Module):
         return next(self.model.parameters()).dtype
 
     @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
     def fingerprint(self) -> str:
         if self._fingerprint is None:
             self._fingerprint = fingerprint(self.model)
@@ -169,7 +173,7 @@ class FrozenBackbone(nn.Module):
             raise LongMemError(f"a short-term tier needs a rotary backbone, not {self.family.name}")
         b, t = input_ids.shape
         p = past.slots
-        positions = torch.arange(p, p + t)[None, :].expand(b, t)  # [B,T]
+        positions = torch.arange(p, p + t, device=input_ids.device)[None, :].expand(b, t)  # [B,T]
         kwargs: dict = {"position_ids": positions, "use_cache": True}
         cache = None
         if not past.is_empty():
@@ -178,7 +182,8 @@ class FrozenBackbone(nn.Module):
                 ddp_cache_data=[(past.keys[i].to(dt), past.values[i].to(dt)) for i in range(self.num_layers)]
             )
             if not bool(past.valid.all()):
-                kwargs["attention_mask"] = torch.cat([past.valid, torch.ones(b, t, dtype=torch.bool)], 1).long()
+                seen = torch.ones(b, t, dtype=torch.bool, device=input_ids.device)
+                kwargs["attention_mask"] = torch.cat([past.valid, seen], 1).long()
         token = _SPLIT_PAST.set(p if not past.is_empty() and bool(past.valid.all()) else 0)
         try:
             base = self.family.base(self.model)
@@ -295,10 +300,15 @@ def fingerprint(model: nn.Module) -> str:
     digest = hashlib.sha256()
     cfg = model.config
     digest.update(f"{cfg.model_type}|{cfg.vocab_size}|{cfg.hidden_size}".encode())
-    for name, param in sorted(model.state_dict().items()):
+    return weights_digest(digest, model.state_dict())
+
+
+def weights_digest(digest, state: dict[str, torch.Tensor]) -> str:
+    """Add every tensor's name, shape and 4,096 sampled values (rounded to bf16: dtype- and device-independent)
+    to ``digest`` (a hashlib object) -> "sha256:" + its first 32 hex digits."""
+    for name, param in sorted(state.items()):
         flat = param.detach().reshape(-1)
-        step = max(1, flat.numel() // 4096)
-        sample = flat[::step][:4096].to(torch.bfloat16).to(torch.float32)
+        sample = flat[:: max(1, flat.numel() // 4096)][:4096].to(torch.bfloat16).to("cpu", torch.float32)
         digest.update(f"{name}|{tuple(param.shape)}".encode())
         digest.update(sample.numpy().tobytes())
     return "sha256:" + digest.hexdigest()[:32]

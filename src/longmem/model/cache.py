@@ -64,7 +64,7 @@ class DecodeCache:
 
     def window_positions(self) -> torch.Tensor:
         """Absolute positions [B,n] of the window's tokens."""
-        return self.start[:, None] + torch.arange(self.length)[None, :]
+        return self.start[:, None] + torch.arange(self.length, device=self.start.device)[None, :]
 
     def layer_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every backbone layer's keys (rotated), values of the window: [L,B,H_kv,n,Dh] each."""
@@ -112,7 +112,7 @@ def new_cache(model, batch_size: int, start: torch.Tensor | int, capacity: int, 
                            "(the backbone's native context, less any short-term tier)")
     past = _tier_entries(recent, batch_size)  # per backbone layer: keys, values [B,H_kv,P',Dh]
     entries = capacity + (past[0][0].shape[2] if past else 0)  # per attention: tier entries, then the window
-    dt = backbone.dtype
+    dt, dev = backbone.dtype, backbone.device
     hf = backbone.new_cache(entries)
     buffers = [KVBuffer(entries) for _ in blocks]
     if past:
@@ -123,12 +123,15 @@ def new_cache(model, batch_size: int, start: torch.Tensor | int, capacity: int, 
             buf.append(*((k, v) if i == 0 else (torch.cat([k, k]), torch.cat([v, v]))))  # later: both streams
     rope = None
     if backbone.family.rotary:
-        cos, sin = backbone.family.rope_cos_sin(backbone.model, torch.arange(offset, offset + capacity), torch.float32)
+        cos, sin = backbone.family.rope_cos_sin(backbone.model, torch.arange(offset, offset + capacity, device=dev),
+                                                torch.float32)
         rope = (cos.to(dt), sin.to(dt))
-    start = torch.full((batch_size,), start, dtype=torch.long) if isinstance(start, int) else start.clone()
+    start = (torch.full((batch_size,), start, dtype=torch.long, device=dev) if isinstance(start, int)
+             else start.to(dev, copy=True))
     has_head = getattr(model.sidenet, "copy_head", None) is not None
     return DecodeCache(
-        backbone=hf, blocks=buffers, memory_kv=KVBuffer(capacity), ids=torch.zeros(batch_size, 0, dtype=torch.long),
+        backbone=hf, blocks=buffers, memory_kv=KVBuffer(capacity),
+        ids=torch.zeros(batch_size, 0, dtype=torch.long, device=dev),
         start=start, capacity=capacity, offset=offset, past=past[0][0].shape[2] if past else 0, rope=rope,
         memory_state=memory_state(memory), match_keys=KVBuffer(capacity) if has_head else None,
     )

@@ -148,7 +148,8 @@ class CopyHead(nn.Module):
         w = torch.softmax(score, -1) * found  # [B,T,M]
         ids = nxt.clamp_min(0)
         longest = torch.where(found, length, -1).amax(-1, keepdim=True)  # [B,T,1]
-        bucket = torch.bucketize(longest[..., 0].clamp_min(0), torch.tensor(LENGTH_EDGES), right=True)  # [B,T]
+        edges = torch.tensor(LENGTH_EDGES, device=logp.device)
+        bucket = torch.bucketize(longest[..., 0].clamp_min(0), edges, right=True)  # [B,T]
         with torch.no_grad():  # a feature, not a path for gradients; one product-sum pass over the vocabulary
             entropy = -torch.einsum("btv,btv->bt", logp.exp(), logp) / math.log(logp.shape[-1])  # [B,T] in [0, 1]
         u = self.length_bias[bucket] + self.ngram_agree * _id_mass(ids, w).amax(-1) + self.uncertain * entropy
@@ -185,7 +186,7 @@ class CopyHead(nn.Module):
         c = self.candidates(keys, log)
         ids, w, best = c.ids, c.weights, c.best
         b, t, _ = ids.shape
-        return torch.zeros(b, t, vocab, dtype=torch.float32).scatter(-1, ids, _id_mass(ids, w)), best
+        return torch.zeros(b, t, vocab, dtype=torch.float32, device=ids.device).scatter(-1, ids, _id_mass(ids, w)), best
 
     def weight(self, mass: torch.Tensor, best: torch.Tensor, run: torch.Tensor) -> torch.Tensor:
         """Candidate masses [B,T,N], mean best similarity [B,T], run feature [B,T] -> lam [B,T]."""

@@ -184,7 +184,7 @@ class LlamaFamily(Family):
 
     def rope_cos_sin(self, model, positions, dtype):
         flat = positions.reshape(1, -1).to(torch.long)  # [1, N]
-        probe = torch.empty(0, dtype=torch.float32)
+        probe = torch.empty(0, dtype=torch.float32, device=positions.device)
         cos, sin = model.model.rotary_emb(probe, flat)  # [1, N, Dh] each
         shape = (*positions.shape, cos.shape[-1])
         return cos.reshape(shape).to(dtype), sin.reshape(shape).to(dtype)

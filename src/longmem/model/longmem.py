@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from longmem.config import DEFAULT_BACKBONE, RUNTIME_FIELDS, LongMemConfig, from_dict
+from longmem.devices import resolve_device
 from longmem.errors import LongMemError
 from longmem.memory.bank import MemoryBank, float_dtype
 from longmem.memory.search.exact import IndexConfig
@@ -73,7 +74,7 @@ class LongMemModel(nn.Module):
             copy_layer=_copy_layer(config, backbone.num_layers),
             backbone_fingerprint=config.backbone_fingerprint or backbone.fingerprint,
         )
-        self.sidenet = self.build_sidenet(backbone, self.config).to(backbone.dtype)
+        self.sidenet = self.build_sidenet(backbone, self.config).to(backbone.device, backbone.dtype)
         self._rope_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self.recent_tokens = self._resolve_recent()
         self.copy_head_enabled = True
@@ -93,6 +94,7 @@ class LongMemModel(nn.Module):
         *,
         backbone: str | None = None,
         dtype: str = "bfloat16",
+        device: str | torch.device = "auto",
         **overrides,
     ) -> "LongMemModel":
         """Load a saved SideNet directory (or build a fresh one when ``path`` is None).
@@ -102,9 +104,12 @@ class LongMemModel(nn.Module):
         fields (memory_size, segment_length, retrieval, ...; of a saved SideNet only those that are not
         its architecture). The memory settings (``RUNTIME_FIELDS``: memory_size, retrieval, memory_dtype)
         are never taken from a directory: without an override they are the defaults (65,536 tokens).
+        ``device``: where the model (and every memory it makes) computes, ``longmem.devices.resolve_device``:
+        "auto" is CUDA when present, else the CPU.
         """
         if dtype not in DTYPES:
             raise LongMemError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+        device = resolve_device(device)
         if path == "default":
             path = saved.shipped_sidenet(backbone or DEFAULT_BACKBONE)
         elif path == "fresh":
@@ -113,7 +118,7 @@ class LongMemModel(nn.Module):
         if path is None:
             config = from_dict(config_cls, ({"backbone": backbone} if backbone else {}) | overrides)
             model, tokenizer = load_model_and_tokenizer(config.backbone, DTYPES[dtype])
-            frozen = FrozenBackbone(model, config.memory_layer, config.reduction, config.backbone)
+            frozen = FrozenBackbone(model.to(device), config.memory_layer, config.reduction, config.backbone)
             return cls(config, frozen, tokenizer)
         path = Path(path)
         config = cls.read_config(path)
@@ -123,7 +128,7 @@ class LongMemModel(nn.Module):
         config = dataclasses.replace(config, **overrides)
         name = backbone or config.backbone
         model, tokenizer = load_model_and_tokenizer(name, DTYPES[dtype])
-        frozen = FrozenBackbone(model, config.memory_layer, config.reduction, name)
+        frozen = FrozenBackbone(model.to(device), config.memory_layer, config.reduction, name)
         return cls.from_backbone(path, frozen, tokenizer, config)
 
     @staticmethod
@@ -161,7 +166,7 @@ class LongMemModel(nn.Module):
         if missing or unexpected:
             raise LongMemError(f"SideNet weights {path / saved.WEIGHTS} do not fit this architecture "
                                f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-        return model.to(backbone.dtype)
+        return model.to(backbone.device, backbone.dtype)
 
     def save_pretrained(self, path: str | Path, dtype: torch.dtype | None = None) -> Path:
         """Write ``config.json`` + SideNet ``model.safetensors`` (the backbone is referenced)."""
@@ -177,7 +182,8 @@ class LongMemModel(nn.Module):
         recent = None
         if self.recent_tokens:
             recent = RecentCache(batch_size, self.backbone.num_layers, shape.num_kv_heads, shape.head_dim,
-                                 self.recent_tokens, self.config.sink_tokens, float_dtype(self.config.memory_dtype))
+                                 self.recent_tokens, self.config.sink_tokens, float_dtype(self.config.memory_dtype),
+                                 self.device)
         return MemoryBank(
             batch_size,
             shape.num_kv_heads,
@@ -189,6 +195,7 @@ class LongMemModel(nn.Module):
             meta=self.memory_meta(),
             recent=recent,
             token_log=self.new_token_log(batch_size, capacity),
+            device=self.device,
         )
 
     def new_token_log(self, batch_size: int, capacity: int | None = None) -> TokenLog | None:
@@ -198,7 +205,12 @@ class LongMemModel(nn.Module):
             return None
         span = (capacity or self.config.memory_size) + (self.recent_tokens or 0) + 2 * self.config.segment_length
         shape = self.backbone.attn_shape
-        return TokenLog(batch_size, span, shape.num_kv_heads, shape.head_dim)
+        return TokenLog(batch_size, span, shape.num_kv_heads, shape.head_dim, self.device)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model computes (the backbone's device); its memories, caches and logs live there too."""
+        return self.backbone.device
 
     def memory_meta(self) -> dict:
         """What a memory must match to be read by this model."""
@@ -229,7 +241,7 @@ class LongMemModel(nn.Module):
         chunk bank (dropped when ``to_bank`` is False, an ablation).
         """
         b, _, t, _ = out.mem_keys.shape
-        valid = torch.ones(b, t, dtype=torch.bool) if valid is None else valid
+        valid = torch.ones(b, t, dtype=torch.bool, device=out.mem_keys.device) if valid is None else valid
         keep = valid.clone()
         log = getattr(memory, "token_log", None)  # a stand-in bank (named memories) keeps no ids
         if log is not None and out.input_ids is not None and to_bank:  # (the tier-only ablation: no copying)
@@ -252,11 +264,6 @@ class LongMemModel(nn.Module):
         if to_bank:
             memory.write(gone.keys, gone.values, gone.positions, gone.keep, search_keys=gone.search)
         memory.end_position = out.positions[:, -1] + 1
-
-    def _shift_back(self, keys: torch.Tensor, d: int) -> torch.Tensor:
-        """Rotate already-rotated keys [...,N,Dh] (fp32) d positions back."""
-        cos, sin = self._rope_at(("shift", d), torch.tensor([-d]))  # [1,Dh]
-        return apply_rope(keys, cos.float(), sin.float())
 
     def _rope_absolute(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin [...,Dh] (fp32) at absolute positions [...]."""
@@ -282,17 +289,21 @@ class LongMemModel(nn.Module):
         b, t = input_ids.shape
         if memory is not None and memory.batch_size != b:
             raise LongMemError(f"memory has {memory.batch_size} rows but the batch has {b}")
+        if memory is not None and getattr(memory, "device", self.device) != self.device:
+            raise LongMemError(f"the memory is on {memory.device} but the model on {self.device}: load it with "
+                               f"load_memory(..., device=model.device)")
         if cache is None:
             if positions is None:
-                start = memory.end_position if memory is not None else torch.zeros(b, dtype=torch.long)
-                positions = start[:, None] + torch.arange(t)[None, :]  # [B,T]
+                dev = input_ids.device
+                start = memory.end_position if memory is not None else torch.zeros(b, dtype=torch.long, device=dev)
+                positions = start[:, None] + torch.arange(t, device=dev)[None, :]  # [B,T]
             past = memory.recent if memory is not None else None
             frozen = self.backbone(input_ids, past=past)
             offset = past.slots if past is not None else 0  # the segment follows the short-term slots
             rope = self._rope(t, offset) if self.backbone.family.rotary else None
         else:
             cache.check(memory, t)
-            local = torch.arange(cache.length, cache.length + t)  # [T] places in the window
+            local = torch.arange(cache.length, cache.length + t, device=input_ids.device)  # [T] places in the window
             frozen = self.backbone(input_ids, cache=cache.backbone,
                                    position_ids=(cache.offset + local)[None, :].expand(b, t))
             positions = cache.start[:, None] + local[None, :]  # [B,T] absolute
@@ -336,7 +347,7 @@ class LongMemModel(nn.Module):
         log = getattr(memory, "token_log", None)
         if log is None or log.is_empty:  # exact matches in the context work without any memory
             b, h, _, d = match.shape
-            log = TokenLog(b, 1, h, d)
+            log = TokenLog(b, 1, h, d, device=match.device)
         head = self.sidenet.copy_head
         cand = head.candidates(match, log, history)
         if cache is not None:  # runs and follows count over the last RUN tokens' matches
@@ -381,7 +392,7 @@ class LongMemModel(nn.Module):
         table = None
         if rotary:
             dmax = self.max_distance
-            cos, sin = self._rope_at(("table", dmax), -torch.arange(dmax + 1))  # key d tokens back
+            cos, sin = self._rope_at(("table", dmax), -torch.arange(dmax + 1, device=self.device))  # key d tokens back
             half = cos.shape[-1] // 2
             table = (cos[:, :half].contiguous(), sin[:, :half].contiguous())  # [Dmax+1,Dh/2]
         return MemoryContext(
@@ -396,9 +407,10 @@ class LongMemModel(nn.Module):
 
     def _rope(self, t: int, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin [T,Dh] of in-segment positions offset..offset+T-1 (the backbone's own)."""
-        return self._rope_at(("local", t, offset), torch.arange(offset, offset + t))
+        return self._rope_at(("local", t, offset), torch.arange(offset, offset + t, device=self.device))
 
     def _rope_at(self, key: tuple, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (*key, positions.device)  # a model moved to another device computes its tables again
         if key not in self._rope_cache:
             family, model = self.backbone.family, self.backbone.model
             self._rope_cache[key] = family.rope_cos_sin(model, positions, torch.float32)
@@ -407,7 +419,7 @@ class LongMemModel(nn.Module):
 
     def _shift_back(self, keys: torch.Tensor, d: int) -> torch.Tensor:
         """Rotate already-rotated keys [...,N,Dh] (fp32) d positions back."""
-        cos, sin = self._rope_at(("shift", d), torch.tensor([-d]))  # [1,Dh]
+        cos, sin = self._rope_at(("shift", d), torch.tensor([-d], device=self.device))  # [1,Dh]
         return apply_rope(keys, cos.float(), sin.float())
 
 

@@ -39,12 +39,12 @@ def tmp_dir(output_dir: Path, step: int) -> Path:
 
 def write_shared(path: Path, state: dict, trainable: dict, optimizer: torch.optim.Optimizer) -> None:
     """Rank 0's part: weights, optimiser and the run state."""
-    save_file({k: v.detach().contiguous() for k, v in trainable.items()}, str(path / "trainable.safetensors"))
+    save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, str(path / "trainable.safetensors"))
     opt_state = optimizer.state_dict()
     tensors = {}
     for idx, slots in opt_state["state"].items():
         for name, value in slots.items():
-            tensors[f"{idx}.{name}"] = torch.as_tensor(value).contiguous()
+            tensors[f"{idx}.{name}"] = torch.as_tensor(value).contiguous().cpu()
     save_file(tensors, str(path / "optimizer.safetensors"))
     state = state | {"param_groups": opt_state["param_groups"]}
     save_json(path / "state.json", state)
@@ -95,10 +95,11 @@ def read_shared(path: Path, optimizer: torch.optim.Optimizer) -> tuple[dict, dic
     return state, trainable
 
 
-def read_rank(path: Path, rank: int, expect: dict, index: str) -> tuple[dict, list[MemoryBank]]:
-    """(stream state, memories) of one rank; restores its RNG."""
+def read_rank(path: Path, rank: int, expect: dict, index: str, device: torch.device | str = "cpu"
+              ) -> tuple[dict, list[MemoryBank]]:
+    """(stream state, memories on ``device``) of one rank; restores its RNG."""
     torch.set_rng_state(load_file(str(path / f"rank{rank}.safetensors"))["torch_rng"])
     stream = load_json(path / f"rank{rank}.json")["stream"]
-    memories = [load_memory(p, expect=expect, index=index)
+    memories = [load_memory(p, expect=expect, index=index, device=device)
                 for p in sorted(path.glob(f"memory-rank{rank}-*"), key=lambda p: int(p.name.rsplit("-", 1)[1]))]
     return stream, memories

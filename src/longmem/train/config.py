@@ -61,6 +61,11 @@ class TrainConfig:
     """Gradient-norm clipping (0 = off)."""
     dtype: str = "bfloat16"
     """Compute dtype: 'bfloat16' (autocast, backbone in bf16) or 'float32'."""
+    device: str = "auto"
+    """Where to train: 'auto' (CUDA when present, else CPU), 'cpu', 'cuda'. Under torchrun each rank takes
+    GPU LOCAL_RANK (nccl); on the CPU the ranks use gloo."""
+    grad_accum: int = 1
+    """Batches whose gradients are summed per optimizer step (each row's memory reads on through them)."""
     trainable: str = "full"
     """Trainable set: 'full' SideNet, 'lora' adapters, 'copy_head', 'style' (the style adapter) or 'memory_path'
     (the blocks: the memory block and the copied layers, not the copy head nor the style adapter)."""
@@ -116,7 +121,7 @@ class TrainConfig:
             raise LongMemError(f"trainable={self.trainable!r} is not one of {', '.join(TRAINABLE)}")
         if self.dtype not in ("bfloat16", "float32"):
             raise LongMemError(f"dtype={self.dtype!r} is not 'bfloat16' or 'float32'")
-        for name in ("steps", "batch_size", "log_every", "lora_rank", "keep_checkpoints"):
+        for name in ("steps", "batch_size", "log_every", "lora_rank", "keep_checkpoints", "grad_accum"):
             if getattr(self, name) <= 0:
                 raise LongMemError(f"{name}={getattr(self, name)} must be positive")
         for name in ("fact_prob", "keyed_prob", "update_prob", "list_prob", "pair_prob"):

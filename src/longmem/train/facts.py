@@ -193,7 +193,8 @@ class FactPlanter:
         new statement is planted with probability ``prob``; writes never overlap."""
         ids, labels = batch.input_ids.clone(), batch.labels.clone()
         b, t = ids.shape
-        answers = torch.zeros(b, t, dtype=torch.bool)
+        dev = ids.device  # the batch is prepared on the host
+        answers = torch.zeros(b, t, dtype=torch.bool, device=dev)
         written = []
         for row in range(b):
             p0, doc = int(batch.positions[row, 0]), int(batch.doc_index[row])
@@ -228,8 +229,8 @@ class FactPlanter:
             for (seq, facts, answer), gap in zip(items, gaps):
                 o += gap - used  # the offsets keep their order and one free token after each write
                 used = gap
-                ids[row, o : o + len(seq)] = torch.tensor(seq)
-                labels[row, o - 1 : o + len(seq) - 1] = torch.tensor(seq)
+                ids[row, o : o + len(seq)] = torch.tensor(seq, device=dev)
+                labels[row, o - 1 : o + len(seq) - 1] = torch.tensor(seq, device=dev)
                 labels[row, o + len(seq) - 1] = ids[row, o + len(seq)]  # the book text resumes
                 written.append((row, p0 + o, p0 + o + len(seq)))
                 if not facts:

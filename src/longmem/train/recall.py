@@ -49,32 +49,33 @@ def insert_recall_spans(
     """
     ids, labels = batch.input_ids.clone(), batch.labels.clone()
     b, t = ids.shape
+    dev = ids.device  # the batch is prepared on the host
     near = t if near is None else near
-    spans = torch.zeros(b, t, dtype=torch.bool)
-    sources = torch.full((b, t), -1, dtype=torch.long)
+    spans = torch.zeros(b, t, dtype=torch.bool, device=dev)
+    sources = torch.full((b, t), -1, dtype=torch.long, device=dev)
     written = []
     for row in range(b):
         p0 = int(batch.positions[row, 0])
         valid = int((batch.labels[row] != IGNORE_INDEX).sum())  # real, labelled tokens in the segment
-        length = int(torch.randint(min_len, max_len + 1, (1,), generator=generator))
+        length = int(torch.randint(min_len, max_len + 1, (1,), generator=generator, device=dev))
         low = 0 if reach is None else max(0, p0 - reach)
         high = p0 - near - length  # sources end at least ``near`` tokens before this segment
-        draw = float(torch.rand((1,), generator=generator))
+        draw = float(torch.rand((1,), generator=generator, device=dev))
         if draw >= prob or high <= low or valid <= length + 1:
             continue
         blocked = avoid[row] if avoid is not None else []
         for _ in range(tries):
-            src = int(torch.randint(low, high, (1,), generator=generator))
+            src = int(torch.randint(low, high, (1,), generator=generator, device=dev))
             if not any(a < src + length and src < e for a, e in blocked):
                 break
         else:
             continue
-        dst = int(torch.randint(1, valid - length, (1,), generator=generator))
+        dst = int(torch.randint(1, valid - length, (1,), generator=generator, device=dev))
         doc = torch.from_numpy(corpus.document(int(batch.doc_index[row]))[src : src + length].astype("int64"))
         ids[row, dst : dst + length] = doc
         labels[row, dst - 1 : dst + length - 1] = doc  # the token before the span predicts its first token
         labels[row, dst + length - 1] = ids[row, dst + length]  # the original text resumes
         spans[row, dst - 1 : dst + length - 1] = True
-        sources[row, dst : dst + length - 1] = torch.arange(src, src + length - 1)  # input dst+j repeats src+j
+        sources[row, dst : dst + length - 1] = torch.arange(src, src + length - 1, device=dev)  # dst+j repeats src+j
         written.append((row, p0 + dst, p0 + dst + length))
     return Batch(ids, labels, batch.positions, batch.reset, batch.doc_index), RecallSpans(spans, sources, written)

@@ -47,6 +47,10 @@ class Batch:
     reset: torch.Tensor
     doc_index: torch.Tensor
 
+    def to(self, device: torch.device) -> "Batch":
+        """The same batch with every tensor on ``device``."""
+        return Batch(*(t.to(device) for t in (self.input_ids, self.labels, self.positions, self.reset, self.doc_index)))
+
 
 def _require(condition: bool, message: str) -> None:
     """Raise LongMemError(message) unless ``condition``."""

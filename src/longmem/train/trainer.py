@@ -26,6 +26,7 @@ from longmem.train.facts import FactPlanter, FactWords
 from longmem.train.recall import RecallSpans, insert_recall_spans
 from longmem.train.stream import Batch, DocumentStream
 from longmem.data.tokens import tokenize_corpus
+from longmem.devices import autocast, resolve_device
 from longmem.errors import LongMemError
 from longmem.files import save_json
 from longmem.train.lora import add_lora, merge_lora
@@ -56,17 +57,21 @@ class Trainer:
     # ------------------------------------------------------------------ setup
     def setup(self) -> "Trainer":
         cfg = self.config
+        self.device = resolve_device(cfg.device)
+        if self.device.type == "cuda" and self.world > 1:  # one GPU per rank
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(self.device)
         if self.world > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
         torch.manual_seed(cfg.seed)
         backbone_dtype = "bfloat16" if cfg.dtype == "bfloat16" else "float32"
         overrides = {k: v for k, v in cfg.model.to_dict().items() if k not in ("backbone_fingerprint",)}
         kind = MODEL_KINDS[cfg.kind]
         if cfg.init_from:
             runtime = {k: v for k, v in overrides.items() if k not in ARCHITECTURE_FIELDS}
-            self.model = kind.from_pretrained(cfg.init_from, dtype=backbone_dtype, **runtime)
+            self.model = kind.from_pretrained(cfg.init_from, dtype=backbone_dtype, device=self.device, **runtime)
         else:
-            self.model = kind.from_pretrained(None, dtype=backbone_dtype, **overrides)
+            self.model = kind.from_pretrained(None, dtype=backbone_dtype, device=self.device, **overrides)
         self.model.sidenet.float()  # fp32 master weights; compute runs under autocast
         self._select_trainable()
         self.optimizer = self._optimizer()
@@ -135,7 +140,8 @@ class Trainer:
         frozen = [f"backbone.{name}" for name, _ in self.model.backbone.named_parameters()]
         frozen += [f"backbone.{name}" for name, _ in self.model.backbone.named_buffers()]
         DDP._set_params_and_buffers_to_ignore_for_model(self.model, frozen)
-        return DDP(self.model, find_unused_parameters=True, broadcast_buffers=False)
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DDP(self.model, device_ids=ids, find_unused_parameters=True, broadcast_buffers=False)
 
     # ------------------------------------------------------------------ train
     def lr_factor(self, step: int) -> float:
@@ -172,39 +178,54 @@ class Trainer:
             self._overwritten[row].append((start, end))
         return batch, spans
 
-    def train_step(self, batch: Batch | tuple[Batch, RecallSpans | None]) -> dict:
-        """One optimizer step on one batch; the batch's K/V are written to memory after it."""
+    def train_step(self, batches: Batch | tuple[Batch, RecallSpans | None] | list) -> dict:
+        """One optimizer step over one batch, or a list of ``grad_accum`` batches (their gradients summed, each
+        scaled by 1/n); every batch's K/V are written to memory after its own forward pass."""
         cfg = self.config
-        batch, spans = batch if isinstance(batch, tuple) else (batch, None)
+        batches = batches if isinstance(batches, list) else [batches]
         self.model.train()
-        resets = batch.reset.nonzero().flatten().tolist()
-        if resets:
-            self.memory.reset(resets)
         for group in self.optimizer.param_groups:
             group["lr"] = group["base_lr"] * self.lr_factor(self.step)
-        with self._autocast():
-            memory = self.memory if cfg.read_memory else None
-            out = self.ddp(batch.input_ids, memory=memory, positions=batch.positions, labels=batch.labels)
         params = self.model.trainable_parameters()
-        loss = out.loss
-        if not loss.requires_grad:  # e.g. a memory-delta SideNet with every row's memory empty
-            loss = loss + 0.0 * sum(p.sum() for p in params)
-        loss.backward()
+        rows = []
+        for i, item in enumerate(batches):
+            batch, spans = item if isinstance(item, tuple) else (item, None)
+            last = i == len(batches) - 1
+            with self.ddp.no_sync() if self.world > 1 and not last else nullcontext():  # one all-reduce per step
+                rows.append(self._accumulate(batch.to(self.device), spans, params, len(batches)))
         norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        tokens = sum(r["tokens"] for r in rows)
+        self.tokens += tokens * self.world
+        row = {"loss": sum(r["loss"] for r in rows) / len(rows), "grad_norm": float(norm), "tokens": tokens,
+               "memory_share": rows[-1]["memory_share"], "gate_mean": rows[-1]["gate_mean"]}
+        return row | _mean_of(rows, "recall_loss") | _mean_of(rows, "fact_loss")
+
+    def _accumulate(self, batch: Batch, spans: RecallSpans | None, params: list, n: int) -> dict:
+        """Forward and backward of one batch (loss / n), then its write to memory -> its statistics."""
+        cfg = self.config
+        resets = batch.reset.nonzero().flatten().tolist()
+        if resets:
+            self.memory.reset(resets)
+        with self._autocast():
+            memory = self.memory if cfg.read_memory else None
+            out = self.ddp(batch.input_ids, memory=memory, positions=batch.positions, labels=batch.labels)
+        loss = out.loss
+        if not loss.requires_grad:  # e.g. a memory-delta SideNet with every row's memory empty
+            loss = loss + 0.0 * sum(p.sum() for p in params)
+        (loss / n).backward()
         if cfg.read_memory:
             self.model.write_memory(self.memory, out, valid=batch.labels != -100)
-        self.step += 1
-        tokens = int((batch.labels != -100).sum())
-        self.tokens += tokens * self.world
         stats = out.stats
-        row = {"loss": float(out.loss.detach()), "grad_norm": float(norm), "tokens": tokens,
+        row = {"loss": float(out.loss.detach()), "tokens": int((batch.labels != -100).sum()),
                "memory_share": stats.memory_share if stats else 0.0,
                "gate_mean": float(stats.gate.mean()) if stats else None}  # None: JSON null (empty memory)
         if spans is not None:  # the loss on tokens only the memory can supply
             for key, mask in (("recall_loss", spans.mask), ("fact_loss", spans.answers)):
                 if mask is not None and mask.any():
+                    mask = mask.to(self.device)
                     with torch.no_grad():
                         nll = torch.nn.functional.cross_entropy(out.logits.detach()[mask].float(), batch.labels[mask])
                     row[key] = float(nll)
@@ -222,7 +243,7 @@ class Trainer:
         window, start = [], time.perf_counter()
         last_eval: dict = {}
         while self.step < cfg.steps:
-            row = self.train_step(self.next_batch())
+            row = self.train_step([self.next_batch() for _ in range(cfg.grad_accum)])
             window.append(row)
             bar.update(1)
             bar.set_postfix(loss=f"{row['loss']:.3f}")
@@ -249,7 +270,8 @@ class Trainer:
     def ranks_in_sync(self) -> bool:
         """True when every rank holds bit-identical trainable parameters."""
         flat = torch.cat([p.detach().double().flatten() for p in self.model.trainable_parameters()])
-        probe = torch.stack([flat.sum(), (flat * torch.arange(flat.numel(), dtype=torch.float64)).sum()])
+        index = torch.arange(flat.numel(), dtype=torch.float64, device=flat.device)
+        probe = torch.stack([flat.sum(), (flat * index).sum()])
         gathered = [torch.empty_like(probe) for _ in range(self.world)]
         dist.all_gather(gathered, probe)
         return all(torch.equal(g, gathered[0]) for g in gathered)
@@ -303,7 +325,8 @@ class Trainer:
         if state["world_size"] != self.world:
             raise LongMemError(f"checkpoint {path} was written by {state['world_size']} processes, not {self.world}")
         self.model.sidenet.load_state_dict(trainable)
-        stream_state, memories = ckpt.read_rank(path, self.rank, self.model.memory_meta(), self.model.config.retrieval)
+        stream_state, memories = ckpt.read_rank(path, self.rank, self.model.memory_meta(),
+                                                self.model.config.retrieval, self.device)
         self._overwritten = [[tuple(r) for r in rows] for rows in stream_state.pop("overwritten", self._overwritten)]
         facts = stream_state.pop("facts", None)
         if self.facts is not None and facts is not None:
@@ -331,9 +354,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ helpers
     def _autocast(self):
-        if self.config.dtype == "bfloat16":
-            return torch.autocast("cpu", dtype=torch.bfloat16)
-        return nullcontext()
+        return autocast(self.device, torch.bfloat16 if self.config.dtype == "bfloat16" else None)
 
     def _barrier(self) -> None:
         if self.world > 1:

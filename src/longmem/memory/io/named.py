@@ -223,7 +223,7 @@ class NamedMemory:
         """A new ``<kind>-<id>.safetensors``, flushed to disk -> its manifest entry."""
         name = f"{kind}-{uuid.uuid4().hex[:16]}.safetensors"
         path = self.path / name
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(path))
         fsync(path)
         return {"file": name, "sha256": sha256(path), "bytes": path.stat().st_size}
 

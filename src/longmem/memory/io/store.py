@@ -64,7 +64,7 @@ def save_memory(bank: MemoryBank, path: str | Path) -> Path:
             tensors["token_log.keys"] = bank.token_log.keys
     data_name = f"memory-{uuid.uuid4().hex[:12]}.safetensors"
     data = path / data_name
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(data))
+    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(data))
     fsync(data)
     manifest = {
         "kind": KIND,
@@ -104,6 +104,7 @@ def load_memory(
     capacity_tokens: int | None = None,
     dtype: str | None = None,
     mmap: bool = False,
+    device: torch.device | str = "cpu",
 ) -> MemoryBank:
     """Load a memory directory; ``expect`` values (e.g. the backbone fingerprint) must match.
 
@@ -112,8 +113,12 @@ def load_memory(
     ``mmap``: keep the keys/values on disk, memory-mapped copy-on-write (the file never
     changes). Such a memory has one row and holds exactly its saved chunks: its capacity
     is what it holds, and later writes replace its oldest chunks in private RAM pages.
+    ``device``: where the loaded bank lives (a memory saved on one device loads on any other).
     """
     path = Path(path)
+    device = torch.device(device)
+    if mmap and device.type != "cpu":
+        raise LongMemError(f"a memory-mapped memory stays in host RAM; load {path} with mmap off to put it on {device}")
     manifest = read_manifest(path)
     stored = str(manifest.get("dtype"))
     if stored not in STORAGE_DTYPES:
@@ -136,7 +141,7 @@ def load_memory(
     if int(manifest.get("recent_tokens", 0)):
         recent = RecentCache(int(manifest["rows"]), int(manifest["layers"]), int(manifest["num_kv_heads"]),
                              int(manifest["head_dim"]), int(manifest["recent_tokens"]),
-                             int(manifest["sink_slots"]), float_dtype(stored))
+                             int(manifest["sink_slots"]), float_dtype(stored), device)
         try:
             recent.load_state({name[len("recent."):]: v for name, v in tensors.items() if name.startswith("recent.")})
         except (ValueError, AttributeError) as exc:
@@ -163,6 +168,7 @@ def load_memory(
         recent=recent,
         storage={name: tensors[f"row0.{name}"][None] for name in STORAGE_NAMES if f"row0.{name}" in tensors}
         if mapped else None,
+        device=device,
     )
     for row in range(bank.batch_size):
         t = {name: tensors[f"row{row}.{name}"] for name in ROW_TENSORS}
@@ -172,10 +178,10 @@ def load_memory(
             kv = {name: tensors[f"row{row}.{name}"] for name in STORAGE_NAMES if f"row{row}.{name}" in tensors}
             bank.append_stored(row, kv, t["positions"], t["chunk_keys"])
         p = t["pending_keys"].shape[1]
-        bank.pending_keys[row, :, :p] = t["pending_keys"]
-        bank.pending_values[row, :, :p] = t["pending_values"]
-        bank.pending_search[row, :, :p] = t["pending_search"]
-        bank.pending_positions[row, :p] = t["pending_positions"]
+        bank.pending_keys[row, :, :p] = t["pending_keys"].to(device)
+        bank.pending_values[row, :, :p] = t["pending_values"].to(device)
+        bank.pending_search[row, :, :p] = t["pending_search"].to(device)
+        bank.pending_positions[row, :p] = t["pending_positions"].to(device)
         bank.pending_count[row] = p
     bank.end_position.copy_(tensors["end_position"])
     span = int(manifest.get("token_log", 0))
@@ -185,7 +191,8 @@ def load_memory(
         keys = tensors.get("token_log.keys")
         if keys is not None and (keys.dim() != 4 or (keys.shape[0], keys.shape[2]) != (rows, span)):
             raise LongMemError(f"memory {path}: token match keys do not fit its manifest")
-        bank.token_log = TokenLog(rows, span, *(keys.shape[1], keys.shape[3]) if keys is not None else ())
+        shape = (keys.shape[1], keys.shape[3]) if keys is not None else (0, 0)
+        bank.token_log = TokenLog(rows, span, *shape, device=device)
         bank.token_log.ids.copy_(tensors["token_log.ids"])
         bank.token_log.end.copy_(tensors["token_log.end"])
         if keys is not None:

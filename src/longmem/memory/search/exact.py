@@ -118,12 +118,13 @@ class TorchIndex:
         b, hq, t, dh = queries.shape
         hkv, cap = self.chunk_keys.shape[1], self.chunk_keys.shape[2]
         group = hq // hkv
-        offset = (torch.arange(cap)[None, :] - start[:, None]) % cap  # [B,C] age rank of each slot
+        dev = self.chunk_keys.device
+        offset = (torch.arange(cap, device=dev)[None, :] - start[:, None]) % cap  # [B,C] age rank of each slot
         invalid = (offset >= count[:, None])[:, None, :]  # [B,1,C]
         full = bool((count == cap).all())  # then nothing needs masking
         k = min(n, cap)
-        slots = torch.empty(b, hq, t, k, dtype=torch.long)
-        scores = torch.empty(b, hq, t, k, dtype=torch.float32)
+        slots = torch.empty(b, hq, t, k, dtype=torch.long, device=dev)
+        scores = torch.empty(b, hq, t, k, dtype=torch.float32, device=dev)
         q = queries.to(self.chunk_keys.dtype).reshape(b, hkv, group * t, dh)  # [B,Hkv,G*T,Dh]
         for row in range(b):  # 2-D products: a batched bf16 product of a few queries is ~8x slower on CPU
             for g in range(hkv):
@@ -177,11 +178,12 @@ class FaissIndex:
 
     def add(self, row: int, slots: torch.Tensor, keys: torch.Tensor) -> None:
         for g, index in enumerate(self.indexes[row]):
-            index.add(np.ascontiguousarray(keys[g].float().numpy()))
+            index.add(np.ascontiguousarray(keys[g].float().cpu().numpy()))
 
     def keys_of(self, row: int, slots: torch.Tensor) -> torch.Tensor:
-        """Chunk keys [Hkv,n,Dh] (fp32) in insertion order; slots only give the count."""
-        return torch.stack([torch.from_numpy(index.reconstruct_n(0, len(slots))) for index in self.indexes[row]])
+        """Chunk keys [Hkv,n,Dh] (fp32, on the slots' device) in insertion order; slots only give the count."""
+        keys = torch.stack([torch.from_numpy(index.reconstruct_n(0, len(slots))) for index in self.indexes[row]])
+        return keys.to(slots.device)
 
     def evict(self, row: int, n: int) -> None:
         for index in self.indexes[row]:
@@ -200,12 +202,12 @@ class FaissIndex:
         group = hq // hkv
         k = min(n, self.capacity)
         ids = np.empty((b, hkv, group * t, k), dtype=np.int64)
-        q = queries.float().reshape(b, hkv, group * t, dh)  # [B,Hkv,G*T,Dh]
+        q = queries.float().cpu().reshape(b, hkv, group * t, dh)  # [B,Hkv,G*T,Dh] faiss searches host copies
         with one_thread(self._faiss):
             for row in range(b):
                 for g, index in enumerate(self.indexes[row]):
                     _, ids[row, g] = index.search(np.ascontiguousarray(q[row, g].numpy()), k)
-        found = torch.from_numpy(ids).view(b, hq, t, k)
+        found = torch.from_numpy(ids).to(queries.device).view(b, hq, t, k)
         valid = found >= 0
         slots = (found.clamp(min=0) + start.view(b, 1, 1, 1)) % self.capacity
         return _pad(slots, valid, n)

@@ -60,8 +60,8 @@ class _Sequenced(TorchIndex):
 
     def live_keys(self, row: int) -> np.ndarray:
         """fp32 chunk keys [Hkv,n,Dh] of the live chunks, oldest first."""
-        slots = torch.arange(self.first[row], self.end[row]) % self.capacity
-        return np.ascontiguousarray(self.keys_of(row, slots).float().numpy())
+        slots = torch.arange(self.first[row], self.end[row], device=self.chunk_keys.device) % self.capacity
+        return np.ascontiguousarray(self.keys_of(row, slots).float().cpu().numpy())
 
     def _slots(self, found: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """faiss sequence ids (-1: none) -> ring slots, valid."""
@@ -74,9 +74,9 @@ class _Sequenced(TorchIndex):
         hkv = self.num_kv_heads
         group = hq // hkv
         k = min(n, self.capacity)
-        q = queries.float().reshape(b, hkv, group * t, dh)  # [B,Hkv,G*T,Dh]
-        slots = torch.zeros(b, hkv, group * t, k, dtype=torch.long)
-        valid = torch.zeros(b, hkv, group * t, k, dtype=torch.bool)
+        q = queries.float().cpu().reshape(b, hkv, group * t, dh)  # [B,Hkv,G*T,Dh] faiss searches host copies
+        slots = torch.zeros(b, hkv, group * t, k, dtype=torch.long, device="cpu")
+        valid = torch.zeros(b, hkv, group * t, k, dtype=torch.bool, device="cpu")
         exact = None
         with one_thread(self._faiss):
             for row in range(b):
@@ -86,11 +86,12 @@ class _Sequenced(TorchIndex):
                         if exact is None:
                             exact = TorchIndex.search(self, queries, k, start, count)
                         rows = slice(g * group, (g + 1) * group)
-                        slots[row, g] = exact[0][row, rows].reshape(group * t, k)
-                        valid[row, g] = exact[1][row, rows].reshape(group * t, k)
+                        slots[row, g] = exact[0][row, rows].reshape(group * t, k).cpu()
+                        valid[row, g] = exact[1][row, rows].reshape(group * t, k).cpu()
                     else:
                         slots[row, g], valid[row, g] = self._slots(found)
-        return _pad(slots.view(b, hq, t, k), valid.view(b, hq, t, k), n)
+        dev = queries.device
+        return _pad(slots.view(b, hq, t, k).to(dev), valid.view(b, hq, t, k).to(dev), n)
 
 
 class IvfIndex(_Sequenced):
@@ -117,7 +118,7 @@ class IvfIndex(_Sequenced):
         ids = np.arange(self.end[row] - len(slots), self.end[row], dtype=np.int64)
         with one_thread(self._faiss):
             for g, index in enumerate(self.ivf[row]):
-                index.add_with_ids(np.ascontiguousarray(keys[g].float().numpy()), ids)
+                index.add_with_ids(np.ascontiguousarray(keys[g].float().cpu().numpy()), ids)
 
     def train(self, row: int) -> None:
         """(Re)build the row's IVFs: train on a sample of the live keys, add all of them."""
@@ -198,7 +199,7 @@ class HnswIndex(_Sequenced):
         super().add(row, slots, keys)
         with one_thread(self._faiss):
             for g, graph in enumerate(self.graphs[row]):
-                graph.add(np.ascontiguousarray(keys[g].float().numpy()))
+                graph.add(np.ascontiguousarray(keys[g].float().cpu().numpy()))
 
     def evict(self, row: int, n: int) -> None:
         super().evict(row, n)

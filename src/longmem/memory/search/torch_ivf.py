@@ -86,7 +86,7 @@ class TorchIvfIndex(TorchIndex):
         keys = self.chunk_keys[row][:, :filled].float()  # [Hkv,n,Dh]
         n = keys.shape[1]
         g = torch.Generator().manual_seed(KMEANS_SEED)
-        sample = torch.randperm(n, generator=g)[: MAX_TRAIN_PER_LIST * self.nlist]
+        sample = torch.randperm(n, generator=g, device="cpu")[: MAX_TRAIN_PER_LIST * self.nlist]
         self.centroids[row] = torch.stack([kmeans(k[sample], self.nlist, g) for k in keys])  # [Hkv,L,Dh]
         self._assign(row, slice(None))
         self.trained_on[row], self.added_since[row] = self.live[row], 0
@@ -109,10 +109,11 @@ class TorchIvfIndex(TorchIndex):
         group = hq // hkv
         k = min(n, self.capacity)
         q = queries.float().reshape(b, hkv, group * t, dh)  # [B,Hkv,G*T,Dh]
-        slots = torch.zeros(b, hkv, group * t, k, dtype=torch.long)
-        valid = torch.zeros(b, hkv, group * t, k, dtype=torch.bool)
+        dev = q.device
+        slots = torch.zeros(b, hkv, group * t, k, dtype=torch.long, device=dev)
+        valid = torch.zeros(b, hkv, group * t, k, dtype=torch.bool, device=dev)
         for row in range(b):
-            age = (torch.arange(self.capacity) - start[row]) % self.capacity
+            age = (torch.arange(self.capacity, device=dev) - start[row]) % self.capacity
             live = age < count[row]  # [C]
             for g in range(hkv):
                 found, ok = self._search_head(q[row, g], row, g, live, k)
@@ -140,11 +141,12 @@ class TorchIvfIndex(TorchIndex):
         pair_list = probe.flatten()  # [N*P]
         order = pair_list.argsort(stable=True)
         pair_q = q.to(keys.dtype).index_select(0, order // probes)  # [N*P,Dh]
-        pair_off = torch.zeros(nlist + 1, dtype=torch.long)
+        dev = q.device
+        pair_off = torch.zeros(nlist + 1, dtype=torch.long, device=dev)
         pair_off[1:] = torch.bincount(pair_list, minlength=nlist).cumsum(0)
         groups = goff[1:] - goff[:-1]  # [L] groups per list
         widest = max(int(groups.max()), 1)
-        gmax = torch.full((nq * probes, widest), NEG_INF, dtype=keys.dtype)  # [N*P,Gmax] group maxima, by list
+        gmax = torch.full((nq * probes, widest), NEG_INF, dtype=keys.dtype, device=dev)  # [N*P,Gmax] group maxima
         po, go = pair_off.tolist(), goff.tolist()
         for lst in range(nlist):
             a, z, ga, gz = po[lst], po[lst + 1], go[lst], go[lst + 1]
@@ -159,7 +161,8 @@ class TorchIvfIndex(TorchIndex):
         top, j = by_query.view(nq, probes * widest).topk(min(k + margin, probes * widest), dim=-1, sorted=False)
         lst = probe.gather(1, j // widest)  # [N,k'] list of each picked group
         gi = j % widest  # [N,k'] its index in the list
-        pos = (goff[lst] * GROUP + gi)[..., None] + torch.arange(GROUP) * groups[lst][..., None]  # [N,k',GROUP]
+        stride = torch.arange(GROUP, device=dev) * groups[lst][..., None]  # [N,k',GROUP]
+        pos = (goff[lst] * GROUP + gi)[..., None] + stride  # [N,k',GROUP]
         pos = torch.where(top[..., None] > NEG_INF, pos, 0)  # an empty pick points anywhere: masked below
         score = torch.einsum("nd,npgd->npg", q, keys[pos].float()).flatten(1)  # [N,k'*GROUP] fp32
         cand_slot = slot_of[pos].flatten(1)  # [N,k'*GROUP], -1 = pad
@@ -180,20 +183,21 @@ class TorchIvfIndex(TorchIndex):
         lists, slots = lists[order], slots[order]
         counts = torch.bincount(lists, minlength=nlist)  # [L]
         groups = (counts + GROUP - 1) // GROUP
-        goff = torch.zeros(nlist + 1, dtype=torch.long)
+        on = {"device": live.device}
+        goff = torch.zeros(nlist + 1, dtype=torch.long, **on)
         goff[1:] = groups.cumsum(0)
-        first = torch.zeros(nlist, dtype=torch.long)
+        first = torch.zeros(nlist, dtype=torch.long, **on)
         first[1:] = counts.cumsum(0)[:-1]
-        dest = goff[lists] * GROUP + torch.arange(len(lists)) - first[lists]  # padded position of each chunk
+        dest = goff[lists] * GROUP + torch.arange(len(lists), **on) - first[lists]  # padded position of each chunk
         size = int(goff[-1]) * GROUP
-        keys = torch.zeros(size, self.chunk_keys.shape[-1], dtype=self.chunk_keys.dtype)
+        keys = torch.zeros(size, self.chunk_keys.shape[-1], dtype=self.chunk_keys.dtype, **on)
         keys[dest] = self.chunk_keys[row, g].index_select(0, slots)
-        slot_of = torch.full((size,), -1, dtype=torch.long)
+        slot_of = torch.full((size,), -1, dtype=torch.long, **on)
         slot_of[dest] = slots
-        bias = torch.full((size,), NEG_INF, dtype=keys.dtype)
+        bias = torch.full((size,), NEG_INF, dtype=keys.dtype, **on)
         bias[dest] = 0
         spread = self.spread[row, g][slots]  # [n] squared distances to their centroids
-        radius = (torch.zeros(nlist).index_add_(0, lists, spread) / counts.clamp(min=1)).sqrt()  # [L] RMS radius
+        radius = (torch.zeros(nlist, **on).index_add_(0, lists, spread) / counts.clamp(min=1)).sqrt()  # [L] RMS radius
         return keys, slot_of, bias, goff, radius
 
     def nbytes(self) -> int:
@@ -211,7 +215,7 @@ def nearest(points: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
 def kmeans(points: torch.Tensor, k: int, g: torch.Generator, iterations: int = KMEANS_ITERATIONS) -> torch.Tensor:
     """Lloyd's k-means (L2) on points [n,Dh] fp32 -> centroids [k,Dh]; empty lists re-seeded at random points."""
     n = points.shape[0]
-    cents = points[torch.randperm(n, generator=g)[:k]].clone()
+    cents = points[torch.randperm(n, generator=g, device="cpu")[:k]].clone()  # host generator: same on any device
     for _ in range(iterations):
         label = nearest(points[None], cents[None])[0]  # [n]
         sums = torch.zeros_like(cents).index_add_(0, label, points)
@@ -219,5 +223,5 @@ def kmeans(points: torch.Tensor, k: int, g: torch.Generator, iterations: int = K
         empty = sizes == 0
         cents = sums / sizes.clamp(min=1)[:, None]
         if empty.any():
-            cents[empty] = points[torch.randint(0, n, (int(empty.sum()),), generator=g)]
+            cents[empty] = points[torch.randint(0, n, (int(empty.sum()),), generator=g, device="cpu")]
     return cents
