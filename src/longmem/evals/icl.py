@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from longmem.errors import LongMemError
 from longmem.evals.icl_data import Task, load_task
 from longmem.evals.prefix import SharedPrefix
-from longmem.evals.scoring import Context, Mode, Scorer, parse_modes, prepare, variant, window_logits
+from longmem.evals.scoring import Context, Mode, Scorer, parse_modes, prepare, token_ids, variant, window_logits
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ def test_subset(task: Task, config: IclConfig) -> list[tuple[str, str]]:
 
 
 def encode(model: Scorer, text: str) -> torch.Tensor:
-    return torch.tensor(model.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long, device="cpu")
+    return token_ids(model.tokenizer, text)
 
 
 @dataclass

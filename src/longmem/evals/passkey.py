@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from longmem.errors import LongMemError
 from longmem.files import read_text
-from longmem.evals.scoring import Scorer, greedy, parse_modes, prepare, score, split_prefix
+from longmem.evals.scoring import Scorer, greedy, parse_modes, prepare, score, split_prefix, token_ids
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +159,7 @@ class PromptBuilder:
             raise LongMemError(f"filler {config.filler} has only {self.filler.shape[0]} tokens")
 
     def encode(self, text: str) -> torch.Tensor:
-        return torch.tensor(self.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long, device="cpu")
+        return token_ids(self.tokenizer, text)
 
     def build(self, length: int, depth: float, rng: random.Random) -> Prompt:
         key = str(rng.randrange(10 ** (self.config.digits - 1), 10**self.config.digits))

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from longmem.errors import LongMemError
 from longmem.evals.passkey import DEFAULT_FILLER, SENTENCE_ENDS
-from longmem.evals.scoring import Scorer, decode, parse_modes, prepare, split_prefix
+from longmem.evals.scoring import Scorer, decode, parse_modes, prepare, split_prefix, token_ids
 from longmem.files import read_text
 
 log = logging.getLogger(__name__)
@@ -349,7 +349,7 @@ class PromptBuilder:
         self.ends = self._sentence_ends()
 
     def encode(self, text: str) -> torch.Tensor:
-        return torch.tensor(self.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long, device="cpu")
+        return token_ids(self.tokenizer, text)
 
     def _sentence_ends(self) -> torch.Tensor:
         """Indices j of the filler right after a sentence or line end (where a statement may go)."""

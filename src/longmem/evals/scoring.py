@@ -130,6 +130,11 @@ class Context:
     start: int  # absolute position of the local window's first token
 
 
+def token_ids(tokenizer, text: str) -> torch.Tensor:
+    """text -> its ids [N] (no special tokens) on the host: the evaluations build prompts there."""
+    return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long, device="cpu")
+
+
 def split_prefix(prefix: torch.Tensor, window: int, room: int) -> tuple[torch.Tensor, torch.Tensor]:
     """prefix [N] -> (head [N-L], local [L]) with L = window - room tokens (room: continuation)."""
     keep = window - room

@@ -106,11 +106,10 @@ class MemoryBank:
     def new_storage(self) -> dict[str, torch.Tensor]:
         """Zeroed K/V storage: keys, values [B,Hkv,C,csz,Dh] (+ key_scale, value_scale [B,Hkv,C,csz] for int8)."""
         shape = (self.batch_size, self.num_kv_heads, self.capacity, self.chunk_size, self.head_dim)
+        on = {"device": self.device}
         if self.dtype_name != "int8":
             dt = DTYPES[self.dtype_name]
-            return {"keys": torch.zeros(shape, dtype=dt, device=self.device),
-                    "values": torch.zeros(shape, dtype=dt, device=self.device)}
-        on = {"device": self.device}
+            return {"keys": torch.zeros(shape, dtype=dt, **on), "values": torch.zeros(shape, dtype=dt, **on)}
         return {"keys": torch.zeros(shape, dtype=torch.int8, **on),
                 "values": torch.zeros(shape, dtype=torch.int8, **on),
                 "key_scale": torch.zeros(shape[:-1], dtype=SCALE_DTYPE, **on),

@@ -75,8 +75,9 @@ def keyed_matches(log: TokenLog, ids: torch.Tensor, positions: torch.Tensor, que
         dup = ((wid[:, :, None] == wid[:, None, :]) & earlier).any(-1)
         # where each id occurs: a sorted (id, index) list; counts and occurrences up to a query only (causal)
         span = seq.shape[0] + 1
-        order = torch.argsort(seq * span + torch.arange(seq.shape[0], device=dev))
-        sorted_key = (seq * span + torch.arange(seq.shape[0], device=dev))[order]  # [S] ascending
+        by_id = seq * span + torch.arange(seq.shape[0], device=dev)  # [S] (id, index) as one number
+        order = torch.argsort(by_id)
+        sorted_key = by_id[order]  # [S] ascending
         lo_w = torch.searchsorted(sorted_key, wid * span, side="left")  # [Q,W] the id's first entry
         cnt = torch.searchsorted(sorted_key, wid * span + qi[:, None] + 1, side="left") - lo_w  # [Q,W] seen so far
         total = known.long().cumsum(0)[qi]  # [Q] known tokens up to each query

@@ -48,10 +48,11 @@ class TokenLog:
             pos, tok = positions[row][keep][-self.span :], ids[row][keep][-self.span :]
             if pos.numel() == 0:
                 continue
-            self.ids[row, pos.to(self.device) % self.span] = tok.to(self.device, torch.int32)
+            slots = pos.to(self.device) % self.span
+            self.ids[row, slots] = tok.to(self.device, torch.int32)
             if self.keys is not None and keys is not None:
                 k = keys[row][:, keep][:, -self.span :]  # [Hkv,n,Dh]
-                self.keys[row][:, pos.to(self.device) % self.span] = _unit(k).to(self.device, self.keys.dtype)
+                self.keys[row][:, slots] = _unit(k).to(self.device, self.keys.dtype)
             self.end[row] = max(int(self.end[row]), int(pos.max()) + 1)
 
     def note_row(self, row: int, ids: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor | None) -> None:
