@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig,
+                          LlamaForCausalLM, PreTrainedTokenizerFast)
 
 from longmem.model.backbone import FrozenBackbone
 from longmem.config import LongMemConfig
@@ -28,6 +29,29 @@ def tiny_gpt2(layers: int = 4, seed: int = 0) -> GPT2LMHeadModel:
     config = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=layers, n_head=4, n_positions=256,
                         bos_token_id=257, eos_token_id=258)
     return GPT2LMHeadModel(config).eval()
+
+
+def tiny_gemma3(layers: int = 4, seed: int = 0) -> Gemma3ForCausalLM:
+    """Gemma 3's layout: sliding-window layers (a window of 6 tokens, shorter than the tests' segments)
+    around global ones (layers 1 and 3), two rotary tables, sandwich norms, QK-norm, <bos> = 257."""
+    torch.manual_seed(seed)
+    config = Gemma3TextConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=256, sliding_window=6,
+        layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)],
+        rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 100000.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 100.0}},
+        query_pre_attn_scalar=8, bos_token_id=257, eos_token_id=258, pad_token_id=259, tie_word_embeddings=True,
+    )
+    model = Gemma3ForCausalLM(config).eval()
+    with torch.no_grad():  # random norms (Gemma's are 1 + w, with w = 0 at init)
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(0, 0.3)
+    return model
+
+
+TINY = {"llama": tiny_llama, "gpt2": tiny_gpt2, "gemma3": tiny_gemma3}
 
 
 def byte_tokenizer() -> PreTrainedTokenizerFast:
@@ -70,7 +94,7 @@ def make_model(family: str = "llama", dtype=torch.float32, trained: bool = False
     layer 1 of 4, so that one later copied block follows the memory block; copy head on layer 1; a short-term
     tier on Llama). ``trained``: the parts that start at zero (style adapter, context gates, memory log-bias)
     get random values and the keyed matches are trusted, so that every path of the shipped layout is at work."""
-    hf = (tiny_llama() if family == "llama" else tiny_gpt2()).to(dtype)
+    hf = TINY[family]().to(dtype)
     defaults = dict(backbone=f"tiny-{family}", chunk_size=2, topk=8, memory_size=64, segment_length=16,
                     memory_dtype="float32", memory_layer=1, style_rank=8)
     cfg = LongMemConfig(**(defaults | config))
@@ -109,7 +133,7 @@ def perturb(model: LongMemModel, seed: int = 0, scale: float = 0.1) -> LongMemMo
     return model
 
 
-@pytest.fixture(params=["llama", "gpt2"])
+@pytest.fixture(params=["llama", "gpt2", "gemma3"])
 def family(request) -> str:
     return request.param
 

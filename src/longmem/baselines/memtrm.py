@@ -24,7 +24,7 @@ from torch import nn
 from longmem.config import LongMemConfig
 from longmem.errors import LongMemError
 from longmem.model.backbone import FrozenBackbone
-from longmem.model.blocks import MemoryBlock, MemoryContext, MemoryStats, Rope, SideBlock
+from longmem.model.blocks import MemoryBlock, MemoryContext, MemoryStats, Ropes, SideBlock
 from longmem.model.longmem import LongMemModel
 
 KIND = "longmem-memtrm"
@@ -80,7 +80,8 @@ class UpperLayers(nn.Module):
         for index in range(m, backbone.num_layers):
             layer = backbone.layers[index]
             shape = family.attn_shape(family.parts(layer)[1], backbone.model.config)
-            blocks.append((GatedMemoryBlock if index == m else SideBlock)(layer, family, shape, index))
+            window = family.window(backbone.model.config, index)
+            blocks.append((GatedMemoryBlock if index == m else SideBlock)(layer, family, shape, index, window))
         self.blocks = nn.ModuleList(blocks)
         self.norm = copy.deepcopy(family.final_norm(backbone.model))
         self.requires_grad_(True)  # the copies come from a frozen backbone
@@ -89,7 +90,7 @@ class UpperLayers(nn.Module):
     def memory_block(self) -> GatedMemoryBlock:
         return self.blocks[0]  # type: ignore[return-value]
 
-    def forward(self, hidden: list[torch.Tensor], rope: Rope | None, ctx: MemoryContext,
+    def forward(self, hidden: list[torch.Tensor], rope: Ropes | None, ctx: MemoryContext,
                 caches=None) -> tuple[torch.Tensor, MemoryStats | None]:
         """hidden L+1 x [B,T,D] -> normed final state [B,T,D] and memory diagnostics."""
         if caches is not None:
@@ -97,10 +98,10 @@ class UpperLayers(nn.Module):
         x, stats = hidden[self.memory_block.layer_index], None  # [B,T,D] H_m
         for block in self.blocks:
             if block is self.memory_block:
-                local, fused, stats = block.attend(x, rope, ctx)
+                local, fused, stats = block.attend(x, rope and rope[block.layer_index], ctx)
                 x = block.finish(x, local if fused is None else fused)
             else:
-                x = block(x, rope, ctx.past(block.layer_index))
+                x = block(x, rope and rope[block.layer_index], ctx.past(block.layer_index))
         return self.norm(x), stats
 
 

@@ -36,11 +36,12 @@ def cmd_data(args: argparse.Namespace) -> int:
     args.out = args.out or Path("data/books")
     from longmem.model.hub import load_tokenizer
     from longmem.data.books import load_text_folder, prepare_books, write_corpus
+    from longmem.data.tokens import document_ids
 
     tokenizer = load_tokenizer(args.backbone)
 
     def count(text: str) -> list[int]:
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
+        return document_ids(tokenizer, text)
 
     if args.what == "folder":
         if args.src is None:

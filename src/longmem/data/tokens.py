@@ -71,9 +71,27 @@ class TokenizedCorpus:
         return int(self.lengths.sum())
 
 
+def leading_bos(tokenizer: Any) -> int | None:
+    """The <bos> id a tokenizer puts at the start of a text by default (Gemma's), or None (SmolLM2, GPT-2)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    ids = tokenizer("x")["input_ids"]
+    return bos if ids and ids[0] == bos else None
+
+
+def document_ids(tokenizer: Any, text: str, start: bool = True) -> list[int]:
+    """Token ids of a document (or a prompt): its text without special tokens, after the tokenizer's
+    <bos> where the model needs one (Gemma without it: 49.0 instead of 25.8 perplexity on Emma) and the
+    text ``start``s a stream (not a text continuing what a memory has read)."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    bos = leading_bos(tokenizer) if start else None
+    return [bos, *ids] if bos is not None and ids[:1] != [bos] else ids
+
+
 def _encode(text: str, tokenizer: Any) -> np.ndarray:
-    """Token ids of ``text`` without special tokens: uint32 [n]."""
-    ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
+    """Token ids of a document (``document_ids``): uint32 [n]."""
+    ids = np.asarray(document_ids(tokenizer, text), dtype=np.int64)
     if ids.size and (ids.min() < 0 or ids.max() >= 2**32):
         raise LongMemError(f"tokenizer returned ids outside 0..2**32-1 (min {ids.min()}, max {ids.max()})")
     return ids.astype(np.uint32)
@@ -92,7 +110,7 @@ def tokenize_texts(texts: dict[str, str], tokenizer: Any) -> TokenizedCorpus:
 
     Args:
         texts: Document id -> text, in the order the documents should have.
-        tokenizer: A Hugging Face tokenizer (called with ``add_special_tokens=False``).
+        tokenizer: A Hugging Face tokenizer (through ``document_ids``).
 
     Returns:
         The concatenated corpus.
@@ -181,7 +199,7 @@ def tokenize_corpus(corpus_dir: Path, tokenizer: Any, split: str | None, cache: 
 
     Args:
         corpus_dir: Folder written by :func:`longmem.data.books.prepare_books`.
-        tokenizer: A Hugging Face tokenizer (called with ``add_special_tokens=False``).
+        tokenizer: A Hugging Face tokenizer (through ``document_ids``).
         split: ``"train"``, ``"validation"``, ``"test"``, or None for all documents.
         cache: Read and write the token cache.
 

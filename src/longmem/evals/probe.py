@@ -52,7 +52,8 @@ def backbone_attention(model: LongMemModel, ids: torch.Tensor, last: int) -> tor
     k = out.mem_keys.float()  # [1,Hkv,W,Dh]
     w, dev = ids.shape[1], ids.device
     if family.rotary:
-        cos, sin = family.rope_cos_sin(backbone.model, torch.arange(w, device=dev), torch.float32)  # [W,Dh]
+        cos, sin = family.rope_cos_sin(backbone.model, torch.arange(w, device=dev), torch.float32,
+                                       backbone.memory_layer)  # [W,Dh]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     k = k.repeat_interleave(shape.num_heads // shape.num_kv_heads, dim=1)  # [1,H,W,Dh]
     scores = (q[:, :, w - last :] @ k.transpose(-1, -2))[0] * shape.scaling  # [H,last,W]

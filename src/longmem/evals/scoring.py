@@ -26,6 +26,7 @@ from typing import Any, Protocol
 
 import torch
 
+from longmem.data.tokens import document_ids
 from longmem.errors import LongMemError
 from longmem.inference.generate import Decoder
 from longmem.model.backbone import cache_of, with_cache
@@ -132,7 +133,7 @@ class Context:
 
 def token_ids(tokenizer, text: str) -> torch.Tensor:
     """text -> its ids [N] (no special tokens) on the host: the evaluations build prompts there."""
-    return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long, device="cpu")
+    return torch.tensor(document_ids(tokenizer, text), dtype=torch.long, device="cpu")
 
 
 def split_prefix(prefix: torch.Tensor, window: int, room: int) -> tuple[torch.Tensor, torch.Tensor]:

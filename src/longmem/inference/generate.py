@@ -19,6 +19,7 @@ from typing import Iterator
 
 import torch
 
+from longmem.data.tokens import document_ids
 from longmem.errors import LongMemError
 from longmem.memory.bank import MemoryBank
 from longmem.model.longmem import LongMemModel, LongMemOutput
@@ -269,13 +270,13 @@ def stream(model: LongMemModel, prompt: str | torch.Tensor, memory: MemoryBank |
     model computation.
     """
     config = config or GenerationConfig()
+    if memory is None:
+        memory, copy_on_write = model.new_memory(1), False
     if isinstance(prompt, str):
         if model.tokenizer is None:
             raise LongMemError("this model has no tokenizer; pass token ids instead")
-        ids = model.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        ids = document_ids(model.tokenizer, prompt, start=int(memory.end_position.max()) == 0)
         prompt = torch.tensor(ids, dtype=torch.long, device="cpu")
-    if memory is None:
-        memory, copy_on_write = model.new_memory(1), False
     window, evict = window_sizes(model, config, memory)
     decoder = Decoder(model, memory, window, evict, copy_on_write=copy_on_write, lock=lock)
     return TextStream(model, decoder, prompt, config)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields
 import torch
 from tqdm.auto import tqdm
 
+from longmem.data.tokens import document_ids
 from longmem.errors import LongMemError
 from longmem.memory.bank import MemoryBank
 from longmem.model.longmem import LongMemModel
@@ -43,7 +44,7 @@ def tokenize(model: LongMemModel, text: str) -> torch.Tensor:
     """text -> ids [N] with the model's tokenizer (no special tokens)."""
     if model.tokenizer is None:
         raise LongMemError("this model has no tokenizer; pass token ids instead")
-    ids = model.tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = document_ids(model.tokenizer, text)
     if len(ids) < 2:
         raise LongMemError("text is too short: at least 2 tokens are needed to score it")
     return torch.tensor(ids, dtype=torch.long, device="cpu")

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from longmem.data.tokens import document_ids
 from longmem.model.backbone import weights_digest
 from longmem.model.hub import cache_home
 from longmem.errors import LongMemError
@@ -208,7 +209,7 @@ def tokenize(model: LongMemModel, text: str) -> torch.Tensor:
     """text -> ids [N] (no special tokens), with a clear error for empty text."""
     if model.tokenizer is None:
         raise LongMemError("this model has no tokenizer")
-    ids = model.tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = document_ids(model.tokenizer, text)
     if not ids:
         raise LongMemError("no text to remember (0 tokens)")
     return torch.tensor(ids, dtype=torch.long, device="cpu")

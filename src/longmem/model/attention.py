@@ -181,6 +181,35 @@ def cached_attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scal
     return out.to(q.dtype), lse.reshape(b, h, tn)
 
 
+def windowed_attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, window: int,
+                           past: Past | None = None, cached: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention that sees only the last ``window`` positions (a sliding-window layer), with its lse.
+
+    q [B,H,Tq,Dh]. Reading: k/v [B,H_kv,Tq,Dh] of the same tokens, ``past`` (P slots) ahead of them.
+    Decoding (``cached``): k/v [B,H_kv,N,Dh] are the whole window so far, q its last Tq tokens.
+    Query i may see key j when j <= i and i - j < window (positions counted over past + tokens, as the
+    backbone's own mask counts them) -> out [B,H,Tq,Dh], lse [B,H,Tq] (fp32). Explicit fp32 path.
+    """
+    b, h, tq, _ = q.shape
+    valid = None
+    if past is not None:
+        valid = past[2]  # [B,P]
+        k, v = torch.cat([past[0].to(k.dtype), k], 2), torch.cat([past[1].to(v.dtype), v], 2)
+    n = k.shape[2]
+    kpos = torch.arange(n, device=q.device)
+    qpos = torch.arange(n - tq, n, device=q.device)
+    allowed = (kpos[None, :] <= qpos[:, None]) & (qpos[:, None] - kpos[None, :] < window)  # [Tq,N]
+    allowed = allowed.expand(b, 1, tq, n)
+    if valid is not None:
+        seen = torch.cat([valid, torch.ones(b, n - valid.shape[1], dtype=torch.bool, device=q.device)], 1)
+        allowed = allowed & seen[:, None, None, :]  # [B,1,Tq,N]
+    scores = torch.matmul(q.float(), expand_kv(k, h).float().transpose(-1, -2)) * scale  # [B,H,Tq,N]
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # [B,H,Tq]
+    probs = torch.exp(scores - lse.unsqueeze(-1))
+    return torch.matmul(probs, expand_kv(v, h).float()).to(q.dtype), lse
+
+
 def _allowed(tn: int, n: int, device: torch.device) -> torch.Tensor:
     """[Tn,N] True where new token i (window position n-Tn+i) may attend to window token j."""
     return torch.arange(n, device=device)[None, :] <= torch.arange(n - tn, n, device=device)[:, None]

@@ -57,13 +57,23 @@ class BackboneOutput:
     layer_values: torch.Tensor | None = None  # [L,B,H_kv,T,Dh]
 
 
-def default_memory_layer(num_layers: int, reduction: int) -> int:
+def default_memory_layer(num_layers: int, reduction: int, allowed: list[int] | None = None) -> int:
     """0-based layer at ~70% depth whose SideNet copy is the memory block.
 
     SideNet block l (1-based) copies backbone layer r*l (1-based), so the memory layer m
     (0-based) must satisfy (m + 1) % r == 0. 24 layers, r=2 -> 17 (paper); 30 -> 21.
+    ``allowed`` (a family's global layers, where some only see a sliding window): the
+    nearest of them to that layer that r admits (the deeper one on a tie); Gemma 3 270M's
+    18 layers, r=2 -> 11.
     """
-    return reduction * math.ceil(0.7 * num_layers / reduction) - 1
+    layer = reduction * math.ceil(0.7 * num_layers / reduction) - 1
+    if allowed is None or layer in allowed:
+        return layer
+    fits = [m for m in allowed if (m + 1) % reduction == 0]
+    if not fits:
+        raise LongMemError(f"no global layer of {allowed} can be the memory layer with reduction r={reduction}: "
+                           "(memory_layer + 1) must be a multiple of r")
+    return min(fits, key=lambda m: (abs(m - layer), -m))
 
 
 class FrozenBackbone(nn.Module):
@@ -76,13 +86,18 @@ class FrozenBackbone(nn.Module):
         self.name = name
         self.layers = self.family.layers(model)
         self.num_layers = len(self.layers)
+        allowed = self.family.global_layers(model.config)
         self.memory_layer = (
-            default_memory_layer(self.num_layers, reduction) if memory_layer is None else memory_layer
+            default_memory_layer(self.num_layers, reduction, allowed) if memory_layer is None else memory_layer
         )
         if not 0 <= self.memory_layer < self.num_layers:
             raise LongMemError(
                 f"memory_layer={self.memory_layer} is outside the backbone's {self.num_layers} layers"
             )
+        if allowed is not None and self.memory_layer not in allowed:
+            raise LongMemError(f"memory_layer={self.memory_layer} is a sliding-window layer; the memory layer must "
+                               f"see every token (one of the global layers {allowed})")
+        self.bos_id = self.family.bos_id(model.config)  # prepended to a window that starts without it
         _, attn, _, _ = self.family.parts(self.layers[self.memory_layer])
         self.attn_shape: AttnShape = self.family.attn_shape(attn, model.config)
         self.native_context = self.family.native_context(model.config)
@@ -150,16 +165,21 @@ class FrozenBackbone(nn.Module):
         hooks = [layer.register_forward_pre_hook(grab_input, with_kwargs=True) for layer in self.layers]
         hooks.append(self.layers[-1].register_forward_hook(grab_output))
         layer_keys = layer_values = None
+        lead = 0
         try:
             if past is not None:
                 layer_keys, layer_values = self._forward_with_past(input_ids, past)
             else:
                 base = self.family.base(self.model)
+                if cache is None:
+                    input_ids, lead = self._lead(input_ids)
+                    position_ids = None
                 base(input_ids=input_ids, position_ids=position_ids, use_cache=cache is not None,
                      **with_cache(base, cache))
         finally:
             for hook in hooks:
                 hook.remove()
+        hidden = [h[:, lead:] for h in hidden]  # without a <bos> this pass put ahead
         norm, attn, _, _ = self.family.parts(self.layers[self.memory_layer])
         x = norm(hidden[self.memory_layer])  # [B,T,D] input of the memory layer's attention
         keys, values = self.family.keys_values(attn, x, self.attn_shape)
@@ -175,7 +195,7 @@ class FrozenBackbone(nn.Module):
         p = past.slots
         positions = torch.arange(p, p + t, device=input_ids.device)[None, :].expand(b, t)  # [B,T]
         kwargs: dict = {"position_ids": positions, "use_cache": True}
-        cache = None
+        cache = self.new_cache()  # every layer keeps every entry (HF's own would crop sliding-window layers)
         if not past.is_empty():
             dt = self.dtype
             cache = DynamicCache(
@@ -198,6 +218,15 @@ class FrozenBackbone(nn.Module):
         """H_layer [B,T,D] (layer ``layer``'s input) -> that layer's pre-rotary keys [B,H_kv,T,Dh]."""
         norm, attn, _, _ = self.family.parts(self.layers[layer])
         return self.family.keys_values(attn, norm(hidden), self.attn_shape)[0]  # every layer has one shape
+
+    def _lead(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """A window that nothing precedes -> (the window with the model's <bos> ahead of it where it needs
+        one and lacks it, how many tokens were put ahead). Gemma without its <bos>: 49.0 instead of 25.8
+        perplexity on 1,024 tokens of Emma."""
+        if self.bos_id is None or bool((input_ids[:, 0] == self.bos_id).all()):
+            return input_ids, 0
+        bos = torch.full((input_ids.shape[0], 1), self.bos_id, dtype=input_ids.dtype, device=input_ids.device)
+        return torch.cat([bos, input_ids], 1), 1
 
     @torch.no_grad()
     def memory_kv(self, input_ids: torch.Tensor, match_layer: int | None = None
@@ -222,6 +251,7 @@ class FrozenBackbone(nn.Module):
             return hook
 
         hooks = [self.layers[i].register_forward_pre_hook(grab(i), with_kwargs=True) for i in wanted]
+        input_ids, lead = self._lead(input_ids)
         try:
             self.family.base(self.model)(input_ids=input_ids, use_cache=False)
         except _StopForward:
@@ -229,6 +259,7 @@ class FrozenBackbone(nn.Module):
         finally:
             for hook in hooks:
                 hook.remove()
+        grabbed = {i: h[:, lead:] for i, h in grabbed.items()}
         norm, attn, _, _ = self.family.parts(self.layers[self.memory_layer])
         keys, values = self.family.keys_values(attn, norm(grabbed[self.memory_layer]), self.attn_shape)
         match = self.keys_at(grabbed[match_layer], match_layer) if match_layer is not None else None
@@ -262,7 +293,7 @@ def _split_attention(module, query, key, value, attention_mask, dropout=0.0, sca
         # layer per 1,000 cached keys here, this one a small fraction of that)
         out = F.scaled_dot_product_attention(query.reshape(b, hkv, h // hkv, d), key, value, scale=scaling)
         return out.reshape(b, h, 1, d).transpose(1, 2), None  # [B,1,H,Dh] as HF expects
-    p = _SPLIT_PAST.get()
+    p = 0 if getattr(module, "sliding_window", None) else _SPLIT_PAST.get()  # a window needs the mask
     if p and key.shape[2] - query.shape[2] == p and not torch.is_grad_enabled() and query.device.type == "cpu":
         out = split_past_attention(query, key[:, :, :p], value[:, :, :p], key[:, :, p:], value[:, :, p:], scaling)
         if out is not None:

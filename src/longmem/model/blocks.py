@@ -19,11 +19,12 @@ from torch import nn
 from longmem.memory.bank import MemoryBank, Retrieved
 from longmem.memory.tier import RecentCache
 from longmem.model.attention import (Past, cached_attention, cached_attention_lse, joint_fusion, local_attention,
-                                     local_attention_lse, memory_attention)
+                                     local_attention_lse, memory_attention, windowed_attention_lse)
 from longmem.model.cache import KVBuffer
 from longmem.model.families import AttnShape, Family, apply_rope, apply_rope_half
 
 Rope = tuple[torch.Tensor, torch.Tensor]  # cos/sin [T,Dh] of the tokens' local positions
+Ropes = dict[int, Rope]  # backbone layer -> its Rope (layers of one model may use different tables: Gemma 3)
 
 
 @dataclass
@@ -72,12 +73,14 @@ class MemoryStats:
 class SideBlock(nn.Module):
     """A trainable copy of one backbone decoder layer (pre-norm attention + MLP)."""
 
-    def __init__(self, layer: nn.Module, family: Family, shape: AttnShape, layer_index: int):
+    def __init__(self, layer: nn.Module, family: Family, shape: AttnShape, layer_index: int,
+                 window: int | None = None):
         super().__init__()
         attn_norm, attn, mlp_norm, mlp = (copy.deepcopy(m) for m in family.parts(layer))
         self.attn_norm, self.attn, self.mlp_norm, self.mlp = attn_norm, attn, mlp_norm, mlp
         self.family, self.shape = family, shape
         self.layer_index = layer_index  # the backbone layer this block copies
+        self.window = window  # a sliding-window layer sees only its last ``window`` positions (None: all)
 
     def project(self, x: torch.Tensor):
         """x [B,T,D] -> q [B,H,T,Dh], k, v [B,H_kv,T,Dh] (before positions)."""
@@ -95,12 +98,18 @@ class SideBlock(nn.Module):
     def local(self, q, k, v, past: Past | None, cache: KVBuffer | None) -> torch.Tensor:
         """Causal attention of the tokens q [B,H,T,Dh], k/v [B,H_kv,T,Dh] over what precedes them (the tier
         ``past``, or the window in ``cache``, which takes k/v) -> [B,H,T,Dh]."""
+        if self.window is not None:
+            return self.local_lse(q, k, v, past, cache)[0]
         if cache is not None:
             return cached_attention(q, *cache.append(k, v), self.shape.scaling)
         return local_attention(q, k, v, self.shape.scaling, past)
 
     def local_lse(self, q, k, v, past: Past | None, cache: KVBuffer | None):
         """``local`` with its log-sum-exp [B,H,T] (fp32)."""
+        if self.window is not None:
+            if cache is not None:
+                return windowed_attention_lse(q, *cache.append(k, v), self.shape.scaling, self.window, cached=True)
+            return windowed_attention_lse(q, k, v, self.shape.scaling, self.window, past)
         if cache is not None:
             return cached_attention_lse(q, *cache.append(k, v), self.shape.scaling)
         return local_attention_lse(q, k, v, self.shape.scaling, past)
@@ -117,8 +126,9 @@ class SideBlock(nn.Module):
 class MemoryBlock(SideBlock):
     """The memory-augmented block: local causal attention and retrieved memory in one joint softmax."""
 
-    def __init__(self, layer: nn.Module, family: Family, shape: AttnShape, layer_index: int):
-        super().__init__(layer, family, shape, layer_index)
+    def __init__(self, layer: nn.Module, family: Family, shape: AttnShape, layer_index: int,
+                 window: int | None = None):
+        super().__init__(layer, family, shape, layer_index, window)
         self.gate = nn.Parameter(torch.zeros(shape.num_heads))  # per-head log-bias on memory scores
 
     def delta(self, x: torch.Tensor, rope: Rope | None, ctx: MemoryContext, cache: KVBuffer | None = None

@@ -53,10 +53,11 @@ class DecodeCache:
     capacity: int  # most tokens the window may hold
     offset: int  # backbone position of the window's first token (after a short-term tier's slots)
     past: int  # short-term tier entries ahead of the window in every attention
-    rope: tuple[torch.Tensor, torch.Tensor] | None  # cos/sin [capacity,Dh] of the window's positions
+    rope: dict[int, tuple[torch.Tensor, torch.Tensor]] | None  # per block's layer: cos/sin [capacity,Dh] of the window
     memory_state: tuple | None = None  # what the memory looked like when the cache was made
     match_keys: KVBuffer | None = None  # a copy head's match keys [B,H_kv,n,Dh] of the window (no values)
     match_history: torch.Tensor | None = None  # the copy head's match positions [B,H_kv,<=RUN,k] of the last tokens
+    lead: int = 0  # entries ahead of the window in the backbone's cache only (a <bos> its first tokens lacked)
 
     @property
     def length(self) -> int:
@@ -69,8 +70,9 @@ class DecodeCache:
     def layer_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every backbone layer's keys (rotated), values of the window: [L,B,H_kv,n,Dh] each."""
         layers = self.backbone.layers  # type: ignore[attr-defined]
-        keys = torch.stack([layer.keys[:, :, self.past :] for layer in layers])
-        return keys, torch.stack([layer.values[:, :, self.past :] for layer in layers])
+        first = self.past + self.lead
+        keys = torch.stack([layer.keys[:, :, first:] for layer in layers])
+        return keys, torch.stack([layer.values[:, :, first:] for layer in layers])
 
     def check(self, memory: MemoryBank | None, new_tokens: int) -> None:
         """Refuse tokens that do not fit, or a memory written to since the cache was made."""
@@ -123,9 +125,11 @@ def new_cache(model, batch_size: int, start: torch.Tensor | int, capacity: int, 
             buf.append(*((k, v) if i == 0 else (torch.cat([k, k]), torch.cat([v, v]))))  # later: both streams
     rope = None
     if backbone.family.rotary:
-        cos, sin = backbone.family.rope_cos_sin(backbone.model, torch.arange(offset, offset + capacity, device=dev),
-                                                torch.float32)
-        rope = (cos.to(dt), sin.to(dt))
+        places = torch.arange(offset, offset + capacity, device=dev)
+        rope = {}
+        for block in blocks:
+            cos, sin = backbone.family.rope_cos_sin(backbone.model, places, torch.float32, block.layer_index)
+            rope[block.layer_index] = (cos.to(dt), sin.to(dt))
     start = (torch.full((batch_size,), start, dtype=torch.long, device=dev) if isinstance(start, int)
              else start.to(dev, copy=True))
     has_head = getattr(model.sidenet, "copy_head", None) is not None

@@ -75,14 +75,31 @@ class Family:
     def native_context(self, config) -> int:
         raise NotImplementedError
 
+    def window(self, config, layer: int) -> int | None:
+        """How many tokens back layer ``layer`` attends (a sliding-window layer), or None (every token)."""
+        return None
+
+    def rope_kind(self, config, layer: int | None) -> str:
+        """Which rotary table layer ``layer`` uses ("" where every layer uses the one table)."""
+        return ""
+
+    def global_layers(self, config) -> list[int] | None:
+        """The layers that see every token (where a memory layer may sit), or None when all of them do."""
+        return None
+
+    def bos_id(self, config) -> int | None:
+        """The token every window must start with for the model to work (Gemma's <bos>), or None."""
+        return None
+
     def rope_cos_sin(
-        self, model: nn.Module, positions: torch.Tensor, dtype: torch.dtype
+        self, model: nn.Module, positions: torch.Tensor, dtype: torch.dtype, layer: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [...] (any ints, may be negative) -> cos, sin [..., Dh], as the model computes them."""
+        """positions [...] (any ints, may be negative) -> cos, sin [..., Dh], as the model computes them for
+        layer ``layer`` (None: a global layer's; families with one table ignore it)."""
         raise LongMemError(f"{self.name} backbones have no rotary positions")
 
     def rope_exact(
-        self, model: nn.Module, positions: torch.Tensor, dtype: torch.dtype
+        self, model: nn.Module, positions: torch.Tensor, dtype: torch.dtype, layer: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Like rope_cos_sin, with angles in float64 (for absolute positions up to millions)."""
         raise LongMemError(f"{self.name} backbones have no rotary positions")
@@ -175,19 +192,94 @@ class LlamaFamily(Family):
     def native_context(self, config):
         return int(config.max_position_embeddings)
 
-    def rope_exact(self, model, positions, dtype):
+    def rope_exact(self, model, positions, dtype, layer=None):
         """cos/sin [..., Dh] at any (large) positions, angles computed in float64."""
-        rot = model.model.rotary_emb
-        angles = positions.double()[..., None] * rot.inv_freq.double()  # [..., Dh/2]
+        inv_freq, scaling = self._frequencies(model, layer)
+        angles = positions.double()[..., None] * inv_freq.double()  # [..., Dh/2]
         emb = torch.cat([angles, angles], dim=-1)
-        return (emb.cos() * rot.attention_scaling).to(dtype), (emb.sin() * rot.attention_scaling).to(dtype)
+        return (emb.cos() * scaling).to(dtype), (emb.sin() * scaling).to(dtype)
 
-    def rope_cos_sin(self, model, positions, dtype):
+    def rope_cos_sin(self, model, positions, dtype, layer=None):
         flat = positions.reshape(1, -1).to(torch.long)  # [1, N]
         probe = torch.empty(0, dtype=torch.float32, device=positions.device)
-        cos, sin = model.model.rotary_emb(probe, flat)  # [1, N, Dh] each
+        cos, sin = model.model.rotary_emb(probe, flat, *self._rope_args(model, layer))  # [1, N, Dh] each
         shape = (*positions.shape, cos.shape[-1])
         return cos.reshape(shape).to(dtype), sin.reshape(shape).to(dtype)
+
+    def _rope_args(self, model, layer):
+        """Extra arguments of the model's rotary module for layer ``layer``."""
+        kind = self.rope_kind(model.config, layer)
+        return (kind,) if kind else ()
+
+    def _frequencies(self, model, layer):
+        """(inv_freq [Dh/2], attention scaling) of layer ``layer``'s rotary positions."""
+        rot = model.model.rotary_emb
+        return rot.inv_freq, rot.attention_scaling
+
+
+class PostNormed(nn.Module):
+    """A module followed by a norm of its output (Gemma's sandwich norms): y = norm(inner(x))."""
+
+    def __init__(self, inner: nn.Module, norm: nn.Module):
+        super().__init__()
+        self.inner, self.norm = inner, norm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.inner(x))
+
+
+class Gemma3Family(LlamaFamily):
+    """Gemma 3: Llama's layout plus sandwich norms (after attention and after the MLP), QK-norm, a scaled
+    embedding (inside the embedding module: H_0 is already scaled), a <bos> every window needs, and
+    sliding-window (local) layers interleaved with global ones, each kind with its own rotary table.
+
+    ``parts`` hands out the attention and the MLP wrapped with their post-norms, so that the SideNet's
+    blocks (pre-norm, attention, residual, pre-norm, MLP, residual) compute Gemma's layer exactly."""
+
+    name = "gemma3"
+
+    def parts(self, layer):
+        attn = PostNormed(layer.self_attn, layer.post_attention_layernorm)
+        mlp = PostNormed(layer.mlp, layer.post_feedforward_layernorm)
+        return layer.input_layernorm, attn, layer.pre_feedforward_layernorm, mlp
+
+    def attn_shape(self, attn, config):
+        if getattr(config, "attn_logit_softcapping", None):
+            raise LongMemError("Gemma models with attention logit soft-capping (Gemma 2) are not supported")
+        return super().attn_shape(attn.inner, config)
+
+    def queries(self, attn, x, shape):
+        return super().queries(attn.inner, x, shape)
+
+    def keys_values(self, attn, x, shape):
+        return super().keys_values(attn.inner, x, shape)
+
+    def attn_output(self, attn, o):
+        return attn.norm(attn.inner.o_proj(o))
+
+    def output_projections(self, attn, mlp):
+        return [attn.inner.o_proj, mlp.inner.down_proj]
+
+    def window(self, config, layer):
+        return int(config.sliding_window) if _layer_type(config, layer) == "sliding_attention" else None
+
+    def global_layers(self, config):
+        return [i for i in range(config.num_hidden_layers) if _layer_type(config, i) != "sliding_attention"]
+
+    def bos_id(self, config):
+        return int(config.bos_token_id)
+
+    def rope_kind(self, config, layer):
+        return _layer_type(config, layer)
+
+    def _frequencies(self, model, layer):
+        rot, kind = model.model.rotary_emb, _layer_type(model.config, layer)
+        return getattr(rot, f"{kind}_inv_freq"), getattr(rot, f"{kind}_attention_scaling")
+
+
+def _layer_type(config, layer: int | None) -> str:
+    """"sliding_attention" or "full_attention" for layer ``layer`` (None: a global layer)."""
+    return "full_attention" if layer is None else config.layer_types[layer]
 
 
 def _heads(x: torch.Tensor, n: int, dh: int) -> torch.Tensor:
@@ -202,6 +294,7 @@ FAMILIES: dict[str, Family] = {
     "mistral": LlamaFamily(),
     "qwen2": LlamaFamily(),
     "qwen3": LlamaFamily(),
+    "gemma3_text": Gemma3Family(),
 }
 
 
@@ -210,6 +303,8 @@ def family_of(config) -> Family:
     model_type = getattr(config, "model_type", None)
     if model_type not in FAMILIES:
         raise LongMemError(
-            f"model type {model_type!r} is not supported (supported: {', '.join(sorted(FAMILIES))})"
+            f"model type {model_type!r} is not supported: the SideNet needs to know its layer layout, attention "
+            f"projections and positions (supported: {', '.join(sorted(FAMILIES))}; a new family is one class in "
+            "longmem/model/families.py)"
         )
     return FAMILIES[model_type]

@@ -46,8 +46,9 @@ class GrowingLayer(DynamicLayer):
 
 
 def growing_cache(config, capacity: int = 0) -> DynamicCache:
-    """HF's DynamicCache for ``config`` with every full-attention layer a GrowingLayer (other
-    layer kinds, e.g. sliding-window ones, stay HF's)."""
+    """HF's DynamicCache for ``config`` with every layer a GrowingLayer. A sliding-window layer keeps
+    every entry too (its attention mask hides the old ones), so that a short-term tier can be put
+    ahead of the window and the window's keys of every layer read back (``DecodeCache.layer_kv``)."""
     cache = DynamicCache(config=config)
-    cache.layers = [GrowingLayer(capacity) if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    cache.layers = [GrowingLayer(capacity) for _ in cache.layers]
     return cache

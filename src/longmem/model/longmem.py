@@ -26,7 +26,7 @@ from longmem.memory.tier import RecentCache
 from longmem.memory.token_log import TokenLog
 from longmem.model import saved
 from longmem.model.backbone import FrozenBackbone
-from longmem.model.blocks import MemoryContext, MemoryStats
+from longmem.model.blocks import MemoryContext, MemoryStats, Ropes
 from longmem.model.cache import DecodeCache, new_cache
 from longmem.model.copy_head import RUN
 from longmem.model.families import apply_rope
@@ -267,7 +267,8 @@ class LongMemModel(nn.Module):
 
     def _rope_absolute(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin [...,Dh] (fp32) at absolute positions [...]."""
-        return self.backbone.family.rope_exact(self.backbone.model, positions, torch.float32)
+        return self.backbone.family.rope_exact(self.backbone.model, positions, torch.float32,
+                                               self.backbone.memory_layer)
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -303,11 +304,13 @@ class LongMemModel(nn.Module):
             rope = self._rope(t, offset) if self.backbone.family.rotary else None
         else:
             cache.check(memory, t)
+            if cache.length == 0 and cache.lead == 0 and (memory is None or memory.recent is None):
+                self._lead_bos(input_ids, cache)  # as the backbone does for a segment read without a tier
             local = torch.arange(cache.length, cache.length + t, device=input_ids.device)  # [T] places in the window
             frozen = self.backbone(input_ids, cache=cache.backbone,
                                    position_ids=(cache.offset + local)[None, :].expand(b, t))
             positions = cache.start[:, None] + local[None, :]  # [B,T] absolute
-            rope = None if cache.rope is None else (cache.rope[0][local], cache.rope[1][local])
+            rope = None if cache.rope is None else {i: (c[local], s_[local]) for i, (c, s_) in cache.rope.items()}
             cache.memory_kv.append(frozen.mem_keys, frozen.mem_values)
             cache.ids = torch.cat([cache.ids, input_ids], 1)
         ctx = self._context(memory, positions)
@@ -322,6 +325,17 @@ class LongMemModel(nn.Module):
         mem_keys, mem_values = self.memory_entries(frozen)
         return LongMemOutput(logits, loss, mem_keys, mem_values, positions, base, stats,
                              frozen.layer_keys, frozen.layer_values, input_ids, match)
+
+    def _lead_bos(self, input_ids: torch.Tensor, cache: DecodeCache) -> None:
+        """A decode window without a short-term tier that starts without the backbone's <bos> (where it needs
+        one) gets one ahead of it in the backbone's cache, as ``FrozenBackbone.forward`` does for a segment."""
+        bos = self.backbone.bos_id
+        if bos is None or bool((input_ids[:, 0] == bos).all()):
+            return
+        b = input_ids.shape[0]
+        ids = torch.full((b, 1), bos, dtype=input_ids.dtype, device=input_ids.device)
+        self.backbone(ids, cache=cache.backbone, position_ids=torch.full_like(ids, cache.offset))
+        cache.offset, cache.lead = cache.offset + 1, 1
 
     def memory_entries(self, frozen) -> tuple[torch.Tensor, torch.Tensor]:
         """What a segment writes to the bank: the frozen memory layer's K/V [B,H_kv,T,Dh] (never stale)."""
@@ -392,7 +406,8 @@ class LongMemModel(nn.Module):
         table = None
         if rotary:
             dmax = self.max_distance
-            cos, sin = self._rope_at(("table", dmax), -torch.arange(dmax + 1, device=self.device))  # key d tokens back
+            cos, sin = self._rope_at(("table", dmax), -torch.arange(dmax + 1, device=self.device),  # key d tokens back
+                                     self.backbone.memory_layer)
             half = cos.shape[-1] // 2
             table = (cos[:, :half].contiguous(), sin[:, :half].contiguous())  # [Dmax+1,Dh/2]
         return MemoryContext(
@@ -405,22 +420,29 @@ class LongMemModel(nn.Module):
             recent=memory.recent if memory is not None else None,
         )
 
-    def _rope(self, t: int, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin [T,Dh] of in-segment positions offset..offset+T-1 (the backbone's own)."""
-        return self._rope_at(("local", t, offset), torch.arange(offset, offset + t, device=self.device))
+    def _rope(self, t: int, offset: int = 0) -> Ropes:
+        """Each SideNet block's cos/sin [T,Dh] of in-segment positions offset..offset+T-1 (the backbone's own)."""
+        positions = torch.arange(offset, offset + t, device=self.device)
+        return {b.layer_index: self._rope_at(("local", t, offset), positions, b.layer_index)
+                for b in self.sidenet.blocks}
 
-    def _rope_at(self, key: tuple, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (*key, positions.device)  # a model moved to another device computes its tables again
+    def _rope_at(self, key: tuple, positions: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin [...,Dh] of backbone layer ``layer``'s rotary table at positions [...], kept per ``key``."""
+        family, model = self.backbone.family, self.backbone.model
+        key = (*key, family.rope_kind(model.config, layer), positions.device)  # another device: computed again
         if key not in self._rope_cache:
-            family, model = self.backbone.family, self.backbone.model
-            self._rope_cache[key] = family.rope_cos_sin(model, positions, torch.float32)
+            self._rope_cache[key] = family.rope_cos_sin(model, positions, torch.float32, layer)
         cos, sin = self._rope_cache[key]
         return cos.to(self.backbone.dtype), sin.to(self.backbone.dtype)
 
     def _shift_back(self, keys: torch.Tensor, d: int) -> torch.Tensor:
-        """Rotate already-rotated keys [...,N,Dh] (fp32) d positions back."""
-        cos, sin = self._rope_at(("shift", d), torch.tensor([-d], device=self.device))  # [1,Dh]
-        return apply_rope(keys, cos.float(), sin.float())
+        """Rotate already-rotated keys of every layer [L,...,N,Dh] (fp32) d positions back."""
+        back = torch.tensor([-d], device=self.device)
+        tables = [self._rope_at(("shift", d), back, layer) for layer in range(keys.shape[0])]  # L x [1,Dh]
+        shape = (keys.shape[0],) + (1,) * (keys.dim() - 2) + (keys.shape[-1],)  # [L,1,..,1,Dh]
+        cos = torch.stack([c for c, _ in tables]).float().view(shape)
+        sin = torch.stack([s for _, s in tables]).float().view(shape)
+        return apply_rope(keys, cos, sin)
 
 
 def _fresh_part(key: str, state: dict) -> bool:

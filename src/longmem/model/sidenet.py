@@ -23,7 +23,7 @@ from torch import nn
 
 from longmem.errors import LongMemError
 from longmem.model.backbone import FrozenBackbone
-from longmem.model.blocks import MemoryBlock, MemoryContext, MemoryStats, Rope, SideBlock, paired_difference
+from longmem.model.blocks import MemoryBlock, MemoryContext, MemoryStats, Ropes, SideBlock, paired_difference
 from longmem.model.cache import KVBuffer
 from longmem.model.copy_head import CopyHead
 from longmem.model.style import StyleAdapter
@@ -46,7 +46,7 @@ class SideNet(nn.Module):
             layer = backbone.layers[index]
             shape = family.attn_shape(family.parts(layer)[1], backbone.model.config)
             block = MemoryBlock if index == m else SideBlock
-            blocks.append(block(layer, family, shape, index))
+            blocks.append(block(layer, family, shape, index, family.window(backbone.model.config, index)))
         self.blocks = nn.ModuleList(blocks)
         self.norm = copy.deepcopy(family.final_norm(backbone.model))  # frozen: without memory nothing may change
         hidden_size = backbone.model.config.hidden_size
@@ -60,13 +60,14 @@ class SideNet(nn.Module):
     def memory_block(self) -> MemoryBlock:
         return self.blocks[0]  # type: ignore[return-value]
 
-    def forward(self, hidden: list[torch.Tensor], rope: Rope | None, ctx: MemoryContext,
+    def forward(self, hidden: list[torch.Tensor], rope: Ropes | None, ctx: MemoryContext,
                 caches: list[KVBuffer] | None = None) -> tuple[torch.Tensor, MemoryStats | None]:
-        """hidden L+1 x [B,T,D] (the frozen residual stream) -> normed final state [B,T,D] and memory
-        diagnostics. ``caches`` (decoding): one KVBuffer per block, holding the window so far."""
+        """hidden L+1 x [B,T,D] (the frozen residual stream), rope: each copied layer's cos/sin [T,Dh] (None
+        without rotary positions) -> normed final state [B,T,D] and memory diagnostics. ``caches``
+        (decoding): one KVBuffer per block, holding the window so far."""
         block = self.memory_block
         h_m = hidden[block.layer_index]  # [B,T,D] the memory layer's input
-        delta, stats = block.delta(h_m, rope, ctx, caches[0] if caches else None)
+        delta, stats = block.delta(h_m, rope and rope[block.layer_index], ctx, caches[0] if caches else None)
         if self.style is not None:
             style = self.style(h_m)
             delta = style if delta is None else delta + style
@@ -77,5 +78,6 @@ class SideNet(nn.Module):
             cache = caches[i] if caches else None
             past = None if cache is not None else ctx.past(later.layer_index)
             past = None if past is None else tuple(torch.cat([t, t]) for t in past)  # both streams read the tier
-            delta = paired_difference(lambda both: later(both, rope, past, cache), h + delta, h)  # type: ignore
+            lr = rope and rope[later.layer_index]
+            delta = paired_difference(lambda both: later(both, lr, past, cache), h + delta, h)  # type: ignore
         return self.norm(hidden[-1] + delta), stats
