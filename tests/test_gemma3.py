@@ -137,3 +137,35 @@ def test_the_gemma_backbone_without_its_packages_is_one_clear_error(monkeypatch,
     with pytest.raises(LongMemError, match="setup.sh --gemma"):
         hub.load_model_and_tokenizer("gemma3-270m")
     assert not any(tmp_path.rglob("*.safetensors"))
+
+
+def bos_tokenizer():
+    """The byte tokenizer, putting <s> (257) first by default as Gemma's does."""
+    from tokenizers import processors
+
+    from conftest import byte_tokenizer
+
+    tok = byte_tokenizer()
+    tok._tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", BOS)])
+    return tok
+
+
+def test_evaluation_prompts_start_with_one_bos_and_their_pieces_with_none(tmp_path):
+    import random
+
+    from longmem.evals.passkey import PasskeyConfig, PromptBuilder as PasskeyPrompts
+    from longmem.evals.recall import PromptBuilder, RecallConfig, TaskMaker
+    from longmem.evals.scoring import stream_start, token_ids
+
+    tok = bos_tokenizer()
+    assert tok("ab")["input_ids"] == [BOS, 97, 98]
+    assert token_ids(tok, " ab").tolist() == [32, 97, 98] and stream_start(tok).tolist() == [BOS]
+    filler = tmp_path / "filler.txt"
+    filler.write_text("Some plain prose sentence here. " * 40)
+    config = RecallConfig(filler=str(filler))
+    rng = random.Random(0)
+    prompt = PromptBuilder(tok, config).build(TaskMaker(config)("multikey", rng), 1024, rng)
+    assert prompt.ids[0] == BOS and int((prompt.ids == BOS).sum()) == 1
+    passkey = PasskeyPrompts(tok, PasskeyConfig(filler=str(filler))).build(512, 0.5, random.Random(0))
+    assert passkey.ids[0] == BOS and int((passkey.ids == BOS).sum()) == 1
+    assert BOS not in passkey.answer.tolist()

@@ -30,7 +30,8 @@ from tqdm.auto import tqdm
 from longmem.errors import LongMemError
 from longmem.evals.icl_data import Task, load_task
 from longmem.evals.prefix import SharedPrefix
-from longmem.evals.scoring import Context, Mode, Scorer, parse_modes, prepare, token_ids, variant, window_logits
+from longmem.evals.scoring import (Context, Mode, Scorer, parse_modes, prepare, stream_start, token_ids, variant,
+                                   window_logits)
 
 log = logging.getLogger(__name__)
 
@@ -228,8 +229,8 @@ def icl(model: Scorer, config: IclConfig | None = None, progress: bool = False,
         for s in range(config.seeds):
             if any((task.name, s, k, m.name) not in finished for m in modes for k in config.demos):
                 demos = draw(task, config, s)
-                memory_ids = (encode(model, " ".join(demos.memory)) if demos.memory
-                              else torch.zeros(0, dtype=torch.long, device="cpu"))
+                memory_ids = (torch.cat([stream_start(model.tokenizer), encode(model, " ".join(demos.memory))])
+                              if demos.memory else torch.zeros(0, dtype=torch.long, device="cpu"))
                 csz = config.chunk_size
                 scorer = variant(model, chunk_size=csz, memory_size=max(csz, -(-memory_ids.shape[0] // csz) * csz))
             for mode in modes:

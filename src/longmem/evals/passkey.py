@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from longmem.errors import LongMemError
 from longmem.files import read_text
-from longmem.evals.scoring import Scorer, greedy, parse_modes, prepare, score, split_prefix, token_ids
+from longmem.evals.scoring import Scorer, greedy, parse_modes, prepare, score, split_prefix, stream_start, token_ids
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +153,7 @@ class PromptBuilder:
         self.tokenizer, self.config = tokenizer, config
         text = REPEAT_TEXT * 64 if config.filler == REPEAT else read_text(config.filler)
         self.filler = self.encode(text)
-        self.intro = self.encode(config.intro)
+        self.intro = torch.cat([stream_start(tokenizer), self.encode(config.intro)])  # a prompt starts a stream
         self.question = self.encode(config.question)
         if self.filler.shape[0] < 16:
             raise LongMemError(f"filler {config.filler} has only {self.filler.shape[0]} tokens")

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from longmem.errors import LongMemError
 from longmem.evals.passkey import DEFAULT_FILLER, SENTENCE_ENDS
-from longmem.evals.scoring import Scorer, decode, parse_modes, prepare, split_prefix, token_ids
+from longmem.evals.scoring import Scorer, decode, parse_modes, prepare, split_prefix, stream_start, token_ids
 from longmem.files import read_text
 
 log = logging.getLogger(__name__)
@@ -359,7 +359,8 @@ class PromptBuilder:
         return torch.tensor(ok, dtype=torch.long, device="cpu")
 
     def build(self, task: Task, length: int, rng: random.Random) -> Prompt:
-        intro, question = self.encode(task.intro), self.encode(task.question)
+        intro = torch.cat([stream_start(self.tokenizer), self.encode(task.intro)])
+        question = self.encode(task.question)
         statements = [self.encode(" " + s) for s in task.statements]
         n_fill = length - intro.shape[0] - question.shape[0] - sum(s.shape[0] for s in statements)
         if n_fill < len(statements) * 8:

@@ -132,8 +132,15 @@ class Context:
 
 
 def token_ids(tokenizer, text: str) -> torch.Tensor:
-    """text -> its ids [N] (no special tokens) on the host: the evaluations build prompts there."""
-    return torch.tensor(document_ids(tokenizer, text), dtype=torch.long, device="cpu")
+    """A piece of a prompt: text -> its ids [N] (no special tokens) on the host: the evaluations build prompts
+    there. A prompt that starts a stream begins with ``stream_start``."""
+    return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long, device="cpu")
+
+
+def stream_start(tokenizer) -> torch.Tensor:
+    """What a prompt that starts a stream begins with: [<bos>] where the tokenizer puts one first (Gemma),
+    else nothing: ids [0 or 1] on the host (``longmem.data.tokens.document_ids``)."""
+    return torch.tensor(document_ids(tokenizer, ""), dtype=torch.long, device="cpu")
 
 
 def split_prefix(prefix: torch.Tensor, window: int, room: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,6 +10,7 @@ segment afterwards. The same forward decodes incrementally when given a ``Decode
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +33,8 @@ from longmem.model.copy_head import RUN
 from longmem.model.families import apply_rope
 from longmem.model.hub import load_model_and_tokenizer
 from longmem.model.sidenet import SideNet
+
+logger = logging.getLogger(__name__)
 
 ARCHITECTURE_FIELDS = ("backbone", "backbone_fingerprint", "memory_layer", "reduction")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -112,6 +115,9 @@ class LongMemModel(nn.Module):
         device = resolve_device(device)
         if path == "default":
             path = saved.shipped_sidenet(backbone or DEFAULT_BACKBONE)
+            if path is None:
+                logger.warning("no trained SideNet ships for backbone %r: using a fresh (untrained) one; train one "
+                               "with scripts/train-default.sh --backbone %s", backbone, backbone)
         elif path == "fresh":
             path = None
         config_cls = cls.config_class()
