@@ -25,8 +25,9 @@ def add_parsers(sub) -> None:
     data.add_argument("--limit", type=int, help="at most this many records (with 'hf')")
     data.add_argument("--out", type=Path,
                       help="output directory (default data/books; heldout: data/heldout; icl: data/icl-untouched)")
-    data.add_argument("--sources", help="comma-separated sources (books: austen,kjv,shakespeare; heldout: "
-                                        "moby-dick,taft,jargon,paradise-lost; default all)")
+    data.add_argument("--sources", help="comma-separated sources (books: austen,kjv,shakespeare by default, and "
+                                        "doyle,twain,newton,lcet10,henry on request; heldout: "
+                                        "moby-dick,taft,jargon,paradise-lost, all by default)")
     data.add_argument("--backbone", default=DEFAULT_BACKBONE, help="tokenizer used for the token counts")
     data.set_defaults(func=cmd_data)
 
@@ -72,8 +73,10 @@ def cmd_data(args: argparse.Namespace) -> int:
         docs = load_hf_dataset(args.dataset, args.hf_split, args.text_field, args.limit)
         manifest = write_corpus(docs, args.out, tokenizer=count)
     else:
+        from longmem.data.more_books import SOURCES as MORE
+
         manifest = prepare_books(args.out, sources=tuple(sources or ("austen", "kjv", "shakespeare")),
-                                 tokenizer=count)
+                                 tokenizer=count, extra=MORE)
     print(manifest)
     return 0
 

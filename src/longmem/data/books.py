@@ -452,6 +452,7 @@ def prepare_books(
     out_dir: Path,
     sources: Sequence[str] = ("austen", "kjv", "shakespeare"),
     tokenizer: Callable[[str], Sequence[Any]] | None = None,
+    extra: dict[str, tuple[str, Callable[[Path], list[Document]]]] | None = None,
 ) -> Path:
     """Fetch the chosen sources and write them, with any already prepared, as a corpus.
 
@@ -459,20 +460,22 @@ def prepare_books(
 
     Args:
         out_dir: Corpus folder.
-        sources: Any of ``"austen"``, ``"kjv"``, ``"shakespeare"``.
+        sources: Any of ``"austen"``, ``"kjv"``, ``"shakespeare"`` (the default corpus) and of ``extra``.
+        extra: More sources, name -> (source string, fetcher), e.g. ``longmem.data.more_books.SOURCES``.
         tokenizer: Optional callable text -> tokens, see :func:`write_corpus`.
 
     Returns:
         Path of the manifest.
     """
-    unknown = set(sources) - set(_SOURCES)
+    known = _SOURCES | (extra or {})
+    unknown = set(sources) - set(known)
     if unknown:
-        raise LongMemError(f"unknown sources {sorted(unknown)}; choose from {sorted(_SOURCES)}")
+        raise LongMemError(f"unknown sources {sorted(unknown)}; choose from {sorted(known)}")
     docs = read_corpus(out_dir)
     present = {doc.source for doc in docs}
     with tempfile.TemporaryDirectory(prefix="longmem-books-") as tmp:
         for name in sources:
-            source, fetch = _SOURCES[name]
+            source, fetch = known[name]
             if source in present:
                 logger.info("%s already prepared in %s; skipping fetch", name, out_dir)
                 continue
