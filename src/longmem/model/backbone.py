@@ -195,8 +195,9 @@ class FrozenBackbone(nn.Module):
         p = past.slots
         positions = torch.arange(p, p + t, device=input_ids.device)[None, :].expand(b, t)  # [B,T]
         kwargs: dict = {"position_ids": positions, "use_cache": True}
-        cache = self.new_cache()  # every layer keeps every entry (HF's own would crop sliding-window layers)
-        if not past.is_empty():
+        if past.is_empty():
+            cache = self.new_cache()  # every layer keeps every entry (HF's own would crop sliding-window layers)
+        else:
             dt = self.dtype
             cache = DynamicCache(
                 ddp_cache_data=[(past.keys[i].to(dt), past.values[i].to(dt)) for i in range(self.num_layers)]

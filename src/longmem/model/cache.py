@@ -123,13 +123,7 @@ def new_cache(model, batch_size: int, start: torch.Tensor | int, capacity: int, 
         for i, (buf, block) in enumerate(zip(buffers, blocks)):
             k, v = (x.to(dt) for x in past[block.layer_index])
             buf.append(*((k, v) if i == 0 else (torch.cat([k, k]), torch.cat([v, v]))))  # later: both streams
-    rope = None
-    if backbone.family.rotary:
-        places = torch.arange(offset, offset + capacity, device=dev)
-        rope = {}
-        for block in blocks:
-            cos, sin = backbone.family.rope_cos_sin(backbone.model, places, torch.float32, block.layer_index)
-            rope[block.layer_index] = (cos.to(dt), sin.to(dt))
+    rope = model._rope(capacity, offset) if backbone.family.rotary else None  # each block's table, computed once
     start = (torch.full((batch_size,), start, dtype=torch.long, device=dev) if isinstance(start, int)
              else start.to(dev, copy=True))
     has_head = getattr(model.sidenet, "copy_head", None) is not None
