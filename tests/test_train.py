@@ -101,7 +101,7 @@ def test_memory_only_holds_earlier_text_of_the_same_document(setup_dirs):
             assert trainer.memory.num_tokens(row) == 0 or trainer.memory.row_chunks(row)[2].max() <= batch.positions[row].max()
 
 
-@pytest.mark.parametrize("trainable", ["memory_path", "lora", "copy_head_style"])
+@pytest.mark.parametrize("trainable", ["memory_path", "lora"])
 def test_trainable_sets(setup_dirs, trainable):
     root, backbone = setup_dirs
     trainer = Trainer(config(root, backbone, f"set-{trainable}", trainable=trainable, steps=3,
@@ -112,8 +112,6 @@ def test_trainable_sets(setup_dirs, trainable):
     moved = {k for k in before if not torch.equal(before[k], after[k])}
     if trainable == "memory_path":
         assert moved and all(k.startswith("blocks.") for k in moved)
-    elif trainable == "copy_head_style":
-        assert {k.split(".")[0] for k in moved} == {"copy_head", "style"}
     else:
         assert moved and all("lora_" in k or k.endswith(".gate") for k in moved)
         ids = torch.randint(0, 256, (1, 16))

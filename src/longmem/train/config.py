@@ -17,7 +17,7 @@ from typing import Any
 from longmem.config import LongMemConfig, from_dict
 from longmem.errors import LongMemError
 
-TRAINABLE = ("full", "lora", "copy_head", "style", "memory_path", "copy_head_style")
+TRAINABLE = ("full", "lora", "copy_head", "style", "memory_path")
 KINDS = ("longmem", "memtrm")
 
 
@@ -67,9 +67,8 @@ class TrainConfig:
     grad_accum: int = 1
     """Batches whose gradients are summed per optimizer step (each row's memory reads on through them)."""
     trainable: str = "full"
-    """Trainable set: 'full' SideNet, 'lora' adapters, 'copy_head', 'style' (the style adapter), 'memory_path'
-    (the blocks: the memory block and the copied layers, not the copy head nor the style adapter) or
-    'copy_head_style' (the copy head and the style adapter)."""
+    """Trainable set: 'full' SideNet, 'lora' adapters, 'copy_head', 'style' (the style adapter) or 'memory_path'
+    (the blocks: the memory block and the copied layers, not the copy head nor the style adapter)."""
     lora_rank: int = 8
     """LoRA rank (trainable='lora')."""
     lora_alpha: float = 16.0

@@ -42,7 +42,6 @@ ONE_PART = {
     "copy_head": (("copy_head",), "a model with a copy head (model.copy_head: true)"),
     "memory_path": (("blocks",), "SideNet blocks"),
     "style": (("style",), "a style adapter (model.style_rank > 0)"),
-    "copy_head_style": (("copy_head", "style"), "a copy head or a style adapter"),
 }
 
 
