@@ -39,19 +39,6 @@ def cmd_data(args: argparse.Namespace) -> int:
 
         print(json.dumps(prepare_icl(args.out or Path("data/icl-untouched")), indent=1))
         return 0
-    if args.what == "heldout":
-        import tempfile
-
-        from longmem.data.heldout import prepare_heldout
-        from longmem.data.tokens import document_ids
-        from longmem.model.hub import load_tokenizer
-
-        tokenizer = load_tokenizer(args.backbone)
-        with tempfile.TemporaryDirectory(prefix="longmem-heldout-") as work:
-            print(prepare_heldout(args.out or Path("data/heldout"), Path(work), sources,
-                                  tokenizer=lambda text: document_ids(tokenizer, text)))
-        return 0
-    args.out = args.out or Path("data/books")
     from longmem.model.hub import load_tokenizer
     from longmem.data.books import load_text_folder, prepare_books, write_corpus
     from longmem.data.tokens import document_ids
@@ -61,6 +48,15 @@ def cmd_data(args: argparse.Namespace) -> int:
     def count(text: str) -> list[int]:
         return document_ids(tokenizer, text)
 
+    if args.what == "heldout":
+        import tempfile
+
+        from longmem.data.heldout import prepare_heldout
+
+        with tempfile.TemporaryDirectory(prefix="longmem-heldout-") as work:
+            print(prepare_heldout(args.out or Path("data/heldout"), Path(work), sources, tokenizer=count))
+        return 0
+    args.out = args.out or Path("data/books")
     if args.what == "folder":
         if args.src is None:
             raise LongMemError("'longmem data folder' needs --src DIR")

@@ -66,6 +66,14 @@ def _pip_download(spec: str, dest: Path, sdist: bool, sha256: str) -> Path:
     return path
 
 
+def brotli_testdata(workdir: Path, name: str) -> str:
+    """A Canterbury corpus file from the test data of the PyPI sdist ``brotli`` (downloaded into ``workdir``,
+    its sha256 checked)."""
+    sdist = _pip_download(_BROTLI, workdir / "brotli", sdist=True, sha256=_BROTLI_SHA256)
+    with tarfile.open(sdist) as tar:
+        return tar.extractfile(f"brotli-1.2.1/tests/testdata/{name}").read().decode("ascii", errors="replace")
+
+
 def _deb_version(root: Path, deb_dir: Path, package: str) -> tuple[str, str]:
     """(package==version, sha256) of a downloaded Debian package."""
     deb = _find_one(deb_dir, f"{package}_*.deb")
@@ -115,16 +123,15 @@ def read_dictd(index: Path, data: Path) -> str:
 
 def fetch_jargon(workdir: Path) -> HeldoutText:
     root = _fetch_deb("dict-jargon", workdir)
-    text = read_dictd(_find_one(root, "usr/share/dictd/jargon.index"), _find_one(root, "usr/share/dictd/jargon.dict.dz"))
+    folder = "usr/share/dictd"
+    text = read_dictd(_find_one(root, f"{folder}/jargon.index"), _find_one(root, f"{folder}/jargon.dict.dz"))
     source, digest = _deb_version(root, workdir / "dict-jargon-deb", "dict-jargon")
     return HeldoutText("jargon-file", "The Jargon File 4.4.7 (Eric S. Raymond et al.)", "glossary", source, digest,
                        _clean(text))
 
 
 def fetch_paradise_lost(workdir: Path) -> HeldoutText:
-    sdist = _pip_download(_BROTLI, workdir / "brotli", sdist=True, sha256=_BROTLI_SHA256)
-    with tarfile.open(sdist) as tar:
-        raw = tar.extractfile("brotli-1.2.1/tests/testdata/plrabn12.txt").read().decode("ascii", errors="replace")
+    raw = brotli_testdata(workdir, "plrabn12.txt")
     return HeldoutText("milton-paradise-lost", "Paradise Lost (John Milton)", "verse", f"pypi:{_BROTLI}",
                        _BROTLI_SHA256, _clean(raw.replace("\x1a", "")))
 

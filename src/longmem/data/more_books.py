@@ -18,12 +18,11 @@ from __future__ import annotations
 import html
 import re
 import struct
-import tarfile
 import zlib
 from pathlib import Path
 
 from longmem.data.books import Document, _fetch_deb, _find_one, _make_document
-from longmem.data.heldout import _BROTLI, _BROTLI_SHA256, _pip_download
+from longmem.data.heldout import _BROTLI, brotli_testdata
 from longmem.errors import LongMemError
 
 _LZ4 = "golang-github-pierrec-lz4-dev"
@@ -56,9 +55,7 @@ def fetch_newton(workdir: Path) -> list[Document]:
 
 
 def fetch_lcet10(workdir: Path) -> list[Document]:
-    sdist = _pip_download(_BROTLI, workdir / "brotli", sdist=True, sha256=_BROTLI_SHA256)
-    with tarfile.open(sdist) as tar:
-        raw = tar.extractfile("brotli-1.2.1/tests/testdata/lcet10.txt").read().decode("ascii", errors="replace")
+    raw = brotli_testdata(workdir, "lcet10.txt")
     return [_make_document("loc-workshop-electronic-texts", "Library of Congress Workshop on Electronic Texts",
                            f"pypi:{_BROTLI}", raw)]
 

@@ -41,7 +41,7 @@ class PerplexityResult:
 
 
 def tokenize(model: LongMemModel, text: str) -> torch.Tensor:
-    """text -> ids [N] with the model's tokenizer (no special tokens)."""
+    """text -> ids [N] with the model's tokenizer (``document_ids``: no special tokens but a <bos> the model needs)."""
     if model.tokenizer is None:
         raise LongMemError("this model has no tokenizer; pass token ids instead")
     ids = document_ids(model.tokenizer, text)

@@ -206,7 +206,8 @@ def read_into(model: LongMemModel, ids: torch.Tensor, memory, start: int, segmen
 
 
 def tokenize(model: LongMemModel, text: str) -> torch.Tensor:
-    """text -> ids [N] (no special tokens), with a clear error for empty text."""
+    """text -> ids [N] (``document_ids``: no special tokens but a <bos> the model needs), with a clear error for
+    empty text."""
     if model.tokenizer is None:
         raise LongMemError("this model has no tokenizer")
     ids = document_ids(model.tokenizer, text)

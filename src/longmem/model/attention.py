@@ -182,11 +182,11 @@ def cached_attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scal
 
 
 def windowed_attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, window: int,
-                           past: Past | None = None, cached: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                           past: Past | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal attention that sees only the last ``window`` positions (a sliding-window layer), with its lse.
 
     q [B,H,Tq,Dh]. Reading: k/v [B,H_kv,Tq,Dh] of the same tokens, ``past`` (P slots) ahead of them.
-    Decoding (``cached``): k/v [B,H_kv,N,Dh] are the whole window so far, q its last Tq tokens.
+    Decoding: k/v [B,H_kv,N,Dh] are the whole window so far (no ``past``), q its last Tq tokens.
     Query i may see key j when j <= i and i - j < window (positions counted over past + tokens, as the
     backbone's own mask counts them) -> out [B,H,Tq,Dh], lse [B,H,Tq] (fp32). Explicit fp32 path.
     """

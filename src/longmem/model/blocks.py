@@ -108,7 +108,7 @@ class SideBlock(nn.Module):
         """``local`` with its log-sum-exp [B,H,T] (fp32)."""
         if self.window is not None:
             if cache is not None:
-                return windowed_attention_lse(q, *cache.append(k, v), self.shape.scaling, self.window, cached=True)
+                return windowed_attention_lse(q, *cache.append(k, v), self.shape.scaling, self.window)
             return windowed_attention_lse(q, k, v, self.shape.scaling, self.window, past)
         if cache is not None:
             return cached_attention_lse(q, *cache.append(k, v), self.shape.scaling)

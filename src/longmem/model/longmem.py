@@ -335,12 +335,11 @@ class LongMemModel(nn.Module):
     def _lead_bos(self, input_ids: torch.Tensor, cache: DecodeCache) -> None:
         """A decode window without a short-term tier that starts without the backbone's <bos> (where it needs
         one) gets one ahead of it in the backbone's cache, as ``FrozenBackbone.forward`` does for a segment."""
-        bos = self.backbone.bos_id
-        if bos is None or bool((input_ids[:, 0] == bos).all()):
+        ids, lead = self.backbone.with_bos(input_ids)
+        if not lead:
             return
-        b = input_ids.shape[0]
-        ids = torch.full((b, 1), bos, dtype=input_ids.dtype, device=input_ids.device)
-        self.backbone(ids, cache=cache.backbone, position_ids=torch.full_like(ids, cache.offset))
+        bos = ids[:, :1]  # [B,1]
+        self.backbone(bos, cache=cache.backbone, position_ids=torch.full_like(bos, cache.offset))
         cache.offset, cache.lead = cache.offset + 1, 1
 
     def memory_entries(self, frozen) -> tuple[torch.Tensor, torch.Tensor]:
