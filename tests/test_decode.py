@@ -240,3 +240,33 @@ def test_fresh_parts_added_to_a_saved_sidenet_change_nothing(tmp_path):
         make_model("llama", style_rank=-1)
     with pytest.raises(LongMemError, match="copy_gate"):
         make_model("llama", copy_head=False, copy_gate=True)
+
+
+READS = ("item", "tolist", "__int__", "__bool__", "__float__", "__index__")  # a tensor's value to the host
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_decoding_reads_nothing_back_per_token(family, monkeypatch):
+    """The per-token loop reads no tensor value back to the host (on a GPU each read waits for the device):
+    with a bank, a short-term tier (Llama), exact and keyed matches, feeding one token at a time through a
+    decode window calls none of the methods that hand a tensor's value to Python. Sampling's one read is the
+    caller's (``sample``); evicting (a write) may read. The counter is checked to count: a read is seen."""
+    model = trained(family)
+    memory = filled(model, tokens=64)
+    decoder = Decoder(model, memory, window=32, evict=8)
+    ids = torch.randint(0, 256, (24,), generator=torch.Generator().manual_seed(5))
+    decoder.feed(ids[:4])  # the window's first tokens (a new window may read its start once)
+    reads = []
+    for name in READS:
+        method = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _method=method, _name=name, **kwargs):
+            reads.append(_name)
+            return _method(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    for t in range(4, 24):
+        logits = decoder.feed(ids[t : t + 1])
+    assert reads == [], f"{len(reads)} reads in 20 decoded tokens: {sorted(set(reads))}"
+    int(logits.argmax())
+    assert reads == ["__int__"]

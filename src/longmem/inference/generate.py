@@ -155,6 +155,7 @@ def copy_memory(bank: MemoryBank) -> MemoryBank:
     for name in ("pending_keys", "pending_values", "pending_search", "pending_positions", "pending_count",
                  "end_position"):
         getattr(copy, name).copy_(getattr(bank, name))
+    copy.touch()
     return copy
 
 

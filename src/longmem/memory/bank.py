@@ -90,12 +90,14 @@ class MemoryBank:
             self._new_state(b, h, c, s, d, dt)
         self.recent = recent  # optional short-term tier (every layer's K/V of the last tokens read)
         self.token_log = token_log  # optional token ids by position (the copy head reads them)
+        self.version = 0  # changes with every write (what the host knows of the counts is cached per version)
+        self._host_counts: tuple[int, list[int]] = (0, [0] * b)  # (version, count per row) read back once
 
     def _new_state(self, b: int, h: int, c: int, s: int, d: int, dt: torch.dtype) -> None:
         self.positions = torch.zeros(b, c, s, dtype=torch.int64)  # [B,C,csz]
         self.start = torch.zeros(b, dtype=torch.long)  # ring slot of each row's oldest chunk
         self.count = torch.zeros(b, dtype=torch.long)  # chunks held per row
-        self.end_position = torch.zeros(b, dtype=torch.long)  # position after the last token seen
+        self._end_position = torch.zeros(b, dtype=torch.long)  # position after the last token seen
         self.pending_keys = torch.zeros(b, h, s, d, dtype=dt)  # [B,Hkv,csz,Dh] partial chunk
         self.pending_values = torch.zeros(b, h, s, d, dtype=dt)
         self.pending_positions = torch.zeros(b, s, dtype=torch.int64)
@@ -115,15 +117,37 @@ class MemoryBank:
                 "key_scale": torch.zeros(shape[:-1], dtype=SCALE_DTYPE, **on),
                 "value_scale": torch.zeros(shape[:-1], dtype=SCALE_DTYPE, **on)}
 
+    # ------------------------------------------------------------------ state on the host
+    @property
+    def end_position(self) -> torch.Tensor:
+        """[B] the position after the last token seen per row."""
+        return self._end_position
+
+    @end_position.setter
+    def end_position(self, value: torch.Tensor) -> None:
+        self._end_position = value
+        self.touch()
+
+    def touch(self) -> None:
+        """Note a change made to the bank's tensors (every write does; code that sets them directly calls it)."""
+        self.version += 1
+
+    def held_chunks(self) -> list[int]:
+        """Chunks held per row, read back from the device once per version (decoding reads none per token)."""
+        version, counts = self._host_counts
+        if version != self.version:
+            self._host_counts = (self.version, counts := self.count.tolist())
+        return counts
+
     # ------------------------------------------------------------------ sizes
     def num_tokens(self, row: int | None = None) -> int:
         """Retrievable tokens in one row (or in all rows)."""
-        counts = self.count if row is None else self.count[row]
-        return int(counts.sum()) * self.chunk_size
+        counts = self.held_chunks()
+        return (sum(counts) if row is None else counts[row]) * self.chunk_size
 
     @property
     def is_empty(self) -> bool:
-        return int(self.count.sum()) == 0
+        return not any(self.held_chunks())
 
     def nbytes(self) -> int:
         """Bytes held by keys, values, positions, chunk keys and pending buffers."""
@@ -162,7 +186,8 @@ class MemoryBank:
             sel = slice(None) if keep is None else keep[row].nonzero().squeeze(1)
             self.write_row(row, keys[row][:, sel], values[row][:, sel], positions[row][sel], search_keys[row][:, sel])
             if t:
-                self.end_position[row] = int(positions[row, -1]) + 1
+                self.end_position[row] = positions[row, -1] + 1
+        self.touch()
 
     def write_row(
         self, row: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, sk: torch.Tensor | None = None
@@ -183,6 +208,7 @@ class MemoryBank:
         self.pending_search[row, :, :rest] = sk[:, full:]
         self.pending_positions[row, :rest] = pos[full:]
         self.pending_count[row] = rest
+        self.touch()
         n = full // s
         if n == 0:
             return
@@ -211,7 +237,7 @@ class MemoryBank:
         stored = {name: t[:, first:] for name, t in stored.items()}
         cp, chunk_keys = cp[first:].to(self.device), chunk_keys[:, first:].to(self.device)
         n -= first
-        overflow = int(self.count[row]) + n - self.capacity
+        overflow = self.held_chunks()[row] + n - self.capacity
         if overflow > 0:  # FIFO: evict the oldest chunks
             self.index.evict(row, overflow)
             self.start[row] = (self.start[row] + overflow) % self.capacity
@@ -223,6 +249,7 @@ class MemoryBank:
         self.positions[row, slots] = cp
         self.index.add(row, slots, chunk_keys)
         self.count[row] += n
+        self.touch()
 
     # ------------------------------------------------------------------ read
     def retrieve(self, queries: torch.Tensor, num_chunks: int) -> Retrieved | None:
@@ -266,6 +293,7 @@ class MemoryBank:
         for row in range(self.batch_size) if rows is None else rows:
             self.start[row] = self.count[row] = self.pending_count[row] = self.end_position[row] = 0
             self.index.reset(row)
+        self.touch()
         if self.recent is not None:
             self.recent.reset(rows)
         if self.token_log is not None:
@@ -297,17 +325,18 @@ class MemoryBank:
         positions [n,csz]; chunk_keys [Hkv,n,Dh].
         """
         n = positions.shape[0]
-        if int(self.count[row]) or n > self.capacity:
-            raise LongMemError(f"cannot attach {n} chunks to row {row} (holding {int(self.count[row])} of "
+        if self.held_chunks()[row] or n > self.capacity:
+            raise LongMemError(f"cannot attach {n} chunks to row {row} (holding {self.held_chunks()[row]} of "
                                f"{self.capacity})")
         slots = torch.arange(n, device=self.device)
         self.positions[row, slots] = positions.to(self.device)
         self.index.add(row, slots, chunk_keys)
         self.start[row], self.count[row] = 0, n
+        self.touch()
 
     def row_chunk_keys(self, row: int) -> torch.Tensor:
         """Oldest-first chunk keys [Hkv,n,Dh] of one row, as the index holds them."""
         return self.index.keys_of(row, self._row_slots(row))
 
     def _row_slots(self, row: int) -> torch.Tensor:
-        return (self.start[row] + torch.arange(int(self.count[row]), device=self.device)) % self.capacity
+        return (self.start[row] + torch.arange(self.held_chunks()[row], device=self.device)) % self.capacity

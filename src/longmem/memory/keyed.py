@@ -39,7 +39,7 @@ SAID = 3  # ids after a candidate that, found together in the window, mark its a
 def _row_ids(log: TokenLog, row: int, ids: torch.Tensor, first: int) -> tuple[torch.Tensor, int]:
     """Everything known of one row: the log's ids then the context's, with positions from ``lo``: [S], lo."""
     dev = ids.device
-    end = int(log.end[row])
+    end = log.ends()[row]
     lo = max(0, end - log.span)
     known = (log.lookup_row(row, torch.arange(lo, end, device=dev)) if end > lo
              else torch.empty(0, dtype=torch.long, device=dev))
@@ -49,10 +49,11 @@ def _row_ids(log: TokenLog, row: int, ids: torch.Tensor, first: int) -> tuple[to
 
 def keyed_matches(log: TokenLog, ids: torch.Tensor, positions: torch.Tensor, queries: int,
                   window: int = WINDOW, keys: int = KEYS, occurrences: int = OCCURRENCES, reach: int = REACH,
-                  slots: int = SLOTS, max_count: int = MAX_COUNT
+                  slots: int = SLOTS, max_count: int = MAX_COUNT, first: list[int] | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Keyed matches for the last ``queries`` tokens of ids [B,C] at absolute positions [B,C] (contiguous,
-    at or after the log's end) -> candidate positions [B,Q,S] (-1: none), overlap [B,Q,S] (fp32, 0 there),
+    at or after the log's end; ``first``: positions[:, 0] where the caller knows them on the host, e.g.
+    decoding, which then reads nothing back) -> candidate positions [B,Q,S] (-1: none), overlap [B,Q,S] (fp32, 0 there),
     anchor length [B,Q,S] (0 there), the id after each candidate [B,Q,S] (-1 there) and whether the
     candidate's answer was said already [B,Q,S] (bool: its next SAID ids occur together in the window)."""
     b, c = ids.shape
@@ -62,12 +63,10 @@ def keyed_matches(log: TokenLog, ids: torch.Tensor, positions: torch.Tensor, que
     out_len = torch.zeros(b, queries, slots, dtype=torch.long, device=dev)
     out_next = torch.full((b, queries, slots), UNKNOWN, dtype=torch.long, device=dev)
     out_said = torch.zeros(b, queries, slots, dtype=torch.bool, device=dev)
+    firsts = positions[:, 0].tolist() if first is None else first
     for row in range(b):
-        first = int(positions[row, 0])
-        seq, lo = _row_ids(log, row, ids[row], first)  # [S] at absolute positions lo..
+        seq, lo = _row_ids(log, row, ids[row], firsts[row])  # [S] at absolute positions lo..
         known = seq >= 0
-        if not bool(known.any()):
-            continue
         qi = positions[row, c - queries:].long() - lo  # [Q] query indices into seq
         back = qi[:, None] - torch.arange(window, device=dev)[None, :]  # [Q,W]
         wid = torch.where(back >= 0, seq[back.clamp_min(0)], UNKNOWN)  # [Q,W] the query window's ids

@@ -45,7 +45,7 @@ def _sorted_ends(log: TokenLog, row: int, n: int) -> tuple[torch.Tensor, torch.T
     cache = log.__dict__.setdefault("_suffix_cache", {})
     if key in cache:
         return cache[key]
-    end = int(log.end[row])
+    end = log.ends()[row]
     lo = max(0, end - log.span)
     pos = torch.arange(lo, end, device=log.device)  # [S']
     ids = log.lookup_row(row, pos)  # [S']
@@ -73,9 +73,11 @@ def _recent_hits(keys: torch.Tensor, ends: torch.Tensor, qkey_lo: torch.Tensor, 
 
 
 def suffix_matches(log: TokenLog, ids: torch.Tensor, positions: torch.Tensor, queries: int, n: int,
-                   m: int = 4, local: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                   m: int = 4, local: bool = True, first: list[int] | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Exact matches for the last ``queries`` tokens of ids [B,C] at absolute positions [B,C]
-    (contiguous, starting at or after the log's end; earlier context comes from the log) ->
+    (contiguous, starting at or after the log's end; earlier context comes from the log; ``first``:
+    positions[:, 0] where the caller knows them on the host, e.g. decoding, which then reads nothing back) ->
     matched end positions [B,Q,4m] (-1: none), match lengths [B,Q,4m] (0 there; n..MAX_LEN),
     the id after each match [B,Q,4m] (-1 there) and whether the match lies in the context
     itself [B,Q,4m] (bool). Slots: the log's m most recent hits of order n, of order LONG * n,
@@ -88,9 +90,9 @@ def suffix_matches(log: TokenLog, ids: torch.Tensor, positions: torch.Tensor, qu
     out_next = torch.full((b, queries, slots), UNKNOWN, dtype=torch.long, device=dev)
     in_context = torch.zeros(b, queries, slots, dtype=torch.bool, device=dev)
     in_context[..., 2 * m :] = True
-    for row in range(b):
-        end = int(log.end[row])
-        first = int(positions[row, 0])
+    firsts = positions[:, 0].tolist() if first is None else first
+    for row, end in enumerate(log.ends()):
+        first = firsts[row]
         if first < end:
             raise ValueError(f"context starts at position {first}, inside the log (which ends at {end})")
         context = ids[row].long()  # [C] at absolute positions first..first+C-1

@@ -36,12 +36,14 @@ class TokenLog:
         self.ids = torch.full((batch_size, span), UNKNOWN, dtype=torch.int32, device=on)  # [B,S] id at pos % S
         self.end = torch.zeros(batch_size, dtype=torch.long, device=on)  # [B] position after the last id noted
         self.version = 0  # changes with every write (derived indexes are cached per version)
+        self._host_end: tuple[int, list[int]] = (0, [0] * batch_size)  # (version, end per row) on the host
         self.keys = (torch.zeros(batch_size, num_kv_heads, span, head_dim, dtype=torch.bfloat16, device=on)
                      if num_kv_heads else None)  # [B,Hkv,S,Dh] unit-length match keys
 
     def note(self, ids: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor | None = None,
              keys: torch.Tensor | None = None) -> None:
         """Record ids [B,T] (and keys [B,Hkv,T,Dh]) at absolute positions [B,T] (valid [B,T]: which)."""
+        ends = list(self.ends())
         self.version += 1
         for row in range(ids.shape[0]):
             keep = torch.ones(ids.shape[1], dtype=torch.bool, device=ids.device) if valid is None else valid[row]
@@ -53,7 +55,9 @@ class TokenLog:
             if self.keys is not None and keys is not None:
                 k = keys[row][:, keep][:, -self.span :]  # [Hkv,n,Dh]
                 self.keys[row][:, slots] = _unit(k).to(self.device, self.keys.dtype)
-            self.end[row] = max(int(self.end[row]), int(pos.max()) + 1)
+            ends[row] = max(ends[row], int(pos.max()) + 1)
+            self.end[row] = ends[row]
+        self._host_end = (self.version, ends)
 
     def note_row(self, row: int, ids: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor | None) -> None:
         """Record one row: ids [n], positions [n], keys [Hkv,n,Dh] (e.g. replayed from disk)."""
@@ -64,9 +68,16 @@ class TokenLog:
         full_keys = None if keys is None else keys[:, -self.span :][None].expand(b, -1, -1, -1)
         self.note(ids[None].expand(b, n), positions[None].expand(b, n), valid, full_keys)
 
+    def ends(self) -> list[int]:
+        """The position after the last id noted, per row, read back from the device once per version."""
+        version, ends = self._host_end
+        if version != self.version:
+            self._host_end = (self.version, ends := self.end.tolist())
+        return ends
+
     @property
     def is_empty(self) -> bool:
-        return not bool((self.end > 0).any())
+        return not any(self.ends())
 
     def lookup(self, positions: torch.Tensor) -> torch.Tensor:
         """positions [B,...] -> token ids [B,...] (int64; -1 where unknown)."""
@@ -106,13 +117,12 @@ class TokenLog:
         slots = torch.arange(self.span, **on)
         sims = torch.full((b, h, t, k), float("-inf"), **on)
         positions = torch.full((b, h, t, k), UNKNOWN, dtype=torch.long, **on)
-        for row in range(b):
-            end = int(self.end[row])
+        for row, end in enumerate(self.ends()):
             base = end - end % self.span  # absolute position of slot 0 in the current lap
             pos = torch.where(slots < end % self.span, base + slots, base - self.span + slots)  # [S] >= end - S
-            known = pos >= 0
-            if not known.any():
+            if end == 0:  # nothing known
                 continue
+            known = pos >= 0
             keys = self.keys[row]  # [Hkv,S,Dh]
             for a in range(0, t, block):
                 qb = q[row, :, a : a + block]  # [Hkv,tb,Dh]

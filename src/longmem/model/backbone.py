@@ -288,13 +288,16 @@ def _split_attention(module, query, key, value, attention_mask, dropout=0.0, sca
 
     b, h, t, d = query.shape
     hkv = key.shape[1]
-    if t == 1 and not torch.is_grad_enabled() and (attention_mask is None or _all_visible(attention_mask)):
+    window = getattr(module, "sliding_window", None)
+    hidden = window is not None and key.shape[2] > window  # known from shapes: no need to read the mask
+    if t == 1 and not torch.is_grad_enabled() and not hidden and (attention_mask is None
+                                                                  or _all_visible(attention_mask)):
         # one decoded token sees every cached key: its G query heads per KV head are rows of one
         # unmasked call, so the KV heads are not copied G times (the masked call costs ~0.5 ms per
         # layer per 1,000 cached keys here, this one a small fraction of that)
         out = F.scaled_dot_product_attention(query.reshape(b, hkv, h // hkv, d), key, value, scale=scaling)
         return out.reshape(b, h, 1, d).transpose(1, 2), None  # [B,1,H,Dh] as HF expects
-    p = 0 if getattr(module, "sliding_window", None) else _SPLIT_PAST.get()  # a window needs the mask
+    p = 0 if window else _SPLIT_PAST.get()  # a window needs the mask
     if p and key.shape[2] - query.shape[2] == p and not torch.is_grad_enabled() and query.device.type == "cpu":
         out = split_past_attention(query, key[:, :, :p], value[:, :, :p], key[:, :, p:], value[:, :, p:], scaling)
         if out is not None:

@@ -58,6 +58,7 @@ class DecodeCache:
     match_keys: KVBuffer | None = None  # a copy head's match keys [B,H_kv,n,Dh] of the window (no values)
     match_history: torch.Tensor | None = None  # the copy head's match positions [B,H_kv,<=RUN,k] of the last tokens
     lead: int = 0  # entries ahead of the window in the backbone's cache only (a <bos> its first tokens lacked)
+    first: list[int] | None = None  # ``start`` on the host (the copy head's matches need it every token)
 
     @property
     def length(self) -> int:
@@ -97,9 +98,11 @@ class DecodeCache:
 
 
 def memory_state(memory: MemoryBank | None) -> tuple | None:
-    """What changes when anything is written to the memory."""
-    return None if memory is None else (id(memory), tuple(memory.end_position.tolist()), int(memory.count.sum()),
-                                        int(memory.pending_count.sum()))
+    """What changes when anything is written to the memory (versions: nothing is read back from the device)."""
+    if memory is None:
+        return None
+    log = memory.token_log
+    return id(memory), memory.version, None if log is None else (id(log), log.version)
 
 
 def new_cache(model, batch_size: int, start: torch.Tensor | int, capacity: int, memory: MemoryBank | None
@@ -124,6 +127,7 @@ def new_cache(model, batch_size: int, start: torch.Tensor | int, capacity: int, 
             k, v = (x.to(dt) for x in past[block.layer_index])
             buf.append(*((k, v) if i == 0 else (torch.cat([k, k]), torch.cat([v, v]))))  # later: both streams
     rope = model._rope(capacity, offset) if backbone.family.rotary else None  # each block's table, computed once
+    first = [start] * batch_size if isinstance(start, int) else start.tolist()  # read back once per window
     start = (torch.full((batch_size,), start, dtype=torch.long, device=dev) if isinstance(start, int)
              else start.to(dev, copy=True))
     has_head = getattr(model.sidenet, "copy_head", None) is not None
@@ -131,7 +135,7 @@ def new_cache(model, batch_size: int, start: torch.Tensor | int, capacity: int, 
         backbone=hf, blocks=buffers, memory_kv=KVBuffer(capacity),
         ids=torch.zeros(batch_size, 0, dtype=torch.long, device=dev),
         start=start, capacity=capacity, offset=offset, past=past[0][0].shape[2] if past else 0, rope=rope,
-        memory_state=memory_state(memory), match_keys=KVBuffer(capacity) if has_head else None,
+        memory_state=memory_state(memory), match_keys=KVBuffer(capacity) if has_head else None, first=first,
     )
 
 

@@ -142,7 +142,8 @@ class CopyHead(nn.Module):
         logp [B,T,V] the model's log-probabilities (hidden [B,T,D]: the SideNet's final states, read
         by a head with a context gate) -> candidate ids [B,T,M], their weights [B,T,M] (fp32, sum 1
         where any match; softmax of kappa * length) and lam_n [B,T] (0 without a match)."""
-        pos, length, nxt, local = suffix_matches(log, *context, logp.shape[1], MIN_MATCH, local=True)
+        ids_c, pos_c, first = _window(context)
+        pos, length, nxt, local = suffix_matches(log, ids_c, pos_c, logp.shape[1], MIN_MATCH, local=True, first=first)
         found = (pos >= 0) & (nxt >= 0)  # [B,T,M]
         score = torch.where(found, self.length_sharp * length.float(), torch.full_like(length, -1e4, dtype=torch.float))
         w = torch.softmax(score, -1) * found  # [B,T,M]
@@ -164,7 +165,8 @@ class CopyHead(nn.Module):
         candidate ids [B,T,S], weights [B,T,S] (fp32, sum 1 where any) and lam_k [B,T] (0 without one):
         weights = softmax(overlap * o + anchor length * l - recency rank * r - said * d), lam_k =
         sigmoid(best overlap not said * g_b + agreement * g_a + any said * g_l + bias [+ w . hidden])."""
-        pos, overlap, length, nxt, said = keyed_matches(log, *context, queries)  # [B,T,S] each
+        ids_c, pos_c, first = _window(context)
+        pos, overlap, length, nxt, said = keyed_matches(log, ids_c, pos_c, queries, first=first)  # [B,T,S] each
         found = (pos >= 0) & (nxt >= 0)
         # [B,T,S] ~ key words matched; the scale: the log's span and the model's window (``window``, so that
         # decoding, whose context grows token by token, scales as the forward pass does; default: the context)
@@ -230,6 +232,13 @@ class CopyHead(nn.Module):
         if torch.is_grad_enabled():  # log_softmax's backward needs its output as it was
             return (logp + kept.log()).scatter(-1, ids, mixed)
         return logp.add_(kept.log()).scatter_(-1, ids, mixed)  # no [B,T,V] copies when only reading
+
+
+def _window(context: tuple) -> tuple[torch.Tensor, torch.Tensor, list[int] | None]:
+    """A context: ids [B,C], absolute positions [B,C] and, optionally, positions[:, 0] known on the host
+    (decoding knows them: its matches then read nothing back from the device) -> the three (None: unknown)."""
+    ids, positions, *first = context
+    return ids, positions, first[0] if first else None
 
 
 def _gate(linear: nn.Linear | None, hidden: torch.Tensor | None) -> torch.Tensor | float:

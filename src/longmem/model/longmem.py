@@ -362,7 +362,7 @@ class LongMemModel(nn.Module):
         history = None
         if cache is not None:  # the window's match keys enter the memory's log when its tokens move there
             cache.match_keys.append(match, match[..., :0])  # type: ignore[union-attr]
-            context, history = (cache.ids, cache.window_positions()), cache.match_history
+            context, history = (cache.ids, cache.window_positions(), cache.first), cache.match_history
         log = getattr(memory, "token_log", None)
         if log is None or log.is_empty:  # exact matches in the context work without any memory
             b, h, _, d = match.shape

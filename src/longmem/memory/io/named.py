@@ -122,6 +122,7 @@ class NamedMemory:
                 if bank.token_log is not None and tokens.ids is not None:  # a copy head's ids and match keys
                     bank.token_log.note_row(row, tokens.ids, tokens.positions, tokens.match)
             bank.end_position[row] = int(manifest["end_position"])
+            bank.touch()
             return manifest, self.read_state(manifest)
 
     def read_state(self, manifest: dict) -> dict | None:

@@ -184,6 +184,7 @@ def load_memory(
         bank.pending_positions[row, :p] = t["pending_positions"].to(device)
         bank.pending_count[row] = p
     bank.end_position.copy_(tensors["end_position"])
+    bank.touch()
     span = int(manifest.get("token_log", 0))
     if span:
         if tuple(tensors.get("token_log.ids", torch.empty(0)).shape) != (rows, span):
@@ -193,10 +194,8 @@ def load_memory(
             raise LongMemError(f"memory {path}: token match keys do not fit its manifest")
         shape = (keys.shape[1], keys.shape[3]) if keys is not None else (0, 0)
         bank.token_log = TokenLog(rows, span, *shape, device=device)
-        bank.token_log.ids.copy_(tensors["token_log.ids"])
-        bank.token_log.end.copy_(tensors["token_log.end"])
-        if keys is not None:
-            bank.token_log.keys.copy_(keys)
+        saved = {"ids": tensors["token_log.ids"], "end": tensors["token_log.end"]}
+        bank.token_log.load_state(saved | ({"keys": keys} if keys is not None else {}))
     return bank
 
 

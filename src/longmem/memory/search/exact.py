@@ -92,24 +92,28 @@ class TorchIndex:
 
     def __init__(self, batch: int, num_kv_heads: int, capacity: int, head_dim: int, dtype: torch.dtype):
         self.chunk_keys = torch.zeros(batch, num_kv_heads, capacity, head_dim, dtype=dtype)  # [B,Hkv,C,Dh]
+        self.held = [0] * batch  # chunks per row, known on the host (the bank evicts before it adds)
 
     def add(self, row: int, slots: torch.Tensor, keys: torch.Tensor) -> None:
         """slots [n] ring slots; keys [Hkv,n,Dh] chunk keys."""
         self.chunk_keys[row, :, slots] = keys.to(self.chunk_keys.dtype)
+        self.held[row] = min(self.chunk_keys.shape[2], self.held[row] + slots.shape[0])
 
     def keys_of(self, row: int, slots: torch.Tensor) -> torch.Tensor:
         """Chunk keys [Hkv,n,Dh] at the given ring slots."""
         return self.chunk_keys[row][:, slots]
 
     def evict(self, row: int, n: int) -> None:
-        """Slots are overwritten in place; nothing to do."""
+        """Slots are overwritten in place; only the count changes."""
+        self.held[row] -= n
 
     def nbytes(self) -> int:
         """Bytes of the index at capacity."""
         return self.chunk_keys.numel() * self.chunk_keys.element_size()
 
     def reset(self, row: int) -> None:
-        """Stale slots are masked by the bank's counts; nothing to do."""
+        """Stale slots are masked by the bank's counts."""
+        self.held[row] = 0
 
     def search(
         self, queries: torch.Tensor, n: int, start: torch.Tensor, count: torch.Tensor, block: int = 1024
@@ -121,7 +125,7 @@ class TorchIndex:
         dev = self.chunk_keys.device
         offset = (torch.arange(cap, device=dev)[None, :] - start[:, None]) % cap  # [B,C] age rank of each slot
         invalid = (offset >= count[:, None])[:, None, :]  # [B,1,C]
-        full = bool((count == cap).all())  # then nothing needs masking
+        full = all(n_held == cap for n_held in self.held)  # then nothing needs masking
         k = min(n, cap)
         slots = torch.empty(b, hq, t, k, dtype=torch.long, device=dev)
         scores = torch.empty(b, hq, t, k, dtype=torch.float32, device=dev)

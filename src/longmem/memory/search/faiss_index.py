@@ -53,9 +53,11 @@ class _Sequenced(TorchIndex):
         self.end[row] += len(slots)
 
     def evict(self, row: int, n: int) -> None:
+        super().evict(row, n)
         self.first[row] += n
 
     def reset(self, row: int) -> None:
+        super().reset(row)
         self.first[row] = self.end[row] = 0
 
     def live_keys(self, row: int) -> np.ndarray:

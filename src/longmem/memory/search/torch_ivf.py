@@ -66,9 +66,11 @@ class TorchIvfIndex(TorchIndex):
             self._assign(row, slots)
 
     def evict(self, row: int, n: int) -> None:
+        super().evict(row, n)
         self.live[row] = max(0, self.live[row] - n)
 
     def reset(self, row: int) -> None:
+        super().reset(row)
         self.live[row], self.added[row], self.trained_on[row], self.added_since[row] = 0, 0, 0, 0
         self.centroids[row] = None
 
