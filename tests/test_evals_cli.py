@@ -110,7 +110,12 @@ def test_icl_on_a_small_task(tmp_path, capsys, backbone_dir):
     record = json.loads(stdout)
     assert record["config"]["chunk_size"] == 2 and record["config"]["tasks"] == ["mood"]
     assert set(record["results"]["summary"]["k2"]) == {"memory", "no-memory", "backbone"}
+    gain = record["results"]["memory_minus_backbone_points"]["k2"]
+    assert len(gain["ci95"]) == 2 and gain["ci95"][0] <= gain["accuracy"] <= gain["ci95"][1]  # over the 2 seeds
     assert out.with_suffix(".png").exists()
+    code, stdout, _ = run(capsys, "eval", "icl", "--data", tmp_path / "icl", "--tasks", "mood", "--demos", "2",
+                          "--memory-demos", 6, "--seeds", 1, *model_args(backbone_dir), "--out", tmp_path / "one.json")
+    assert code == 0 and "mem - bb" in stdout  # the gain per task, with its interval over the sentences
 
 
 @pytest.mark.parametrize("args, match", [

@@ -7,6 +7,7 @@ from longmem.evals.icl import IclConfig, classify, draw, icl, window_classifier
 from longmem.evals.icl_data import load_task, read_examples
 from longmem.evals.plots import icl_bars
 from longmem.evals.prefix import SharedPrefix
+from longmem.evals.results import mean_interval, t95, wilson
 from longmem.evals.scoring import parse_mode, prepare, score, window_logits
 
 GOOD = ["a fine film", "lovely and warm", "great fun", "a joy", "well made", "sweet", "smart", "moving"]
@@ -184,3 +185,36 @@ def test_icl_runs_the_memtrm_layout_without_incremental_decoding(data):
                        modes=["memory", "no-memory"])
     result = icl(model, config)
     assert [s.mode for s in result.scores] == ["memory", "no-memory"] and result.scores[0].memory_tokens > 0
+
+
+def test_intervals_and_paired_gains_are_computed_from_the_scores():
+    """The 95% intervals: t over seeds (two or more), Wilson over sentences (one seed); the memory's gain
+    over the backbone paired by task and seed, or by sentence with one seed. Numbers checked by hand."""
+    from longmem.evals.icl import IclResult, SeedScore
+
+    def score(task, seed, mode, correct):
+        acc = correct.count("1") / len(correct)
+        return SeedScore(task, seed, 4, mode, acc, acc, len(correct), 0, 0, correct)
+
+    config = IclConfig(tasks=["a", "b"], demos=[4], seeds=2, modes=["memory", "backbone"])
+    scores = [score("a", 0, "memory", "1110"), score("a", 1, "memory", "1100"),
+              score("a", 0, "backbone", "1000"), score("a", 1, "backbone", "1100"),
+              score("b", 0, "memory", "1111"), score("b", 1, "memory", "1111"),
+              score("b", 0, "backbone", "1111"), score("b", 1, "backbone", "0111")]
+    result = IclResult(config, scores)
+    stats = result.summary()["k4"]["memory"]["tasks"]["a"]["accuracy"]
+    assert stats["mean"] == pytest.approx(0.625)  # 0.75, 0.5: se 0.125, half-width 12.706 * 0.125, clipped
+    assert stats["ci95"] == pytest.approx([0.0, 1.0])
+    lo, hi = mean_interval([0.5, 0.6, 0.7])  # sd 0.1, se 0.0577, t(2) = 4.303
+    assert (lo, hi) == pytest.approx((0.6 - 0.2484, 0.6 + 0.2484), abs=1e-4)
+    gain = result.gain(4)
+    assert gain["tasks"]["a"]["points"] == pytest.approx(25.0)  # +50 and 0
+    assert gain["tasks"]["b"]["points"] == pytest.approx(12.5)  # 0 and +25
+    assert gain["accuracy"] == pytest.approx(18.75)
+    # the average over tasks per seed: (50 + 0) / 2 = 25 and (0 + 25) / 2 = 12.5: se 6.25
+    assert gain["ci95"] == pytest.approx([18.75 - t95(1) * 6.25, 18.75 + t95(1) * 6.25])
+    one = IclResult(IclConfig(tasks=["a"], demos=[4], seeds=1, modes=["memory", "backbone"]), scores[:1] + scores[2:3])
+    assert one.summary()["k4"]["memory"]["tasks"]["a"]["accuracy"]["ci95"] == pytest.approx(list(wilson(3, 4)))
+    lo, hi = one.gain(4)["tasks"]["a"]["ci95"]  # differences 0, 1, 1, 0: mean 0.5, sd 0.577
+    assert (lo + hi) / 2 == pytest.approx(50.0) and (hi - lo) / 2 == pytest.approx(100 * 1.96 * 0.5774 / 2, rel=1e-3)
+    assert one.gain(4)["ci95"] is None  # one seed: no interval of the average over seeds

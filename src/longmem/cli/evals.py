@@ -317,6 +317,12 @@ def cmd_chapterbreak(args: argparse.Namespace) -> int:
     return code
 
 
+def _points(gain: dict) -> str:
+    """A gain in accuracy points with its 95% interval, e.g. '+4.4 [-1,+9]'."""
+    ci = gain.get("ci95")
+    return f"{gain['points']:+.1f}" + (f" [{ci[0]:+.0f},{ci[1]:+.0f}]" if ci else "")
+
+
 def cmd_icl(args: argparse.Namespace) -> int:
     from longmem.evals.icl import IclConfig, SeedScore, icl
     from longmem.evals.icl_data import load_task
@@ -344,6 +350,10 @@ def cmd_icl(args: argparse.Namespace) -> int:
                      for t in tasks]
             cells.append(f"{m['average']['accuracy']:6.1%} ({m['average']['accuracy_argmax']:5.1%})")
             lines.append(f"{mode:>10}  " + "  ".join(f"{c:>15}" for c in cells))
+        if "memory" in modes and "backbone" in modes:
+            gain = result.gain(int(k[1:]))
+            cells = [_points(gain["tasks"][t]) for t in tasks] + [_points({"points": gain["accuracy"], **gain})]
+            lines.append(f"{'mem - bb':>10}  " + "  ".join(f"{c:>15}" for c in cells))
     code = _finish(args, "icl", model, config, result.to_dict(), seconds, icl_bars, "\n".join(lines))
     partial.finish()
     return code

@@ -11,7 +11,10 @@ is scored after ``demo demo ... Review: {text} Sentiment:`` two ways:
 
 Modes: ``memory`` (demos in context + memory), ``no-memory`` (same scorer, memory empty,
 demos in context only) and ``backbone`` (the frozen backbone, demos in context only).
-Accuracy is averaged over seeds (mean and population std) and over tasks.
+Accuracy is averaged over seeds (mean and population std) and over tasks, each with a 95% interval: over
+seeds (Student's t) where there are two or more, else over the test sentences (Wilson). The memory's
+gain over the backbone is paired: per seed (t over the seeds' differences), or with one seed per
+sentence (the normal interval of the mean paired difference).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from tqdm.auto import tqdm
 from longmem.errors import LongMemError
 from longmem.evals.icl_data import Task, load_task
 from longmem.evals.prefix import SharedPrefix
+from longmem.evals.results import Z95, mean_interval, wilson
 from longmem.evals.scoring import (Context, Mode, Scorer, parse_modes, prepare, stream_start, token_ids, variant,
                                    window_logits)
 
@@ -166,6 +170,7 @@ class SeedScore:
     n: int
     truncated: int  # prompts whose oldest context tokens did not fit the window
     memory_tokens: int
+    correct: str = ""  # '1' / '0' per test sentence, in order (label-restricted); '' in older result files
 
 
 @dataclass
@@ -185,10 +190,34 @@ class IclResult:
                 tasks = {}
                 for task in dict.fromkeys(s.task for s in rows):
                     mine = [s for s in rows if s.task == task]
-                    tasks[task] = {m: _stats([getattr(s, m) for s in mine]) for m in ("accuracy", "accuracy_argmax")}
+                    tasks[task] = {m: _stats([getattr(s, m) for s in mine], [s.n for s in mine])
+                                   for m in ("accuracy", "accuracy_argmax")}
                 average = {m: statistics.fmean(t[m]["mean"] for t in tasks.values()) for m in
                            ("accuracy", "accuracy_argmax")} if tasks else {}
                 per_k[mode] = {"tasks": tasks, "average": average}
+        return out
+
+    def gain(self, k: int, mode: str = "memory", against: str = "backbone") -> dict:
+        """``mode`` minus ``against`` at k demonstrations, in accuracy points, paired by task and seed:
+        {accuracy, accuracy_argmax, ci95 (of accuracy; None where it cannot be had), tasks: {task:
+        {points, ci95}}}; the average is over tasks (its interval: per seed, over the seeds)."""
+        mine = {(s.task, s.seed): s for s in self.scores if s.demos == k and s.mode == mode}
+        theirs = {(s.task, s.seed): s for s in self.scores if s.demos == k and s.mode == against}
+        pairs = [(mine[key], theirs[key]) for key in mine if key in theirs]
+        tasks = list(dict.fromkeys(a.task for a, _ in pairs))
+        out: dict = {"tasks": {}}
+        for task in tasks:
+            mine_t = [(a, b) for a, b in pairs if a.task == task]
+            diffs = [100 * (a.accuracy - b.accuracy) for a, b in mine_t]
+            out["tasks"][task] = {"points": statistics.fmean(diffs), "ci95": _paired_interval(mine_t, diffs)}
+        for m in ("accuracy", "accuracy_argmax"):
+            out[m] = statistics.fmean(statistics.fmean(100 * (getattr(a, m) - getattr(b, m)) for a, b in pairs
+                                                       if a.task == t) for t in tasks) if tasks else float("nan")
+        seeds = sorted({a.seed for a, _ in pairs})
+        per_seed = [statistics.fmean(100 * (a.accuracy - b.accuracy) for a, b in pairs if a.seed == s)
+                    for s in seeds if all(any(a.seed == s and a.task == t for a, _ in pairs) for t in tasks)]
+        interval = mean_interval(per_seed)
+        out["ci95"] = list(interval) if interval else None
         return out
 
     def to_dict(self) -> dict:
@@ -196,14 +225,34 @@ class IclResult:
         checks = {}
         for k, modes in summary.items():
             if "memory" in modes and "backbone" in modes and modes["memory"]["average"]:
-                checks[k] = {m: 100 * (modes["memory"]["average"][m] - modes["backbone"]["average"][m])
-                             for m in ("accuracy", "accuracy_argmax")}
+                checks[k] = self.gain(int(k[1:]))
         return {"summary": summary, "memory_minus_backbone_points": checks,
                 "scores": [asdict(s) for s in self.scores]}
 
 
-def _stats(values: list[float]) -> dict:
-    return {"mean": statistics.fmean(values), "std": statistics.pstdev(values), "per_seed": values}
+def _stats(values: list[float], sentences: list[int]) -> dict:
+    """Per-seed accuracies -> mean, population std, the values and a 95% interval of the mean (over seeds;
+    with one seed, Wilson over its ``sentences``)."""
+    interval = mean_interval(values)
+    if interval is None:
+        interval = wilson(round(values[0] * sentences[0]), sentences[0])
+    return {"mean": statistics.fmean(values), "std": statistics.pstdev(values), "per_seed": values,
+            "ci95": [max(0.0, interval[0]), min(1.0, interval[1])]}
+
+
+def _paired_interval(pairs: list[tuple[SeedScore, SeedScore]], diffs: list[float]) -> list[float] | None:
+    """95% interval of one task's mean difference in points: over seeds (t) with two or more; with one seed,
+    over its sentences (the normal interval of the mean paired difference; None without per-sentence marks)."""
+    interval = mean_interval(diffs)
+    if interval is not None:
+        return list(interval)
+    a, b = pairs[0]
+    if not a.correct or len(a.correct) != len(b.correct) or len(a.correct) < 2:
+        return None
+    d = [int(x) - int(y) for x, y in zip(a.correct, b.correct)]  # per sentence: -1, 0, 1
+    n, mean = len(d), statistics.fmean(d)
+    half = Z95 * statistics.stdev(d) / n**0.5
+    return [100 * (mean - half), 100 * (mean + half)]
 
 
 ScoreHook = Callable[[SeedScore, float], None]
@@ -258,6 +307,7 @@ def run_seed(model: Scorer, ctx: Context, mode: Mode, task: Task, tests: list[tu
     fast = config.shared_prefix and (mode.backbone_only or getattr(model, "decodes_incrementally", False))
     shared = SharedPrefix(model, ctx, prefix) if fast and 0 < prefix.shape[0] < keep else None
     right = right_argmax = truncated = 0
+    marks = []
     desc = f"{task.name} seed {s} k={len(context)} {mode.name}"
     for text, label in tqdm(tests, desc=desc, unit="ex", disable=not progress, leave=False):
         query = encode(model, (" " if context else "") + task.prompt(text))
@@ -269,7 +319,9 @@ def run_seed(model: Scorer, ctx: Context, mode: Mode, task: Task, tests: list[tu
             pred = classify(logits_of, query, label_ids)
         gold = keys.index(label)
         right += pred.label == gold
+        marks.append("1" if pred.label == gold else "0")
         right_argmax += pred.token == int(label_ids[gold][0])
     memory_tokens = ctx.memory.num_tokens() if ctx.memory is not None else 0
     n = len(tests)
-    return SeedScore(task.name, s, len(context), mode.name, right / n, right_argmax / n, n, truncated, memory_tokens)
+    return SeedScore(task.name, s, len(context), mode.name, right / n, right_argmax / n, n, truncated, memory_tokens,
+                     "".join(marks))
