@@ -10,6 +10,8 @@ Endpoints (JSON; with a token every request needs ``Authorization: Bearer TOKEN`
   POST   /v1/sessions/{name}/memory      {"text", "source"?} -> read the text into its memory
   POST   /v1/sessions/{name}/generate    {"prompt", "max_tokens", "temperature", "top_p", "stop",
                                           "seed", "stream"} -> server-sent events or one JSON
+  GET    /v1/models, POST /v1/completions, POST /v1/chat/completions
+                                         OpenAI-compatible (``serve/openai.py``; errors in OpenAI's shape)
 
 A session is a named memory on disk (the same ones ``longmem remember`` writes), so
 sessions survive a restart. One model serves every session: a lock lets one computation
@@ -32,6 +34,7 @@ from pathlib import Path
 
 import uvicorn
 from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
 
@@ -40,6 +43,7 @@ from longmem.inference.generate import GenerationConfig
 from longmem.memory.io.named import NamedMemory, check_name
 from longmem.model.longmem import LongMemModel
 from longmem.inference.session import Session, forget, list_memories, memory_header, memory_root
+from longmem.serve import openai
 
 
 @dataclass
@@ -180,10 +184,24 @@ def build_app(model: LongMemModel, config: ServeConfig):
     app = FastAPI(title="longmem", dependencies=[Depends(authorize)])
 
     @app.exception_handler(LongMemError)
-    def _error(_request, exc: LongMemError):
-        status = {Unauthorized: 401, Conflict: 409, NotFound: 404}.get(type(exc), 400)
+    def _error(request: Request, exc: LongMemError):
+        status = {Unauthorized: 401, Conflict: 409, NotFound: 404, openai.UnknownModel: 404}.get(type(exc), 400)
         headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+        if openai.is_openai_path(request.url.path):
+            code = {Unauthorized: "invalid_api_key", openai.UnknownModel: "model_not_found",
+                    NotFound: "session_not_found"}.get(type(exc))
+            body = openai.openai_error(status, str(exc), getattr(exc, "param", None), code)
+            return JSONResponse(body, status_code=status, headers=headers)
         return JSONResponse({"error": str(exc)}, status_code=status, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    def _invalid(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+        message = f"{where}: {first.get('msg', 'invalid request')}" if where else first.get("msg", "invalid request")
+        if openai.is_openai_path(request.url.path):
+            return JSONResponse(openai.openai_error(400, message, where), status_code=400)
+        return JSONResponse({"error": message}, status_code=422)
 
     @app.get("/v1/health")
     def health():
@@ -236,6 +254,7 @@ def build_app(model: LongMemModel, config: ServeConfig):
 
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
+    openai.add_routes(app, model, sessions, config.max_new_tokens)
     return BodyLimit(app, config.max_request_bytes)
 
 
@@ -255,7 +274,7 @@ class BodyLimit:
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None:  # the HTTP server holds the client to its declared length
             if not declared.isdigit() or int(declared) > self.limit:
-                return await self._reject(send)
+                return await self._reject(send, scope.get("path", ""))
             return await self.app(scope, receive, send)
         body, more = b"", True  # no declared length: read up to the limit before the app sees it
         while more:
@@ -265,7 +284,7 @@ class BodyLimit:
             body += message.get("body", b"")
             more = message.get("more_body", False)
             if len(body) > self.limit:
-                return await self._reject(send)
+                return await self._reject(send, scope.get("path", ""))
         replayed = False
 
         async def replay():
@@ -277,8 +296,10 @@ class BodyLimit:
 
         await self.app(scope, replay, send)
 
-    async def _reject(self, send) -> None:
-        body = json.dumps({"error": f"request body exceeds {self.limit} bytes"}).encode()
+    async def _reject(self, send, path: str = "") -> None:
+        message = f"request body exceeds {self.limit} bytes"
+        body = json.dumps(openai.openai_error(413, message) if openai.is_openai_path(path) else {"error": message})
+        body = body.encode()
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
