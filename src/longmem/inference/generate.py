@@ -22,7 +22,9 @@ import torch
 from longmem.data.tokens import document_ids
 from longmem.errors import LongMemError
 from longmem.memory.bank import MemoryBank
-from longmem.model.longmem import LongMemModel, LongMemOutput
+from longmem.model.outputs import LongMemOutput
+
+LongMemModel = torch.nn.Module  # a LongMemModel, not imported: its generate() runs the Decoder below
 
 
 @dataclass

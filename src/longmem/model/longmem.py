@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,34 +26,18 @@ from longmem.memory.tier import RecentCache
 from longmem.memory.token_log import TokenLog
 from longmem.model import saved
 from longmem.model.backbone import FrozenBackbone
-from longmem.model.blocks import MemoryContext, MemoryStats, Ropes
+from longmem.model.blocks import MemoryContext, Ropes
 from longmem.model.cache import DecodeCache, new_cache
 from longmem.model.copy_head import RUN
 from longmem.model.families import apply_rope
 from longmem.model.hub import load_model_and_tokenizer
+from longmem.model.outputs import LongMemOutput
 from longmem.model.sidenet import SideNet
 
 logger = logging.getLogger(__name__)
 
 ARCHITECTURE_FIELDS = ("backbone", "backbone_fingerprint", "memory_layer", "reduction")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass
-class LongMemOutput:
-    """Result of one segment (or of the new tokens of a decode step)."""
-
-    logits: torch.Tensor | None  # [B,T,V] (log-probabilities once the copy head mixes)
-    loss: torch.Tensor | None  # scalar mean cross-entropy over labelled tokens
-    mem_keys: torch.Tensor  # [B,H_kv,T,Dh] backbone memory-layer keys of this segment
-    mem_values: torch.Tensor  # [B,H_kv,T,Dh]
-    positions: torch.Tensor  # [B,T] absolute positions of the segment's tokens
-    backbone_logits: torch.Tensor | None = None  # [B,T,V] the frozen backbone's own logits
-    stats: MemoryStats | None = None
-    layer_keys: torch.Tensor | None = None  # [L,B,H_kv,T,Dh] every layer's keys, when a short-term tier is read
-    layer_values: torch.Tensor | None = None  # [L,B,H_kv,T,Dh]
-    input_ids: torch.Tensor | None = None  # [B,T] the segment's tokens (a copy head's memory notes them)
-    match_keys: torch.Tensor | None = None  # [B,H_kv,T,Dh] pre-rotary keys of the copy head's match layer
 
 
 class LongMemModel(nn.Module):
@@ -400,6 +383,19 @@ class LongMemModel(nn.Module):
         if not self.decodes_incrementally:
             raise LongMemError(f"incremental decoding does not support {type(self).__name__}")
         return new_cache(self, batch_size, start, capacity or self.config.segment_length, memory)
+
+    def generate(self, input_ids: torch.Tensor, generation_config=None, memory: MemoryBank | None = None,
+                 streamer=None, logits_processor=None, stopping_criteria=None, **kwargs) -> torch.Tensor:
+        """Hugging Face-style generation with a memory: input_ids [B,L] -> sequences [B,L+N] (on the CPU).
+
+        Takes a ``transformers.GenerationConfig`` (and its options as keyword arguments: max_new_tokens,
+        do_sample, temperature, top_k, top_p, repetition_penalty, eos_token_id, stop_strings, ...), a
+        ``streamer`` (e.g. ``TextIteratorStreamer``), ``logits_processor`` and ``stopping_criteria`` lists;
+        see :mod:`longmem.inference.hf_generation`."""
+        from longmem.inference.hf_generation import hf_generate
+
+        return hf_generate(self, input_ids, generation_config, memory, streamer, logits_processor,
+                           stopping_criteria, **kwargs)
 
     # ------------------------------------------------------------------ positions
     @property
