@@ -42,6 +42,12 @@ def _label_map(text: str) -> dict[str, str]:
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     """Register ``longmem eval passkey|ppl|chapterbreak|icl`` under the top-level parser."""
+    harness = sub.add_parser("lm-eval", add_help=False, prefix_chars="\0",
+                             help="lm-evaluation-harness with the model 'longmem' registered: "
+                                  "longmem lm-eval run --model longmem --model_args memory=NAME --tasks ...")
+    harness.add_argument("rest", nargs=argparse.REMAINDER, help="lm-eval's own arguments")
+    harness.set_defaults(func=cmd_lm_eval)
+
     ev = sub.add_parser("eval", help="evaluations: passkey, recall, ppl, chapterbreak, icl (results JSON + plots)")
     names = ev.add_subparsers(title="evaluations")
     ev.set_defaults(func=lambda args: _usage(ev))
@@ -315,6 +321,14 @@ def cmd_chapterbreak(args: argparse.Namespace) -> int:
                    "\n".join(lines))
     partial.finish()
     return code
+
+
+def cmd_lm_eval(args: argparse.Namespace) -> int:
+    try:
+        from longmem.evals import harness
+    except ImportError as exc:
+        raise LongMemError(f"lm-eval is not installed ({exc}): pip install lm-eval") from None
+    return harness.main(args.rest)
 
 
 def _points(gain: dict) -> str:
