@@ -36,9 +36,9 @@ def perturbed():
 class Running:
     """A server on 127.0.0.1 (any free port) in a background thread."""
 
-    def __init__(self, root, token=None, max_request_bytes=1 << 16, model=None):
+    def __init__(self, root, token=None, max_request_bytes=1 << 16, model=None, keys=None):
         self.model = model or perturbed()
-        config = ServeConfig(port=0, memory_dir=root, token=token, max_request_bytes=max_request_bytes)
+        config = ServeConfig(port=0, memory_dir=root, token=token, max_request_bytes=max_request_bytes, keys=keys)
         self.server = make_server(self.model, config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()

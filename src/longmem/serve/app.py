@@ -44,6 +44,7 @@ from longmem.memory.io.named import NamedMemory, check_name
 from longmem.model.longmem import LongMemModel
 from longmem.inference.session import Session, forget, list_memories, memory_header, memory_root
 from longmem.serve import openai
+from longmem.serve.keys import ANYONE, Keys, Tenant
 
 
 @dataclass
@@ -55,7 +56,9 @@ class ServeConfig:
     port: int = 8000
     """TCP port (0: any free port; the chosen one is printed)."""
     token: str | None = None
-    """Bearer token clients must send (None: $LONGMEM_TOKEN, else no authentication)."""
+    """Bearer token clients must send (None: $LONGMEM_TOKEN, else no authentication); it sees every session."""
+    keys: Path | None = None
+    """A keys file of tenants (``serve/keys.py``): hashed keys, each seeing only the sessions it names."""
     memory_dir: Path | None = None
     """Where the sessions' memories live (None: $LONGMEM_HOME/memories)."""
     max_request_bytes: int = 8 << 20
@@ -66,11 +69,13 @@ class ServeConfig:
     def check(self) -> None:
         """Resolve the token and refuse unsafe or bad settings."""
         self.token = self.token or os.environ.get("LONGMEM_TOKEN") or None
-        if not _is_loopback(self.host) and not self.token:
+        if not _is_loopback(self.host) and not self.token and self.keys is None:
             raise LongMemError(f"refusing to bind {self.host}: only loopback addresses may serve without a "
-                               "bearer token (pass --token or set LONGMEM_TOKEN)")
+                               "bearer token (pass --token, --keys, or set LONGMEM_TOKEN)")
         if not 0 <= self.port <= 65535:
             raise LongMemError(f"port {self.port} is not in 0..65535")
+        if self.keys is not None:
+            Keys.load(self.keys)  # a bad keys file is refused before a model loads
         if self.max_request_bytes <= 0:
             raise LongMemError(f"max_request_bytes={self.max_request_bytes} must be positive")
 
@@ -96,8 +101,10 @@ class Sessions:
         self.counters: dict[str, dict] = {}
         self.header = memory_header(model)
 
-    def get(self, name: str) -> Session:
+    def get(self, name: str, tenant: Tenant = ANYONE) -> Session:
         check_name(name)
+        if not tenant.may(name):  # another tenant's session answers as if it did not exist
+            raise NotFound(f"no session {name!r}")
         if not (self.root / name / "manifest.json").is_file():
             raise NotFound(f"no session {name!r}")
         with self._guard:
@@ -109,7 +116,10 @@ class Sessions:
                 self._loaded[name] = session
             return session
 
-    def create(self, name: str) -> Session:
+    def create(self, name: str, tenant: Tenant = ANYONE) -> Session:
+        if not tenant.may(check_name(name)):
+            raise Forbidden(f"key {tenant.name!r} may not create session {name!r} (its sessions: "
+                            f"{', '.join(tenant.sessions)})")
         store = NamedMemory(self.root / check_name(name))
         with store.lock():
             if store.exists():
@@ -117,9 +127,9 @@ class Sessions:
             store.create(self.header)
         return self.get(name)
 
-    def delete(self, name: str) -> None:
+    def delete(self, name: str, tenant: Tenant = ANYONE) -> None:
         check_name(name)
-        if not (self.root / name).is_dir():
+        if not tenant.may(name) or not (self.root / name).is_dir():
             raise NotFound(f"no session {name!r}")
         forget(name, self.root)
         with self._guard:
@@ -132,8 +142,8 @@ class Sessions:
             c["generations"] += 1
             c["generated_tokens"] += tokens
 
-    def stats(self, name: str) -> dict:
-        session = self.get(name)
+    def stats(self, name: str, tenant: Tenant = ANYONE) -> dict:
+        session = self.get(name, tenant)
         counters = self.counters.get(name, {"generations": 0, "generated_tokens": 0})
         return session.info().to_dict() | counters | {"memory_tokens_loaded": session.memory.num_tokens()}
 
@@ -144,6 +154,10 @@ class Conflict(LongMemError):
 
 class Unauthorized(LongMemError):
     """No or a wrong bearer token."""
+
+
+class Forbidden(LongMemError):
+    """A valid key asking for what its tenant may not do."""
 
 
 class NotFound(LongMemError):
@@ -173,19 +187,30 @@ def build_app(model: LongMemModel, config: ServeConfig):
     """The ASGI application (FastAPI inside a request-size limit)."""
     config.check()
     sessions = Sessions(model, memory_root(config.memory_dir))
+    keys = Keys.load(config.keys) if config.keys is not None else None
 
     def authorize(request: Request) -> None:
-        if config.token is None:
+        request.state.tenant = ANYONE
+        if config.token is None and keys is None:
             return
         given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {config.token}".encode()):
+        bearer = given[len("Bearer "):] if given.startswith("Bearer ") else ""
+        tenant = keys.tenant(bearer) if keys is not None else None  # every entry compared
+        if config.token is not None and hmac.compare_digest(given.encode(), f"Bearer {config.token}".encode()):
+            tenant = ANYONE
+        if tenant is None:
             raise Unauthorized("missing or wrong bearer token")
+        request.state.tenant = tenant
+
+    def tenant_of(request: Request) -> Tenant:
+        return request.state.tenant
 
     app = FastAPI(title="longmem", dependencies=[Depends(authorize)])
 
     @app.exception_handler(LongMemError)
     def _error(request: Request, exc: LongMemError):
-        status = {Unauthorized: 401, Conflict: 409, NotFound: 404, openai.UnknownModel: 404}.get(type(exc), 400)
+        status = {Unauthorized: 401, Forbidden: 403, Conflict: 409, NotFound: 404,
+                  openai.UnknownModel: 404}.get(type(exc), 400)
         headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
         if openai.is_openai_path(request.url.path):
             code = {Unauthorized: "invalid_api_key", openai.UnknownModel: "model_not_found",
@@ -209,35 +234,36 @@ def build_app(model: LongMemModel, config: ServeConfig):
             k: sessions.header[k] for k in ("backbone_fingerprint", "sidenet_fingerprint")}
 
     @app.get("/v1/sessions")
-    def list_sessions():
-        return {"sessions": [m.to_dict() for m in list_memories(sessions.root)]}
+    def list_sessions(tenant: Tenant = Depends(tenant_of)):
+        return {"sessions": [m.to_dict() for m in list_memories(sessions.root) if tenant.may(m.name)]}
 
     @app.post("/v1/sessions", status_code=201)
-    def create_session(body: NewSession | None = None):
-        name = (body.name if body else None) or f"session-{uuid.uuid4().hex[:12]}"
-        session = sessions.create(name)
+    def create_session(body: NewSession | None = None, tenant: Tenant = Depends(tenant_of)):
+        own = "session" if tenant is ANYONE else f"{tenant.name}-session"
+        name = (body.name if body else None) or f"{own}-{uuid.uuid4().hex[:12]}"
+        session = sessions.create(name, tenant)
         return session.info().to_dict()
 
     @app.get("/v1/sessions/{name}")
-    def session_stats(name: str):
-        return sessions.stats(name)
+    def session_stats(name: str, tenant: Tenant = Depends(tenant_of)):
+        return sessions.stats(name, tenant)
 
     @app.delete("/v1/sessions/{name}", status_code=204)
-    def delete_session(name: str):
-        sessions.delete(name)
+    def delete_session(name: str, tenant: Tenant = Depends(tenant_of)):
+        sessions.delete(name, tenant)
         return Response(status_code=204)
 
     @app.post("/v1/sessions/{name}/memory")
-    def add_text(name: str, body: Text):
-        return sessions.get(name).remember(body.text, source=body.source).to_dict()
+    def add_text(name: str, body: Text, tenant: Tenant = Depends(tenant_of)):
+        return sessions.get(name, tenant).remember(body.text, source=body.source).to_dict()
 
     @app.post("/v1/sessions/{name}/generate")
-    def generate(name: str, body: Generate):
+    def generate(name: str, body: Generate, tenant: Tenant = Depends(tenant_of)):
         if body.max_tokens > config.max_new_tokens:
             raise LongMemError(f"max_tokens={body.max_tokens} exceeds this server's limit {config.max_new_tokens}")
         gen = GenerationConfig(max_new_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p,
                                stop=body.stop, seed=body.seed)
-        pieces = sessions.get(name).stream(body.prompt, gen)
+        pieces = sessions.get(name, tenant).stream(body.prompt, gen)
         if not body.stream:
             text = "".join(pieces)
             sessions.count(name, pieces.result.tokens)
@@ -254,7 +280,7 @@ def build_app(model: LongMemModel, config: ServeConfig):
 
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
-    openai.add_routes(app, model, sessions, config.max_new_tokens)
+    openai.add_routes(app, model, sessions, config.max_new_tokens, tenant_of)
     return BodyLimit(app, config.max_request_bytes)
 
 

@@ -29,10 +29,11 @@ import uuid
 from typing import Any, Literal
 
 import torch
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from longmem.data.tokens import document_ids
 from longmem.errors import LongMemError
 from longmem.inference.chat import chat_ids, exchange_text, normalise
 from longmem.inference.generate import GenerationConfig, TextStream, stream
@@ -131,8 +132,9 @@ class ChatRequest(_Request):
             raise Unsupported("response_format", "only text")
 
 
-def add_routes(app: FastAPI, model, sessions, max_new_tokens: int) -> None:
-    """Mount the OpenAI-compatible endpoints on ``app`` (``sessions``: the service's ``Sessions``)."""
+def add_routes(app: FastAPI, model, sessions, max_new_tokens: int, tenant_of) -> None:
+    """Mount the OpenAI-compatible endpoints on ``app`` (``sessions``: the service's ``Sessions``;
+    ``tenant_of``: the dependency giving the asking tenant, whose sessions alone a request may name)."""
     model_id = f"longmem-{model.config.backbone}"
     created = int(time.time())
     card = {"id": model_id, "object": "model", "created": created, "owned_by": "longmem"}
@@ -150,14 +152,14 @@ def add_routes(app: FastAPI, model, sessions, max_new_tokens: int) -> None:
         return GenerationConfig(max_new_tokens=wanted, temperature=body.temperature, top_p=body.top_p,
                                 stop=body.stops(), seed=body.seed)
 
-    def run(body: _Request, prompt: torch.Tensor, config: GenerationConfig) -> TextStream:
+    def run(body: _Request, prompt: torch.Tensor, config: GenerationConfig, tenant) -> TextStream:
         if body.memory is not None:
-            return sessions.get(body.memory).stream(prompt, config)
+            return sessions.get(body.memory, tenant).stream(prompt, config)
         return stream(model, prompt, None, config, lock=sessions.compute)
 
-    def keep(body: _Request, text: str) -> None:
+    def keep(body: _Request, text: str, tenant) -> None:
         if body.remember:
-            sessions.get(body.memory).remember(text, source="conversation")
+            sessions.get(body.memory, tenant).remember(text, source="conversation")
 
     @app.get("/v1/models")
     def list_models():
@@ -169,7 +171,7 @@ def add_routes(app: FastAPI, model, sessions, max_new_tokens: int) -> None:
         return card
 
     @app.post("/v1/completions")
-    def completions(body: CompletionRequest):
+    def completions(body: CompletionRequest, tenant=Depends(tenant_of)):
         config = settings(body, default_max=16)
         prompt = body.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
@@ -179,43 +181,42 @@ def add_routes(app: FastAPI, model, sessions, max_new_tokens: int) -> None:
         if isinstance(prompt, str):
             if not prompt:
                 raise Unsupported("prompt", "is empty")
-            pieces = run(body, _text_ids(model, prompt, body, sessions), config)
+            pieces = run(body, _text_ids(model, prompt, body, sessions, tenant), config, tenant)
         else:
             vocab = len(model.tokenizer)
             if not prompt or any(not 0 <= i < vocab for i in prompt):
                 raise Unsupported("prompt", f"token ids must be in 0..{vocab - 1}")
-            pieces = run(body, torch.tensor(prompt, dtype=torch.long, device="cpu"), config)
+            pieces = run(body, torch.tensor(prompt, dtype=torch.long, device="cpu"), config, tenant)
         reply = Reply("cmpl", "text_completion", model_id, sessions, body)
         text_of = prompt if isinstance(prompt, str) else model.tokenizer.decode(prompt)
         if body.stream:
             return reply.streamed(pieces, lambda text: {"text": text, "index": 0, "logprobs": None},
-                                  lambda text: keep(body, text_of + text))
+                                  lambda text: keep(body, text_of + text, tenant))
         text = "".join(pieces)
-        keep(body, text_of + text)
+        keep(body, text_of + text, tenant)
         return reply.whole(pieces, {"text": text, "index": 0, "logprobs": None})
 
     @app.post("/v1/chat/completions")
-    def chat_completions(body: ChatRequest):
+    def chat_completions(body: ChatRequest, tenant=Depends(tenant_of)):
         config = settings(body, default_max=max_new_tokens)
         messages = normalise(body.messages)
-        pieces = run(body, torch.tensor(chat_ids(model.tokenizer, messages), dtype=torch.long, device="cpu"), config)
+        ids = torch.tensor(chat_ids(model.tokenizer, messages), dtype=torch.long, device="cpu")
+        pieces = run(body, ids, config, tenant)
         reply = Reply("chatcmpl", "chat.completion", model_id, sessions, body)
         if body.stream:
             return reply.streamed(pieces, lambda text: {"index": 0, "delta": {"content": text}, "logprobs": None},
-                                  lambda text: keep(body, exchange_text(model.tokenizer, messages, text)),
+                                  lambda text: keep(body, exchange_text(model.tokenizer, messages, text), tenant),
                                   first={"index": 0, "delta": {"role": "assistant", "content": ""},
                                          "logprobs": None})
         text = "".join(pieces)
-        keep(body, exchange_text(model.tokenizer, messages, text))
+        keep(body, exchange_text(model.tokenizer, messages, text), tenant)
         return reply.whole(pieces, {"index": 0, "message": {"role": "assistant", "content": text},
                                     "logprobs": None})
 
 
-def _text_ids(model, prompt: str, body: _Request, sessions) -> torch.Tensor:
+def _text_ids(model, prompt: str, body: _Request, sessions, tenant) -> torch.Tensor:
     """A completion prompt's ids; a prompt that starts a stream gets the backbone's <bos> where it needs one."""
-    from longmem.data.tokens import document_ids
-
-    start = body.memory is None or sessions.get(body.memory).memory.num_tokens() == 0
+    start = body.memory is None or sessions.get(body.memory, tenant).memory.num_tokens() == 0
     return torch.tensor(document_ids(model.tokenizer, prompt, start=start), dtype=torch.long, device="cpu")
 
 
