@@ -47,6 +47,21 @@ def add_parsers(sub) -> None:
     gen.add_argument("--json", action="store_true", help="print one JSON object at the end instead of streaming")
     gen.set_defaults(func=cmd_generate)
 
+    chat = sub.add_parser("chat", help="interactive chat through the model's chat template; every finished "
+                                       "exchange goes into the memory (slash commands: /stats /save NAME /forget "
+                                       "/quit)")
+    chat.add_argument("--memory", metavar="NAME", help="named memory the conversation reads and grows (created if "
+                                                       "missing; default: a memory in RAM)")
+    memory_dir_arg(chat)
+    chat.add_argument("--system", help="system message")
+    chat.add_argument("--max-tokens", type=int, default=256, help="most tokens per answer (default 256)")
+    chat.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0 = greedy)")
+    chat.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
+    chat.add_argument("--seed", type=int, help="sampler seed")
+    chat.add_argument("--segment", type=int, help="segment length T in tokens (default 1024)")
+    model_args(chat)
+    chat.set_defaults(func=cmd_chat)
+
 
 def cmd_remember(args: argparse.Namespace) -> int:
     from longmem.files import read_text
@@ -119,3 +134,57 @@ def cmd_generate(args: argparse.Namespace) -> int:
               file=sys.stderr)
     return 0
 
+
+
+CHAT_HELP = "/stats  where the conversation stands | /save NAME  keep it in a named memory | " \
+            "/forget  start over (empties the memory) | /quit"
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from longmem.inference.conversation import Conversation
+    from longmem.inference.generate import GenerationConfig
+
+    config = GenerationConfig(max_new_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                              seed=args.seed)
+    if args.memory:
+        from longmem.memory.io.named import check_name
+
+        check_name(args.memory)
+    positive_args(args, "segment")
+    talk = Conversation(load_model(args, segment_length=args.segment), args.memory, args.memory_dir, args.system)
+    tty = sys.stdin.isatty()
+    print(f"longmem chat ({'memory ' + args.memory if args.memory else 'memory in RAM'}); {CHAT_HELP}",
+          file=sys.stderr)
+    while True:
+        if tty:
+            sys.stderr.write("you> ")
+            sys.stderr.flush()
+        line = sys.stdin.readline()
+        if not line:
+            return 0
+        text = line.strip()
+        if not text:
+            continue
+        if text.startswith("/"):
+            verb, _, rest = text.partition(" ")
+            if verb in ("/quit", "/exit"):
+                return 0
+            if verb == "/stats":
+                print(json.dumps(talk.stats().to_dict()))
+            elif verb == "/save" and rest.strip():
+                talk.save(rest.strip())
+                print(f"saved to memory {rest.strip()!r}", file=sys.stderr)
+            elif verb == "/forget":
+                talk.forget()
+                print("forgotten: an empty memory, no messages", file=sys.stderr)
+            else:
+                print(CHAT_HELP, file=sys.stderr)
+            continue
+        pieces = talk.say(text, config)
+        answer = []
+        for piece in pieces:
+            answer.append(piece)
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        talk.done("".join(answer))
