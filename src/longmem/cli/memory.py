@@ -26,9 +26,13 @@ def add_parsers(sub) -> None:
     memories.add_argument("--json", action="store_true", help="print a JSON list on stdout")
     memories.set_defaults(func=cmd_memories)
 
-    forget = sub.add_parser("forget", help="delete a named memory")
+    forget = sub.add_parser("forget", help="delete a named memory, or (--source) one text remembered in it")
     forget.add_argument("name", metavar="NAME")
+    forget.add_argument("--source", help="remove only the text(s) read from this source (`remember` names a text by "
+                                         "its file name)")
     memory_dir_arg(forget)
+    forget.add_argument("--segment", type=int, help="segment length T in tokens (default 1024)")
+    model_args(forget)
     forget.set_defaults(func=cmd_forget)
 
     gen = sub.add_parser("generate", help="stream text generated after a prompt, with a named memory")
@@ -100,10 +104,18 @@ def cmd_memories(args: argparse.Namespace) -> int:
 
 
 def cmd_forget(args: argparse.Namespace) -> int:
-    from longmem.inference.session import forget
+    from longmem.inference.session import forget, forget_source
 
-    forget(args.name, args.memory_dir)
-    print(f"forgot {args.name}")
+    if args.source is None:
+        forget(args.name, args.memory_dir)
+        print(f"forgot {args.name}")
+        return 0
+    from longmem.memory.io.named import check_name
+
+    check_name(args.name)
+    positive_args(args, "segment")
+    info = forget_source(load_model(args, segment_length=args.segment), args.name, args.source, args.memory_dir)
+    print(f"forgot {args.source!r} in {args.name}: {info.tokens} tokens held, {info.tokens_read} read")
     return 0
 
 

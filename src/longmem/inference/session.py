@@ -300,6 +300,29 @@ def remember(model: LongMemModel, name: str, text: str, source: str = "", root: 
                           info_of(manifest, store.path))
 
 
+def forget_source(model: LongMemModel, name: str, source: str, root: str | Path | None = None) -> MemoryInfo:
+    """Remove one remembered text (every text read from ``source``) from the named memory: its tokens from the
+    bank's parts, the short-term tier and the copy head's token log; crash-safe like every write. What the
+    texts read after it computed while it was in their context stays in their keys and values."""
+    store = NamedMemory(memory_root(root) / check_name(name))
+    with store.lock():
+        manifest = store.manifest()
+        check_compatible(manifest, memory_header(model))
+        capacity = int(manifest["capacity_tokens"])
+
+        def edit(state: dict, gone) -> dict:
+            recent = _tier(model, _tier_state(state)) if manifest.get("recent_tokens") else None
+            if recent is not None:
+                recent.forget(gone)
+            log = _token_log(model, capacity, state)
+            if log is not None:
+                log.forget(gone)
+            return _state(recent, log) or state
+
+        manifest = store.forget(source, edit)
+    return info_of(manifest, store.path)
+
+
 def list_memories(root: str | Path | None = None) -> list[MemoryInfo]:
     """Every named memory under ``root``, by name (directories without a manifest are skipped)."""
     base = memory_root(root)
@@ -371,6 +394,13 @@ class Session:
             self.revision = int(manifest["revision"])
         return RememberResult(self.name, source, int(ids.shape[0]), seconds, ids.shape[0] / max(seconds, 1e-9),
                               info_of(manifest, self.store.path))
+
+    def forget_source(self, source: str) -> MemoryInfo:
+        """Remove every text read from ``source`` (``forget_source``), on disk and in RAM."""
+        with self._writing:
+            info = forget_source(self.model, self.name, source, self.store.path.parent)
+            self.reload()
+        return info
 
     def stream(self, prompt: str | torch.Tensor, config: GenerationConfig | None = None) -> TextStream:
         """Generate after ``prompt`` with this memory (which generation never changes)."""

@@ -127,6 +127,16 @@ class RecentCache:
         self.valid[idx] = False
         self.held_keep[idx] = False
 
+    def forget(self, gone) -> None:
+        """Hide every entry whose absolute position ``gone`` marks (positions [B,N] -> bool [B,N]): recent slots,
+        the memory-layer entries they hold for the bank, and sinks (positions 0..S-1)."""
+        hit = gone(self.held_positions)  # [B,R] aligned with the recent slots S..S+R-1
+        self.held_keep &= ~hit
+        self.valid[:, self.sinks :] &= ~hit
+        if self.sinks:
+            sinks = torch.arange(self.sinks, device=self.device)[None].expand(self.batch_size, -1)  # [B,S]
+            self.valid[:, : self.sinks] &= ~gone(sinks)
+
     def state(self) -> dict[str, torch.Tensor]:
         """All tensors, for saving (names are stable)."""
         return {"keys": self.keys, "values": self.values, "valid": self.valid, "held_keys": self.held_keys,

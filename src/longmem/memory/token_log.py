@@ -160,6 +160,16 @@ class TokenLog:
             if self.keys is not None:
                 self.keys[row] = 0
 
+    def forget(self, gone) -> None:
+        """Unknow every id (and match key) whose absolute position ``gone`` marks (positions [N] -> bool [N])."""
+        for row, end in enumerate(self.ends()):
+            pos = torch.arange(max(0, end - self.span), end, device=self.device)  # [S'] what the ring holds
+            slots = pos[gone(pos)] % self.span
+            self.ids[row, slots] = UNKNOWN
+            if self.keys is not None:
+                self.keys[row][:, slots] = 0
+        self.version += 1
+
     def nbytes(self) -> int:
         keys = self.keys.numel() * self.keys.element_size() if self.keys is not None else 0
         return self.ids.numel() * self.ids.element_size() + keys

@@ -8,6 +8,7 @@ Endpoints (JSON; with a token every request needs ``Authorization: Bearer TOKEN`
   GET    /v1/sessions/{name}             stats of one session
   DELETE /v1/sessions/{name}             delete it and its memory (204)
   POST   /v1/sessions/{name}/memory      {"text", "source"?} -> read the text into its memory
+  DELETE /v1/sessions/{name}/memory?source=S   remove every text read from source S
   POST   /v1/sessions/{name}/generate    {"prompt", "max_tokens", "temperature", "top_p", "stop",
                                           "seed", "stream"} -> server-sent events or one JSON
   GET    /v1/models, POST /v1/completions, POST /v1/chat/completions
@@ -256,6 +257,10 @@ def build_app(model: LongMemModel, config: ServeConfig):
     @app.post("/v1/sessions/{name}/memory")
     def add_text(name: str, body: Text, tenant: Tenant = Depends(tenant_of)):
         return sessions.get(name, tenant).remember(body.text, source=body.source).to_dict()
+
+    @app.delete("/v1/sessions/{name}/memory")
+    def forget_text(name: str, source: str, tenant: Tenant = Depends(tenant_of)):
+        return sessions.get(name, tenant).forget_source(source).to_dict()
 
     @app.post("/v1/sessions/{name}/generate")
     def generate(name: str, body: Generate, tenant: Tenant = Depends(tenant_of)):

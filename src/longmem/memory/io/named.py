@@ -66,6 +66,13 @@ class Tokens:
     def count(self) -> int:
         return int(self.positions.shape[0])
 
+    def select(self, keep: torch.Tensor) -> "Tokens":
+        """The tokens where keep [n] (bool) is True, in order."""
+        ids = None if self.ids is None else self.ids[keep]
+        match = None if self.match is None else self.match[:, keep]
+        return Tokens(self.keys[:, keep], self.values[:, keep], self.search[:, keep], self.positions[keep], ids,
+                      match)
+
     def slice(self, a: int) -> "Tokens":
         """The tokens from index a on."""
         ids = None if self.ids is None else self.ids[a:]
@@ -189,17 +196,19 @@ class NamedMemory:
         if first < seen or (first > seen and (first % csz or first > start)):
             raise LongMemError(f"memory {self.name!r}: an append at stream offset {first} cannot follow {seen}")
         parts, offset, head = [], int(old["stream_offset"]), None
+        read = [int(old["end_position"]), int(end_position)]  # the absolute positions this append read
         for part in old["parts"]:  # old parts still holding live tokens; the first one trimmed
             end = offset + int(part["tokens"])
             if end > start:
                 if offset < start:
-                    part, offset = self._write_part(self._read_part(part, old).slice(start - offset)), start
+                    trimmed = self._write_part(self._read_part(part, old).slice(start - offset))
+                    part, offset = trimmed | _tags(part), start
                 head = offset if head is None else head
                 parts.append(part)
             offset = end
         if tokens.count and stream > start:
             new_first = max(first, start)
-            parts.append(self._write_part(tokens.slice(new_first - first)))
+            parts.append(self._write_part(tokens.slice(new_first - first)) | {"source": source, "positions": read})
             head = new_first if head is None else head
         if state is not None:
             old = old | {"state": self._write_file("state", state)}
@@ -210,9 +219,57 @@ class NamedMemory:
             "tokens_read": int(old["tokens_read"]) + tokens_read,
             "end_position": end_position,
             "revision": int(old["revision"]) + 1,
-            "sources": (old["sources"] + [{"source": source, "tokens": tokens_read, "at": _now()}])[-MAX_SOURCES:],
+            "sources": (old["sources"] + [{"source": source, "tokens": tokens_read, "at": _now(),
+                                           "positions": read}])[-MAX_SOURCES:],
             "updated": _now(),
         }
+        self._commit(manifest)
+        return manifest
+
+    def forget(self, source: str, edit_state) -> dict:
+        """Remove every text read from ``source``: its kept tokens from the parts, its positions from the saved
+        state (``edit_state(state, gone) -> state``, ``gone``: positions -> bool), its entries from the log of
+        sources; committed atomically like an append. Call under ``lock()``."""
+        old = self.manifest()
+        ranges = [tuple(e["positions"]) for e in old["sources"] if e.get("source") == source and "positions" in e]
+        ranges += [tuple(p["positions"]) for p in old["parts"] if p.get("source") == source and "positions" in p]
+        if not ranges:
+            if any(e.get("source") == source for e in old["sources"]):
+                raise LongMemError(f"memory {self.name!r}: {source!r} was read by an older version that did not "
+                                   "record where each text lies; it cannot be forgotten alone")
+            known = sorted({str(e.get("source")) for e in old["sources"]})
+            raise LongMemError(f"memory {self.name!r} holds no text from source {source!r} (sources: "
+                               f"{', '.join(known) or 'none'})")
+
+        def gone(positions: torch.Tensor) -> torch.Tensor:
+            hit = torch.zeros(positions.shape, dtype=torch.bool, device=positions.device)
+            for a, b in ranges:
+                hit |= (positions >= a) & (positions < b)
+            return hit
+
+        parts, removed = [], 0
+        for part in old["parts"]:
+            tokens = self._read_part(part, old)
+            hit = gone(tokens.positions)
+            tags = _tags(part) if part.get("source") != source else {}  # what is left of it is other texts'
+            if not bool(hit.any()):
+                parts.append({k: v for k, v in part.items() if k not in ("source", "positions")} | tags)
+                continue
+            removed += int(hit.sum())
+            if not bool(hit.all()):
+                parts.append(self._write_part(tokens.select(~hit)) | tags)
+        manifest = old | {
+            "parts": parts,
+            "stream_tokens": int(old["stream_tokens"]) - removed,
+            "tokens_read": int(old["tokens_read"]) - sum(int(e.get("tokens", 0)) for e in old["sources"]
+                                                         if e.get("source") == source),
+            "revision": int(old["revision"]) + 1,
+            "sources": [e for e in old["sources"] if e.get("source") != source],
+            "updated": _now(),
+        }
+        state = self.read_state(old)
+        if state is not None:
+            manifest["state"] = self._write_file("state", edit_state(state, gone))
         self._commit(manifest)
         return manifest
 
@@ -246,6 +303,11 @@ class NamedMemory:
             trash = self.path.with_name(f".trash-{self.name}-{uuid.uuid4().hex[:8]}")
             os.replace(self.path, trash)
         shutil.rmtree(trash, ignore_errors=True)
+
+
+def _tags(part: dict) -> dict:
+    """What a part entry says of where its tokens came from (kept when the part is rewritten)."""
+    return {k: part[k] for k in ("source", "positions") if k in part}
 
 
 def _now() -> str:
