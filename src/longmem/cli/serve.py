@@ -17,6 +17,8 @@ def add_parsers(sub) -> None:
     serve.add_argument("--keys", type=Path, help="keys file of tenants, each key seeing only its own sessions "
                                                  "(make keys with: longmem keys add FILE NAME --sessions PATTERNS)")
     serve.add_argument("--max-request-bytes", type=int, default=8 << 20, help="largest request body (default 8 MiB)")
+    serve.add_argument("--max-sessions", type=int, default=32, help="most sessions kept loaded in RAM (default 32; "
+                                                                    "the least recently used are unloaded)")
     serve.add_argument("--memory-size", type=int, help="capacity of new sessions' memories in tokens (default 65536)")
     serve.add_argument("--segment", type=int, help="segment length T in tokens (default 1024)")
     memory_dir_arg(serve)
@@ -45,7 +47,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from longmem.serve.app import ServeConfig, serve
 
     config = ServeConfig(host=args.host, port=args.port, token=args.token, memory_dir=args.memory_dir,
-                         max_request_bytes=args.max_request_bytes, keys=args.keys)
+                         max_request_bytes=args.max_request_bytes, keys=args.keys, max_sessions=args.max_sessions)
     config.check()  # refuse a bad address or token before loading a model
     positive_args(args, "memory_size", "segment")
     serve(load_model(args, memory_size=args.memory_size, segment_length=args.segment), config)

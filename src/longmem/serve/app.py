@@ -30,6 +30,7 @@ import os
 import sys
 import threading
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,6 +67,9 @@ class ServeConfig:
     """Largest request body accepted."""
     max_new_tokens: int = 4096
     """Most tokens one generate request may ask for."""
+    max_sessions: int = 32
+    """Most sessions kept loaded in RAM; the least recently used beyond it are unloaded (they stay on disk), so
+    the server's memory is bounded whatever the number of sessions."""
 
     def check(self) -> None:
         """Resolve the token and refuse unsafe or bad settings."""
@@ -77,6 +81,8 @@ class ServeConfig:
             raise LongMemError(f"port {self.port} is not in 0..65535")
         if self.keys is not None:
             Keys.load(self.keys)  # a bad keys file is refused before a model loads
+        if self.max_sessions <= 0:
+            raise LongMemError(f"max_sessions={self.max_sessions} must be positive")
         if self.max_request_bytes <= 0:
             raise LongMemError(f"max_request_bytes={self.max_request_bytes} must be positive")
 
@@ -93,11 +99,11 @@ def _is_loopback(host: str) -> bool:
 class Sessions:
     """The sessions of one model, loaded from disk on first use."""
 
-    def __init__(self, model: LongMemModel, root: Path):
-        self.model, self.root = model, root
+    def __init__(self, model: LongMemModel, root: Path, max_loaded: int = 32):
+        self.model, self.root, self.max_loaded = model, root, max_loaded
         self.compute = threading.Lock()  # one model computation at a time
         self._guard = threading.Lock()
-        self._loaded: dict[str, Session] = {}
+        self._loaded: OrderedDict[str, Session] = OrderedDict()  # least recently used first
         self._loading: dict[str, threading.Lock] = {}
         self.counters: dict[str, dict] = {}
         self.header = memory_header(model)
@@ -114,7 +120,11 @@ class Sessions:
             session = self._loaded.get(name)
             if session is None or not session.store.exists():
                 session = Session(self.model, name, self.root, create=False, lock=self.compute)
+            with self._guard:
                 self._loaded[name] = session
+                self._loaded.move_to_end(name)
+                while len(self._loaded) > self.max_loaded:  # unloaded from RAM; a running request keeps its copy
+                    self._loaded.popitem(last=False)
             return session
 
     def create(self, name: str, tenant: Tenant = ANYONE) -> Session:
@@ -187,7 +197,7 @@ class Generate(BaseModel):
 def build_app(model: LongMemModel, config: ServeConfig):
     """The ASGI application (FastAPI inside a request-size limit)."""
     config.check()
-    sessions = Sessions(model, memory_root(config.memory_dir))
+    sessions = Sessions(model, memory_root(config.memory_dir), config.max_sessions)
     keys = Keys.load(config.keys) if config.keys is not None else None
 
     def authorize(request: Request) -> None:
