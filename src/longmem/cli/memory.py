@@ -49,6 +49,8 @@ def add_parsers(sub) -> None:
     gen.add_argument("--segment", type=int, help="segment length T in tokens (default 1024)")
     model_args(gen)
     gen.add_argument("--json", action="store_true", help="print one JSON object at the end instead of streaming")
+    gen.add_argument("--explain", action="store_true", help="per generated token, the memory entries it drew on: "
+                                                           "the copied or most-attended text's source and characters")
     gen.set_defaults(func=cmd_generate)
 
     chat = sub.add_parser("chat", help="interactive chat through the model's chat template; every finished "
@@ -124,7 +126,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from longmem.inference.session import load_named
 
     config = GenerationConfig(max_new_tokens=args.max_tokens, temperature=0.0 if args.greedy else args.temperature,
-                              top_p=args.top_p, stop=args.stop, seed=args.seed, window=args.window)
+                              top_p=args.top_p, stop=args.stop, seed=args.seed, window=args.window,
+                              explain=args.explain)
     if args.memory:
         from longmem.memory.io.named import check_name
 
@@ -138,10 +141,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
             sys.stdout.write(piece)
             sys.stdout.flush()
     result = pieces.result
+    if args.explain and args.memory:
+        from longmem.inference.session import memory_root, with_sources
+        from longmem.memory.io.named import NamedMemory
+
+        with_sources(result.provenance, NamedMemory(memory_root(args.memory_dir) / args.memory))
     if args.json:
         print(json.dumps(result.to_dict() | {"memory": args.memory}))
     else:
         sys.stdout.write("\n")
+        for entry in result.provenance or []:
+            print(_explained(entry))
         print(f"[{result.tokens} tokens, {result.tokens_per_s:.1f} tok/s, stop: {result.finish_reason}]",
               file=sys.stderr)
     return 0
@@ -200,3 +210,16 @@ def cmd_chat(args: argparse.Namespace) -> int:
             sys.stdout.flush()
         sys.stdout.write("\n")
         talk.done("".join(answer))
+
+
+def _explained(entry: dict) -> str:
+    """One provenance entry as a line: the token, what it copied, what the memory attention weighed most."""
+    def where(part: dict | None, what: str) -> str:
+        if not part:
+            return f"{what}: -"
+        origin = part.get("from") or {}
+        place = (f"{origin['source']}[{origin['start']}:{origin['end']}]" if "start" in origin
+                 else origin.get("source", f"position {part['position']}"))
+        return f"{what}: {place} ({part.get('share', part.get('weight', 0.0)):.2f})"
+
+    return f"{entry['text']!r:>12}  {where(entry['copied'], 'copied')}  {where(entry['attended'], 'attended')}"

@@ -89,6 +89,20 @@ def document_ids(tokenizer: Any, text: str, start: bool = True) -> list[int]:
     return [bos, *ids] if bos is not None and ids[:1] != [bos] else ids
 
 
+def document_spans(tokenizer: Any, text: str, start: bool = True) -> tuple[list[int], list[tuple[int, int]] | None]:
+    """``document_ids`` and each token's character span (start, end) in ``text`` -- (0, 0) for a <bos> put
+    ahead -- or None where the tokenizer cannot tell (not a fast tokenizer)."""
+    ids = document_ids(tokenizer, text, start)
+    try:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    except (NotImplementedError, ValueError, TypeError):
+        return ids, None
+    lead = len(ids) - len(enc["input_ids"])  # a <bos> put ahead, or none
+    if lead not in (0, 1) or list(enc["input_ids"]) != ids[lead:]:
+        return ids, None
+    return ids, [(0, 0)] * lead + [(int(a), int(b)) for a, b in enc["offset_mapping"]]
+
+
 def _encode(text: str, tokenizer: Any) -> np.ndarray:
     """Token ids of a document (``document_ids``): uint32 [n]."""
     ids = np.asarray(document_ids(tokenizer, text), dtype=np.int64)

@@ -47,6 +47,8 @@ class GenerationConfig:
     """Local window in tokens (None: the model's segment length)."""
     evict: int | None = None
     """Tokens moved into memory when the window is full (None: half the window, whole chunks)."""
+    explain: bool = False
+    """Also return, per generated token, the memory entries it drew on (``Generation.provenance``)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens <= 0:
@@ -83,12 +85,14 @@ class Decoder:
     """Feeds tokens through the model with a sliding window over ``memory`` (fast, cached)."""
 
     def __init__(self, model: LongMemModel, memory: MemoryBank, window: int, evict: int,
-                 start: int | None = None, copy_on_write: bool = False, lock=None):
+                 start: int | None = None, copy_on_write: bool = False, lock=None, trace: bool = False):
         if memory.batch_size != 1:
             raise LongMemError(f"generation reads one sequence, not a memory of {memory.batch_size} rows")
         self.model, self.memory, self.window, self.evict = model, memory, window, evict
         self.copy_on_write = copy_on_write  # copy the memory before the first eviction writes to it
         self.lock = lock or contextlib.nullcontext()  # held around every model computation
+        self.trace = trace  # keep the last step's output with its copy sources (``last``), for provenance
+        self.last: LongMemOutput | None = None
         first = int(memory.end_position[0]) if start is None else start
         self.cache = model.new_cache(1, first, window, memory)
 
@@ -116,7 +120,10 @@ class Decoder:
     @torch.no_grad()
     def _run(self, ids: torch.Tensor) -> torch.Tensor:
         ids = ids.to(self.model.device)
-        return self.model(ids[None, :], self.memory, cache=self.cache).logits[0, -1].float()
+        if not self.trace:
+            return self.model(ids[None, :], self.memory, cache=self.cache).logits[0, -1].float()
+        self.last = self.model(ids[None, :], self.memory, cache=self.cache, trace=True)
+        return self.last.logits[0, -1].float()
 
     def _evict(self) -> None:
         cache, e = self.cache, self.evict
@@ -187,6 +194,7 @@ class Generation:
     seconds: float  # generating
     tokens_per_s: float  # generated tokens per second of generation
     memory_tokens: int  # tokens in memory at the end
+    provenance: list[dict] | None = None  # per generated token (``explain``): see ``explain_token``
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -216,9 +224,12 @@ class TextStream:
         logits = self.decoder.feed(self.prompt)
         t1 = time.perf_counter()
         out: list[int] = []
+        provenance: list[dict] = []
         sent, text, reason = 0, "", "length"
         while len(out) < cfg.max_new_tokens:
             token = sample(logits, cfg, rng)
+            if cfg.explain:
+                provenance.append(explain_token(self.decoder.last, token, logits, tok))
             if cfg.stop_at_eos and token == tok.eos_token_id:
                 reason = "eos"
                 break
@@ -240,7 +251,7 @@ class TextStream:
         self.result = Generation(
             text=text, prompt_tokens=int(self.prompt.numel()), tokens=len(out), finish_reason=reason,
             prompt_seconds=t1 - t0, seconds=seconds, tokens_per_s=len(out) / max(seconds, 1e-9),
-            memory_tokens=self.decoder.memory.num_tokens(),
+            memory_tokens=self.decoder.memory.num_tokens(), provenance=provenance if cfg.explain else None,
         )
 
 
@@ -281,8 +292,42 @@ def stream(model: LongMemModel, prompt: str | torch.Tensor, memory: MemoryBank |
         ids = document_ids(model.tokenizer, prompt, start=int(memory.end_position.max()) == 0)
         prompt = torch.tensor(ids, dtype=torch.long, device="cpu")
     window, evict = window_sizes(model, config, memory)
-    decoder = Decoder(model, memory, window, evict, copy_on_write=copy_on_write, lock=lock)
+    decoder = Decoder(model, memory, window, evict, copy_on_write=copy_on_write, lock=lock, trace=config.explain)
     return TextStream(model, decoder, prompt, config)
+
+
+def explain_token(out: LongMemOutput | None, token: int, logits: torch.Tensor, tokenizer=None) -> dict:
+    """Which memory entries the token sampled after ``out`` (a traced step) drew on:
+    ``copied``: the copy head's candidate proposing it with the most weight -- the absolute position of the
+    token it copies, and ``share``, how much of the token's probability copying gave; ``attended``: the
+    memory entry the memory attention weighed most (summed over heads, times each head's memory share) --
+    its position and that weight. Either is None when there is none."""
+    entry = {"token": token, "text": tokenizer.decode([token]) if tokenizer is not None else None,
+             "copied": None, "attended": None}
+    if out is None:
+        return entry
+    src = out.copy_sources
+    if src is not None:
+        pos, w, ids = src.positions[0, -1], src.weights[0, -1].float(), src.ids[0, -1]  # [N']
+        hit = (ids == token) & (pos >= 0) & (w > 0)
+        if bool(hit.any()):
+            best = int(torch.where(hit, w, -1.0).argmax())
+            p = float(torch.exp(logits.float()[token]))  # the mixture's log-probabilities
+            entry["copied"] = {"position": int(pos[best]), "share": min(1.0, float(w[hit].sum()) / max(p, 1e-30))}
+    stats = out.stats
+    if stats is not None and stats.positions is not None:
+        probs, share = stats.probs[0, :, -1].float(), stats.share[0, :, -1].float()  # [H,K], [H]
+        positions = stats.positions[0, :, -1]  # [Hs,K]
+        positions = positions.repeat_interleave(probs.shape[0] // positions.shape[0], 0)  # [H,K]
+        weight = (share[:, None] * probs).flatten()
+        flat = positions.flatten()
+        real = (flat >= 0) & (weight > 0)
+        if bool(real.any()):
+            unique, inverse = torch.unique(flat[real], return_inverse=True)
+            total = torch.zeros(unique.shape[0]).index_add_(0, inverse.cpu(), weight[real].cpu()) / probs.shape[0]
+            best = int(total.argmax())
+            entry["attended"] = {"position": int(unique[best]), "weight": float(total[best])}
+    return entry
 
 
 def generate(model: LongMemModel, prompt: str | torch.Tensor, memory: MemoryBank | None = None,

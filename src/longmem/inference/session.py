@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from longmem.data.tokens import document_ids
+from longmem.data.tokens import document_spans
 from longmem.model.backbone import weights_digest
 from longmem.model.hub import cache_home
 from longmem.errors import LongMemError
@@ -208,12 +208,18 @@ def read_into(model: LongMemModel, ids: torch.Tensor, memory, start: int, segmen
 def tokenize(model: LongMemModel, text: str) -> torch.Tensor:
     """text -> ids [N] (``document_ids``: no special tokens but a <bos> the model needs), with a clear error for
     empty text."""
+    return tokenize_spans(model, text)[0]
+
+
+def tokenize_spans(model: LongMemModel, text: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``tokenize`` and each token's character span [N,2] in ``text`` (None where the tokenizer cannot tell)."""
     if model.tokenizer is None:
         raise LongMemError("this model has no tokenizer")
-    ids = document_ids(model.tokenizer, text)
+    ids, spans = document_spans(model.tokenizer, text)
     if not ids:
         raise LongMemError("no text to remember (0 tokens)")
-    return torch.tensor(ids, dtype=torch.long, device="cpu")
+    spans_t = None if spans is None else torch.tensor(spans, dtype=torch.long, device="cpu").view(-1, 2)
+    return torch.tensor(ids, dtype=torch.long, device="cpu"), spans_t
 
 
 @dataclass
@@ -232,7 +238,7 @@ class RememberResult:
 
 
 def _remember(model: LongMemModel, store: NamedMemory, ids: torch.Tensor, source: str, bank: MemoryBank | None,
-              capacity_tokens: int | None = None, lock=None) -> tuple[dict, float]:
+              capacity_tokens: int | None = None, lock=None, spans: torch.Tensor | None = None) -> tuple[dict, float]:
     """Read ids into ``store`` (and ``bank``) under the store's lock; -> (manifest, seconds)."""
     header = memory_header(model, capacity_tokens)
     with store.lock():
@@ -250,7 +256,7 @@ def _remember(model: LongMemModel, store: NamedMemory, ids: torch.Tensor, source
                        float_dtype(manifest["dtype"]), end, recent, token_log=log)
         read_into(model, ids, rec, end, lock=lock)
         manifest = store.append(rec.tokens(), rec.first, int(ids.shape[0]), int(rec.end_position[0]), source,
-                                state=_state(recent, rec.token_log))
+                                state=_state(recent, rec.token_log), spans=spans)
     return manifest, time.perf_counter() - start_time
 
 
@@ -294,8 +300,8 @@ def remember(model: LongMemModel, name: str, text: str, source: str = "", root: 
              capacity_tokens: int | None = None) -> RememberResult:
     """Read ``text`` into the named memory (created if needed), continuing where it left off."""
     store = NamedMemory(memory_root(root) / check_name(name))
-    ids = tokenize(model, text)
-    manifest, seconds = _remember(model, store, ids, source, None, capacity_tokens)
+    ids, spans = tokenize_spans(model, text)
+    manifest, seconds = _remember(model, store, ids, source, None, capacity_tokens, spans=spans)
     return RememberResult(name, source, int(ids.shape[0]), seconds, ids.shape[0] / max(seconds, 1e-9),
                           info_of(manifest, store.path))
 
@@ -321,6 +327,18 @@ def forget_source(model: LongMemModel, name: str, source: str, root: str | Path 
 
         manifest = store.forget(source, edit)
     return info_of(manifest, store.path)
+
+
+def with_sources(provenance: list[dict], store: NamedMemory) -> list[dict]:
+    """Provenance entries (``explain_token``) with the source name and character span of every position they
+    name, where the named memory ``store`` remembered it ({"source", "start", "end"}; None: not known)."""
+    wanted = [e[kind]["position"] for e in provenance for kind in ("copied", "attended") if e.get(kind)]
+    found = dict(zip(wanted, store.locate(wanted))) if wanted else {}
+    for entry in provenance:
+        for kind in ("copied", "attended"):
+            if entry.get(kind):
+                entry[kind]["from"] = found.get(entry[kind]["position"])
+    return provenance
 
 
 def list_memories(root: str | Path | None = None) -> list[MemoryInfo]:
@@ -382,12 +400,12 @@ class Session:
 
     def remember(self, text: str, source: str = "") -> RememberResult:
         """Read ``text`` into the memory, on disk and in RAM."""
-        ids = tokenize(self.model, text)
+        ids, spans = tokenize_spans(self.model, text)
         with self._writing:
             if int(self.store.manifest()["revision"]) != self.revision:
                 self.reload()  # another process appended meanwhile
             bank = copy_memory(self.memory)
-            manifest, seconds = _remember(self.model, self.store, ids, source, bank, lock=self.lock)
+            manifest, seconds = _remember(self.model, self.store, ids, source, bank, lock=self.lock, spans=spans)
             self.memory = bank
             if int(manifest["revision"]) != self.revision + 1:  # another writer slipped in before our lock
                 self.reload()

@@ -52,6 +52,7 @@ class MemoryStats:
     gate: torch.Tensor  # [H] the per-head memory log-bias
     share: torch.Tensor  # [B,H,T] the memory's share of the joint softmax
     probs: torch.Tensor  # [B,H,T,K] memory attention over the retrieved entries
+    positions: torch.Tensor | None = None  # [B,Hs,T,K] the retrieved entries' absolute positions
 
     @property
     def memory_share(self) -> float:
@@ -155,7 +156,7 @@ class MemoryBlock(SideBlock):
                                                self.shape.scaling)
         local, fused, share = self.fuse(q_loc, k_loc, v, past, cache, mem, mem_lse)
         gate = self.gate.detach().float()
-        return local, fused, MemoryStats(gate, share.detach(), probs.detach())
+        return local, fused, MemoryStats(gate, share.detach(), probs.detach(), found.positions)
 
     def fuse(self, q, k, v, past, cache, mem, mem_lse):
         """Local attention merged with the memory's (mem [B,H,T,Dh], mem_lse [B,H,T]) -> (local, fused

@@ -76,6 +76,19 @@ class Candidates(NamedTuple):
     positions: torch.Tensor  # [B,Hkv,T,k] the matches' absolute positions (-1: none): the next call's history
 
 
+class CopySources(NamedTuple):
+    """Where the copy head's mixture took its candidates from (for provenance; N' candidates per token)."""
+
+    positions: torch.Tensor  # [B,T,N'] absolute position of the token each candidate copies (-1: none)
+    weights: torch.Tensor  # [B,T,N'] its probability mass in the final distribution
+    ids: torch.Tensor  # [B,T,N'] the id it proposes
+
+
+def _after(pos: torch.Tensor) -> torch.Tensor:
+    """Match positions -> the positions of the tokens they copy (the next one; -1 stays)."""
+    return torch.where(pos >= 0, pos + 1, pos)
+
+
 class CopyHead(nn.Module):
     """Learned mixing of a key-match pointer into the next-token distribution."""
 
@@ -138,10 +151,16 @@ class CopyHead(nn.Module):
 
     def exact(self, log: TokenLog, context: tuple[torch.Tensor, torch.Tensor], logp: torch.Tensor,
               hidden: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``exact_at`` without the matches' positions."""
+        return self.exact_at(log, context, logp, hidden)[:3]
+
+    def exact_at(self, log: TokenLog, context: tuple[torch.Tensor, torch.Tensor], logp: torch.Tensor,
+                 hidden: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         """Exact suffix matches for the last T tokens of context (ids [B,C], absolute positions [B,C]);
         logp [B,T,V] the model's log-probabilities (hidden [B,T,D]: the SideNet's final states, read
         by a head with a context gate) -> candidate ids [B,T,M], their weights [B,T,M] (fp32, sum 1
-        where any match; softmax of kappa * length) and lam_n [B,T] (0 without a match)."""
+        where any match; softmax of kappa * length), lam_n [B,T] (0 without a match) and the matches' end
+        positions [B,T,M] (-1: none)."""
         ids_c, pos_c, first = _window(context)
         pos, length, nxt, local = suffix_matches(log, ids_c, pos_c, logp.shape[1], MIN_MATCH, local=True, first=first)
         found = (pos >= 0) & (nxt >= 0)  # [B,T,M]
@@ -156,15 +175,21 @@ class CopyHead(nn.Module):
         u = self.length_bias[bucket] + self.ngram_agree * _id_mass(ids, w).amax(-1) + self.uncertain * entropy
         from_context = (local & found & (length == longest)).any(-1)  # [B,T] the longest match is local
         u = u + self.local_bias * from_context + _gate(self.context, hidden)
-        return ids, w, torch.sigmoid(u) * found.any(-1)
+        return ids, w, torch.sigmoid(u) * found.any(-1), pos
 
     def keyed_source(self, log: TokenLog, context: tuple[torch.Tensor, torch.Tensor], queries: int,
                      hidden: torch.Tensor | None = None, window: int | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``keyed_at`` without the candidates' positions."""
+        return self.keyed_at(log, context, queries, hidden, window)[:3]
+
+    def keyed_at(self, log: TokenLog, context: tuple[torch.Tensor, torch.Tensor], queries: int,
+                 hidden: torch.Tensor | None = None, window: int | None = None) -> tuple[torch.Tensor, ...]:
         """Keyed matches for the last ``queries`` tokens of context (ids [B,C], positions [B,C]) ->
         candidate ids [B,T,S], weights [B,T,S] (fp32, sum 1 where any) and lam_k [B,T] (0 without one):
         weights = softmax(overlap * o + anchor length * l - recency rank * r - said * d), lam_k =
-        sigmoid(best overlap not said * g_b + agreement * g_a + any said * g_l + bias [+ w . hidden])."""
+        sigmoid(best overlap not said * g_b + agreement * g_a + any said * g_l + bias [+ w . hidden]); then the
+        candidates' anchor positions [B,T,S] (-1: none)."""
         ids_c, pos_c, first = _window(context)
         pos, overlap, length, nxt, said = keyed_matches(log, ids_c, pos_c, queries, first=first)  # [B,T,S] each
         found = (pos >= 0) & (nxt >= 0)
@@ -180,7 +205,7 @@ class CopyHead(nn.Module):
         listing = (found & said).any(-1)  # [B,T] one of the candidates' answers is in the window already
         u = self.keyed_best * best + self.keyed_agree * _id_mass(ids, w).amax(-1) + self.keyed_list * listing
         u = u + self.keyed_bias + _gate(self.keyed_context, hidden)
-        return ids, w, torch.sigmoid(u) * found.any(-1)
+        return ids, w, torch.sigmoid(u) * found.any(-1), pos
 
     def pointer(self, keys: torch.Tensor, log: TokenLog, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
         """keys [B,Hkv,T,Dh] -> the key-match pointer as a dense distribution [B,T,V] (fp32; mass < 1
@@ -205,11 +230,12 @@ class CopyHead(nn.Module):
 
     def mix(self, logits: torch.Tensor, cand: Candidates, log: TokenLog,
             context: tuple[torch.Tensor, torch.Tensor] | None = None, hidden: torch.Tensor | None = None,
-            window: int | None = None) -> torch.Tensor:
+            window: int | None = None, sources: list | None = None) -> torch.Tensor:
         """logits [B,T,V] and their key-match candidates -> log-probabilities [B,T,V] (fp32):
 
         p = (1 - lam_n) * [(1 - lam * m) * p_model + lam * pointer] + lam_n * exact pointer, then
-        p = (1 - lam_k) * p + lam_k * keyed pointer (with keyed matches)."""
+        p = (1 - lam_k) * p + lam_k * keyed pointer (with keyed matches). ``sources`` (a list): gets the
+        ``CopySources`` of this mixture appended (where each candidate's token sits)."""
         ids, w = cand.ids, cand.weights  # [B,T,N] x2
         lam = self.weight(_id_mass(ids, w), cand.best, cand.run)  # [B,T]
         kept = 1 - lam * w.sum(-1)  # [B,T] the model's share (the mass of unknown ids stays with it)
@@ -217,15 +243,20 @@ class CopyHead(nn.Module):
         logp = torch.log_softmax(logits.float(), -1)  # [B,T,V]
         if context is None:
             raise ValueError("the copy head's exact matches need the context ids")
-        ids_n, w_n, lam_n = self.exact(log, context, logp, hidden)  # [B,T,M] x2, [B,T]
+        ids_n, w_n, lam_n, pos_n = self.exact_at(log, context, logp, hidden)  # [B,T,M] x2, [B,T], [B,T,M]
         kept = (1 - lam_n) * kept
         ids = torch.cat([ids, ids_n], -1)
         w = torch.cat([(1 - lam_n)[..., None] * w, lam_n[..., None] * w_n], -1)
         # p = (1 - lam_k) * p + lam_k * keyed pointer
-        ids_k, w_k, lam_k = self.keyed_source(log, context, logp.shape[1], hidden, window)  # [B,T,S] x2, [B,T]
+        ids_k, w_k, lam_k, pos_k = self.keyed_at(log, context, logp.shape[1], hidden, window)  # [B,T,S] x2, [B,T]
         kept = (1 - lam_k) * kept
         ids = torch.cat([ids, ids_k], -1)
         w = torch.cat([(1 - lam_k)[..., None] * w, lam_k[..., None] * w_k], -1)
+        if sources is not None:
+            b, h, t, k = cand.positions.shape
+            pointer = cand.positions.permute(0, 2, 1, 3).reshape(b, t, h * k)  # as ids: [B,T,Hkv*k]
+            at = torch.cat([_after(pointer), _after(pos_n), _after(pos_k)], -1)
+            sources.append(CopySources(at, w.detach(), ids))
         mass = _id_mass(ids, w)  # [B,T,N']
         kept = kept.clamp_min(1e-30)[..., None]  # [B,T,1]
         mixed = torch.log((kept * logp.gather(-1, ids).exp() + mass).clamp_min(1e-30))  # [B,T,N']

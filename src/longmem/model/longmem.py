@@ -268,13 +268,15 @@ class LongMemModel(nn.Module):
         labels: torch.Tensor | None = None,
         backbone_logits: bool = False,
         cache: DecodeCache | None = None,
+        trace: bool = False,
     ) -> LongMemOutput:
         """One segment: input_ids [B,T] (+ memory to read) -> LongMemOutput.
 
         positions [B,T] are absolute token positions in each row's document (default: right after what
         the memory has seen). labels [B,T] use -100 for no target. With ``cache`` (``new_cache``) the
         tokens extend the cached window: only they are computed, and the logits equal this forward run
-        on the whole window (``positions`` then come from the cache).
+        on the whole window (``positions`` then come from the cache). ``trace``: also return where the copy
+        head's candidates sit (``LongMemOutput.copy_sources``, for provenance).
         """
         b, t = input_ids.shape
         if memory is not None and memory.batch_size != b:
@@ -306,14 +308,17 @@ class LongMemModel(nn.Module):
         h, stats = self.sidenet(frozen.hidden, rope, ctx, None if cache is None else cache.blocks)  # [B,T,D]
         logits = self.backbone.head(h)  # [B,T,V]
         match = self.match_keys(frozen.hidden)
-        logits = self._copy(logits, match, memory, (input_ids, positions) if cache is None else None, h, cache)
+        sources = [] if trace else None
+        logits = self._copy(logits, match, memory, (input_ids, positions) if cache is None else None, h, cache,
+                            sources)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
         base = self.backbone.logits(frozen.hidden[-1]) if backbone_logits else None
         mem_keys, mem_values = self.memory_entries(frozen)
         return LongMemOutput(logits, loss, mem_keys, mem_values, positions, base, stats,
-                             frozen.layer_keys, frozen.layer_values, input_ids, match)
+                             frozen.layer_keys, frozen.layer_values, input_ids, match,
+                             sources[0] if sources else None)
 
     def _lead_bos(self, input_ids: torch.Tensor, cache: DecodeCache) -> None:
         """A decode window without a short-term tier that starts without the backbone's <bos> (where it needs
@@ -336,7 +341,7 @@ class LongMemModel(nn.Module):
 
     def _copy(self, logits: torch.Tensor, match: torch.Tensor | None, memory: MemoryBank | None,
               context: tuple[torch.Tensor, torch.Tensor] | None, hidden: torch.Tensor,
-              cache: DecodeCache | None) -> torch.Tensor:
+              cache: DecodeCache | None, sources: list | None = None) -> torch.Tensor:
         """logits [B,T,V] -> the copy head's mixture (log-probabilities, fp32), or the logits unchanged without
         a head. match [B,H_kv,T,Dh]: the tokens' match keys; context: ids and positions [B,C] of the window
         ending with these T tokens (the cache's window when decoding); hidden [B,T,D]: the SideNet's states."""
@@ -355,7 +360,7 @@ class LongMemModel(nn.Module):
         if cache is not None:  # runs and follows count over the last RUN tokens' matches
             both = cand.positions if history is None else torch.cat([history, cand.positions], 2)
             cache.match_history = both[:, :, -RUN:]
-        return head.mix(logits, cand, log, context, hidden, self.config.segment_length)
+        return head.mix(logits, cand, log, context, hidden, self.config.segment_length, sources)
 
     def match_keys(self, hidden: list[torch.Tensor]) -> torch.Tensor | None:
         """The copy head's match keys [B,H_kv,T,Dh] from the frozen hidden states (None without a head)."""

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from longmem.model.blocks import MemoryStats
+from longmem.model.copy_head import CopySources
 
 
 @dataclass
@@ -25,3 +26,4 @@ class LongMemOutput:
     layer_values: torch.Tensor | None = None  # [L,B,H_kv,T,Dh]
     input_ids: torch.Tensor | None = None  # [B,T] the segment's tokens (a copy head's memory notes them)
     match_keys: torch.Tensor | None = None  # [B,H_kv,T,Dh] pre-rotary keys of the copy head's match layer
+    copy_sources: CopySources | None = None  # where the copy head's candidates sit (``forward(trace=True)``)

@@ -10,6 +10,8 @@
 Two documented extra fields (the OpenAI Python client sends them with ``extra_body=``):
 
 * ``memory``: the session (named memory) to read while generating; none: an empty memory.
+* ``explain``: the response gets ``provenance``, per generated token the memory entries it drew on (the
+  copied token's and the most-attended entry's source and character span; see ``explain_token``).
 * ``remember``: with ``memory``, keep the finished exchange in that session's memory, so that a later
   conversation recalls what this one said after it has left the window (for chat: the newest turn -- the
   messages after the last assistant message, and the answer -- as the chat template writes it; for a
@@ -37,6 +39,7 @@ from longmem.data.tokens import document_ids
 from longmem.errors import LongMemError
 from longmem.inference.chat import chat_ids, exchange_text, normalise
 from longmem.inference.generate import GenerationConfig, TextStream, stream
+from longmem.inference.session import with_sources
 
 PATHS = ("/v1/models", "/v1/completions", "/v1/chat/completions")
 FINISH = {"eos": "stop", "stop": "stop", "length": "length"}  # our finish reasons -> OpenAI's
@@ -87,6 +90,7 @@ class _Request(BaseModel):
     user: str | None = None
     memory: str | None = Field(default=None, description="session (named memory) to read (extra field)")
     remember: bool = Field(default=False, description="keep the finished exchange in that memory (extra field)")
+    explain: bool = Field(default=False, description="return each token's memory provenance (extra field)")
 
     def check(self) -> None:
         for name, default in (("n", 1), ("logprobs", None), ("presence_penalty", 0.0),
@@ -150,7 +154,7 @@ def add_routes(app: FastAPI, model, sessions, max_new_tokens: int, tenant_of) ->
         if wanted > max_new_tokens:
             raise Unsupported("max_tokens", f"{wanted} exceeds this server's limit {max_new_tokens}")
         return GenerationConfig(max_new_tokens=wanted, temperature=body.temperature, top_p=body.top_p,
-                                stop=body.stops(), seed=body.seed)
+                                stop=body.stops(), seed=body.seed, explain=body.explain)
 
     def run(body: _Request, prompt: torch.Tensor, config: GenerationConfig, tenant) -> TextStream:
         if body.memory is not None:
@@ -187,7 +191,7 @@ def add_routes(app: FastAPI, model, sessions, max_new_tokens: int, tenant_of) ->
             if not prompt or any(not 0 <= i < vocab for i in prompt):
                 raise Unsupported("prompt", f"token ids must be in 0..{vocab - 1}")
             pieces = run(body, torch.tensor(prompt, dtype=torch.long, device="cpu"), config, tenant)
-        reply = Reply("cmpl", "text_completion", model_id, sessions, body)
+        reply = Reply("cmpl", "text_completion", model_id, sessions, body, tenant)
         text_of = prompt if isinstance(prompt, str) else model.tokenizer.decode(prompt)
         if body.stream:
             return reply.streamed(pieces, lambda text: {"text": text, "index": 0, "logprobs": None},
@@ -202,7 +206,7 @@ def add_routes(app: FastAPI, model, sessions, max_new_tokens: int, tenant_of) ->
         messages = normalise(body.messages)
         ids = torch.tensor(chat_ids(model.tokenizer, messages), dtype=torch.long, device="cpu")
         pieces = run(body, ids, config, tenant)
-        reply = Reply("chatcmpl", "chat.completion", model_id, sessions, body)
+        reply = Reply("chatcmpl", "chat.completion", model_id, sessions, body, tenant)
         if body.stream:
             return reply.streamed(pieces, lambda text: {"index": 0, "delta": {"content": text}, "logprobs": None},
                                   lambda text: keep(body, exchange_text(model.tokenizer, messages, text), tenant),
@@ -224,9 +228,9 @@ class Reply:
     """One response, whole or as OpenAI's server-sent chunks."""
 
     def __init__(self, prefix: str, kind: Literal["text_completion", "chat.completion"], model_id: str, sessions,
-                 body: _Request):
+                 body: _Request, tenant):
         self.id = f"{prefix}-{uuid.uuid4().hex[:24]}"
-        self.kind, self.model_id, self.sessions, self.body = kind, model_id, sessions, body
+        self.kind, self.model_id, self.sessions, self.body, self.tenant = kind, model_id, sessions, body, tenant
         self.created = int(time.time())
 
     def _head(self, kind: str) -> dict:
@@ -241,10 +245,19 @@ class Reply:
         if self.body.memory is not None:
             self.sessions.count(self.body.memory, pieces.result.tokens)
 
+    def _provenance(self, pieces: TextStream) -> dict:
+        """The extra field ``provenance`` (``explain``): per generated token, the memory entries it drew on."""
+        if not self.body.explain:
+            return {}
+        entries = pieces.result.provenance or []
+        if self.body.memory is not None:
+            entries = with_sources(entries, self.sessions.get(self.body.memory, self.tenant).store)
+        return {"provenance": entries}
+
     def whole(self, pieces: TextStream, choice: dict) -> dict:
         self._count(pieces)
         choice["finish_reason"] = FINISH[pieces.result.finish_reason]
-        return self._head(self.kind) | {"choices": [choice], "usage": self._usage(pieces)}
+        return self._head(self.kind) | {"choices": [choice], "usage": self._usage(pieces)} | self._provenance(pieces)
 
     def streamed(self, pieces: TextStream, chunk_of, on_end, first: dict | None = None) -> StreamingResponse:
         kind = self.kind + ".chunk" if self.kind == "chat.completion" else self.kind
@@ -264,7 +277,7 @@ class Reply:
                 last = chunk_of("")
                 if "delta" in last:
                     last["delta"] = {}
-                yield chunk([last | {"finish_reason": FINISH[pieces.result.finish_reason]}])
+                yield chunk([last | {"finish_reason": FINISH[pieces.result.finish_reason]}], **self._provenance(pieces))
                 self._count(pieces)
                 on_end("".join(text))
                 if usage:

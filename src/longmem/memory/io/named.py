@@ -182,12 +182,13 @@ class NamedMemory:
         return manifest
 
     def append(self, tokens: Tokens, first: int, tokens_read: int, end_position: int, source: str,
-               state: dict[str, torch.Tensor] | None = None) -> dict:
+               state: dict[str, torch.Tensor] | None = None, spans: torch.Tensor | None = None) -> dict:
         """Add kept ``tokens`` at stream offsets ``first``.. after the current state; call under ``lock()``.
 
         ``first`` may skip tokens the bank could not keep anyway (then it must be
         chunk-aligned); ``tokens_read`` counts every token read, kept or not. ``state``
-        (small tensors, e.g. a short-term tier) replaces the saved state.
+        (small tensors, e.g. a short-term tier) replaces the saved state. ``spans`` [tokens_read,2]: each
+        token's character span in its text, kept beside the log of sources (for provenance).
         """
         old = self.manifest()
         csz, capacity, seen = int(old["chunk_size"]), int(old["capacity_tokens"]), int(old["stream_tokens"])
@@ -219,8 +220,9 @@ class NamedMemory:
             "tokens_read": int(old["tokens_read"]) + tokens_read,
             "end_position": end_position,
             "revision": int(old["revision"]) + 1,
-            "sources": (old["sources"] + [{"source": source, "tokens": tokens_read, "at": _now(),
-                                           "positions": read}])[-MAX_SOURCES:],
+            "sources": (old["sources"] + [{"source": source, "tokens": tokens_read, "at": _now(), "positions": read}
+                                          | ({"spans": self._write_file("spans", {"spans": spans.to(torch.int64)})}
+                                             if spans is not None else {})])[-MAX_SOURCES:],
             "updated": _now(),
         }
         self._commit(manifest)
@@ -273,6 +275,30 @@ class NamedMemory:
         self._commit(manifest)
         return manifest
 
+    def locate(self, positions: list[int], manifest: dict | None = None) -> list[dict | None]:
+        """Where each absolute position came from: {"source", "start", "end"} (character offsets in that text; no
+        offsets for texts remembered without them), or None (not a remembered text's, or forgotten)."""
+        manifest = manifest or self.manifest()
+        entries = [e for e in manifest["sources"] if "positions" in e]
+        spans: dict[str, torch.Tensor] = {}
+        out = []
+        for p in positions:
+            entry = next((e for e in entries if e["positions"][0] <= p < e["positions"][1]), None)
+            if entry is None:
+                out.append(None)
+                continue
+            found = {"source": entry["source"]}
+            if "spans" in entry:
+                file = entry["spans"]["file"]
+                if file not in spans:
+                    spans[file] = load_checked_safetensors(self.path / file, entry["spans"].get("sha256"),
+                                                           f"memory {self.name!r} spans")["spans"]
+                i = p - entry["positions"][0]
+                if i < spans[file].shape[0]:
+                    found |= {"start": int(spans[file][i, 0]), "end": int(spans[file][i, 1])}
+            out.append(found)
+        return out
+
     def _write_part(self, tokens: Tokens) -> dict:
         tensors = {k: getattr(tokens, k) for k in TENSORS + OPTIONAL if getattr(tokens, k) is not None}
         return self._write_file("part", tensors) | {"tokens": tokens.count}
@@ -290,8 +316,9 @@ class NamedMemory:
         save_json(self.path / MANIFEST, manifest)
         fsync(self.path)  # the directory entry of the new manifest
         listed = {part["file"] for part in manifest["parts"]} | {manifest.get("state", {}).get("file")}
+        listed |= {e["spans"]["file"] for e in manifest["sources"] if "spans" in e}
         for path in self.path.iterdir():
-            stale_part = path.name.startswith(("part-", "state-")) and path.name not in listed
+            stale_part = path.name.startswith(("part-", "state-", "spans-")) and path.name not in listed
             if stale_part or (path.name.startswith(f".{MANIFEST}.") and path.name.endswith(".tmp")):
                 path.unlink(missing_ok=True)
 
