@@ -260,6 +260,7 @@ def test_kill_9_mid_write_leaves_the_old_or_the_new_memory(tmp_path, point, surv
     bank, manifest = load_named(model, "m", tmp_path)
     assert_same_bank(bank, reference(model, *expected, TEXT_A[:40]))
     listed = {p["file"] for p in manifest["parts"]} | {manifest["state"]["file"], "manifest.json", ".lock"}
+    listed |= {e["spans"]["file"] for e in manifest["sources"] if "spans" in e}  # each text's character spans
     assert {p.name for p in (tmp_path / "m").iterdir()} == listed
 
 

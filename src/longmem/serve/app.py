@@ -23,6 +23,7 @@ bearer token, and refuses request bodies over ``max_request_bytes`` (413).
 
 from __future__ import annotations
 
+import ctypes
 import hmac
 import ipaddress
 import json
@@ -366,6 +367,19 @@ def make_server(model: LongMemModel, config: ServeConfig) -> Server:
                                  log_level="warning", timeout_graceful_shutdown=5))
 
 
+def fewer_arenas(arenas: int = 2) -> bool:
+    """Limit glibc's malloc to ``arenas`` arenas (its default grows with the threads, 8 per core), each of
+    which holds on to freed memory: under 16 concurrent clients (bench/serve_load.py, one run each) the
+    server's peak resident memory was 6.7 GB with the default, 5.8 GB with this call at startup and 4.9 GB
+    with MALLOC_ARENA_MAX=2 set before the process starts. False where the C library is not glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(-8, arenas))  # M_ARENA_MAX
+    except (OSError, AttributeError):
+        return False
+
+
 def serve(model: LongMemModel, config: ServeConfig) -> None:
     """Run the service until interrupted."""
+    fewer_arenas()
     make_server(model, config).run()
