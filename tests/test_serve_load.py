@@ -44,3 +44,14 @@ def test_sessions_beyond_the_limit_are_unloaded_and_still_served(tmp_path):
     assert list(sessions._loaded) == ["c", "a"]
     with pytest.raises(LongMemError, match="max_sessions"):
         ServeConfig(max_sessions=0).check()
+
+
+def test_a_session_written_elsewhere_is_reloaded(tmp_path):
+    from longmem.inference.session import remember
+
+    model = perturbed()
+    sessions = Sessions(model, tmp_path)
+    sessions.create("s")
+    before = sessions.get("s").memory.num_tokens()
+    remember(model, "s", "written by another process " * 8, root=tmp_path)  # e.g. `longmem remember` meanwhile
+    assert sessions.get("s").memory.num_tokens() > before

@@ -121,6 +121,8 @@ class Sessions:
             session = self._loaded.get(name)
             if session is None or not session.store.exists():
                 session = Session(self.model, name, self.root, create=False, lock=self.compute)
+            elif int(session.store.manifest()["revision"]) != session.revision:  # written by another process,
+                session.reload()  # or by a copy of this session unloaded while it was still in use
             with self._guard:
                 self._loaded[name] = session
                 self._loaded.move_to_end(name)
