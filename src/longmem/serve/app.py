@@ -70,7 +70,7 @@ class ServeConfig:
     """Most tokens one generate request may ask for."""
     max_sessions: int = 32
     """Most sessions kept loaded in RAM; the least recently used beyond it are unloaded (they stay on disk), so
-    the server's memory is bounded whatever the number of sessions."""
+    the number of loaded memories does not grow with the number of sessions."""
 
     def check(self) -> None:
         """Resolve the token and refuse unsafe or bad settings."""

@@ -35,7 +35,6 @@ from fastapi import Depends, FastAPI
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from longmem.data.tokens import document_ids
 from longmem.errors import LongMemError
 from longmem.inference.chat import chat_ids, exchange_text, normalise
 from longmem.inference.generate import GenerationConfig, TextStream, stream
@@ -156,14 +155,18 @@ def add_routes(app: FastAPI, model, sessions, max_new_tokens: int, tenant_of) ->
         return GenerationConfig(max_new_tokens=wanted, temperature=body.temperature, top_p=body.top_p,
                                 stop=body.stops(), seed=body.seed, explain=body.explain)
 
-    def run(body: _Request, prompt: torch.Tensor, config: GenerationConfig, tenant) -> TextStream:
-        if body.memory is not None:
-            return sessions.get(body.memory, tenant).stream(prompt, config)
+    def session_of(body: _Request, tenant):
+        """The session a request reads (once per request), or None."""
+        return sessions.get(body.memory, tenant) if body.memory is not None else None
+
+    def run(session, prompt: str | torch.Tensor, config: GenerationConfig) -> TextStream:
+        if session is not None:
+            return session.stream(prompt, config)
         return stream(model, prompt, None, config, lock=sessions.compute)
 
-    def keep(body: _Request, text: str, tenant) -> None:
+    def keep(body: _Request, session, text: str) -> None:
         if body.remember:
-            sessions.get(body.memory, tenant).remember(text, source="conversation")
+            session.remember(text, source="conversation")
 
     @app.get("/v1/models")
     def list_models():
@@ -177,6 +180,7 @@ def add_routes(app: FastAPI, model, sessions, max_new_tokens: int, tenant_of) ->
     @app.post("/v1/completions")
     def completions(body: CompletionRequest, tenant=Depends(tenant_of)):
         config = settings(body, default_max=16)
+        session = session_of(body, tenant)
         prompt = body.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
             if len(prompt) != 1:
@@ -185,52 +189,47 @@ def add_routes(app: FastAPI, model, sessions, max_new_tokens: int, tenant_of) ->
         if isinstance(prompt, str):
             if not prompt:
                 raise Unsupported("prompt", "is empty")
-            pieces = run(body, _text_ids(model, prompt, body, sessions, tenant), config, tenant)
+            pieces = run(session, prompt, config)  # tokenised as `longmem generate` does
         else:
             vocab = len(model.tokenizer)
             if not prompt or any(not 0 <= i < vocab for i in prompt):
                 raise Unsupported("prompt", f"token ids must be in 0..{vocab - 1}")
-            pieces = run(body, torch.tensor(prompt, dtype=torch.long, device="cpu"), config, tenant)
-        reply = Reply("cmpl", "text_completion", model_id, sessions, body, tenant)
+            pieces = run(session, torch.tensor(prompt, dtype=torch.long, device="cpu"), config)
+        reply = Reply("cmpl", "text_completion", model_id, sessions, body, session)
         text_of = prompt if isinstance(prompt, str) else model.tokenizer.decode(prompt)
         if body.stream:
             return reply.streamed(pieces, lambda text: {"text": text, "index": 0, "logprobs": None},
-                                  lambda text: keep(body, text_of + text, tenant))
+                                  lambda text: keep(body, session, text_of + text))
         text = "".join(pieces)
-        keep(body, text_of + text, tenant)
+        keep(body, session, text_of + text)
         return reply.whole(pieces, {"text": text, "index": 0, "logprobs": None})
 
     @app.post("/v1/chat/completions")
     def chat_completions(body: ChatRequest, tenant=Depends(tenant_of)):
         config = settings(body, default_max=max_new_tokens)
         messages = normalise(body.messages)
+        session = session_of(body, tenant)
         ids = torch.tensor(chat_ids(model.tokenizer, messages), dtype=torch.long, device="cpu")
-        pieces = run(body, ids, config, tenant)
-        reply = Reply("chatcmpl", "chat.completion", model_id, sessions, body, tenant)
+        pieces = run(session, ids, config)
+        reply = Reply("chatcmpl", "chat.completion", model_id, sessions, body, session)
         if body.stream:
             return reply.streamed(pieces, lambda text: {"index": 0, "delta": {"content": text}, "logprobs": None},
-                                  lambda text: keep(body, exchange_text(model.tokenizer, messages, text), tenant),
+                                  lambda text: keep(body, session, exchange_text(model.tokenizer, messages, text)),
                                   first={"index": 0, "delta": {"role": "assistant", "content": ""},
                                          "logprobs": None})
         text = "".join(pieces)
-        keep(body, exchange_text(model.tokenizer, messages, text), tenant)
+        keep(body, session, exchange_text(model.tokenizer, messages, text))
         return reply.whole(pieces, {"index": 0, "message": {"role": "assistant", "content": text},
                                     "logprobs": None})
-
-
-def _text_ids(model, prompt: str, body: _Request, sessions, tenant) -> torch.Tensor:
-    """A completion prompt's ids; a prompt that starts a stream gets the backbone's <bos> where it needs one."""
-    start = body.memory is None or sessions.get(body.memory, tenant).memory.num_tokens() == 0
-    return torch.tensor(document_ids(model.tokenizer, prompt, start=start), dtype=torch.long, device="cpu")
 
 
 class Reply:
     """One response, whole or as OpenAI's server-sent chunks."""
 
     def __init__(self, prefix: str, kind: Literal["text_completion", "chat.completion"], model_id: str, sessions,
-                 body: _Request, tenant):
+                 body: _Request, session):
         self.id = f"{prefix}-{uuid.uuid4().hex[:24]}"
-        self.kind, self.model_id, self.sessions, self.body, self.tenant = kind, model_id, sessions, body, tenant
+        self.kind, self.model_id, self.sessions, self.body, self.session = kind, model_id, sessions, body, session
         self.created = int(time.time())
 
     def _head(self, kind: str) -> dict:
@@ -250,8 +249,8 @@ class Reply:
         if not self.body.explain:
             return {}
         entries = pieces.result.provenance or []
-        if self.body.memory is not None:
-            entries = with_sources(entries, self.sessions.get(self.body.memory, self.tenant).store)
+        if self.session is not None:
+            entries = with_sources(entries, self.session.store)
         return {"provenance": entries}
 
     def whole(self, pieces: TextStream, choice: dict) -> dict:
